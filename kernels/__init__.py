@@ -1,0 +1,1 @@
+"""robcomp's Triton kernels and their plain-PyTorch reference (installed as ``robcomp.kernels``)."""

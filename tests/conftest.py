@@ -1,0 +1,14 @@
+"""Test configuration. TRITON_INTERPRET must be set before triton is imported anywhere, so that
+``backend="triton"`` on CPU tensors runs the real kernels in Triton's interpreter."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("ROBCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "robcomp"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
