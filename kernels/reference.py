@@ -184,3 +184,165 @@ def int4_linear(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, ze
                 group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
     w = int4_unpack(qweight, scales, zeros, group_size, x.dtype)
     return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# ------------------------------------------------------------------- dynamic formats (W8A8, FP8)
+# int8 dynamic (W8A8)
+#     Weight: symmetric per output channel, exactly as int8 weight-only, but the scale is kept in
+#     float32 (``qweight int8 [N, K]``, ``scale float32 [N]``).  Activation: quantised per token
+#     (per row of the flattened ``[M, K]`` input) at run time: ``s_x = max(|x|, 1e-12) / 127``,
+#     ``x_q = round_half_away(x / s_x)`` clamped to [-127, 127]; ``y = (x_q @ q.T) * s_x * s_w``,
+#     the integer dot product exact (int32 accumulation).
+# fp8 dynamic (e4m3)
+#     As int8 dynamic with float8_e4m3fn codes and 448 (the largest e4m3 value) in place of 127:
+#     ``qweight float8_e4m3fn [N, K]`` + ``scale float32 [N]``; activations per token.
+# Gradient: both dynamic formats differentiate w.r.t. the input with the straight-through
+#     estimator (STE) for the activation rounding: ``dX = dY @ dequant(W)``, i.e. the activation
+#     quantiser counts as the identity in the backward pass. The weight term is exact.
+INT8_MAX = 127.0
+FP8_E4M3_MAX = 448.0
+
+
+def round_half_away(v: torch.Tensor) -> torch.Tensor:
+    """Round to nearest, ties away from zero (what the kernels compute with floor/ceil)."""
+    return torch.where(v >= 0, torch.floor(v + 0.5), torch.ceil(v - 0.5))
+
+
+def _check_rows(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be 2-D [tokens, in_features], got shape {tuple(x.shape)}")
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) symmetric int8: ``(x_q int8 [M, K], scale float32 [M])``."""
+    _check_rows(x)
+    xf = x.detach().to(torch.float32)
+    scale = xf.abs().amax(dim=1).clamp_min(1e-12) / INT8_MAX
+    q = round_half_away(xf / scale[:, None]).clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (per-token) e4m3: ``(x_q float8_e4m3fn [M, K], scale float32 [M])``."""
+    _check_rows(x)
+    xf = x.detach().to(torch.float32)
+    scale = xf.abs().amax(dim=1).clamp_min(1e-12) / FP8_E4M3_MAX
+    q = (xf / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q, scale
+
+
+def int8_dynamic_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """W8A8 weight: ``(qweight int8 [N, K], scale float32 [N])`` (symmetric per output channel)."""
+    check_weight(weight)
+    return int8_weight_pack(weight.detach().to(torch.float32))
+
+
+def int8_dynamic_unpack(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return int8_weight_unpack(qweight, scale, dtype or torch.float32)
+
+
+def fp8_dynamic_pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FP8 weight: ``(qweight float8_e4m3fn [N, K], scale float32 [N])``, per output channel."""
+    check_weight(weight)
+    w = weight.detach().to(torch.float32)
+    scale = w.abs().amax(dim=1).clamp_min(1e-12) / FP8_E4M3_MAX
+    q = (w / scale[:, None]).clamp_(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+    return q.contiguous(), scale.contiguous()
+
+
+def fp8_dynamic_unpack(qweight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return (qweight.to(torch.float32) * scale.to(torch.float32)[:, None]).to(dtype or torch.float32)
+
+
+class _StraightThrough(torch.autograd.Function):
+    """``y = quantised_linear(x)`` forward; ``dX = dY @ W_deq`` backward (STE for the activation)."""
+
+    @staticmethod
+    def forward(ctx, x, w_deq, bias, fn):
+        ctx.save_for_backward(w_deq)
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        with torch.no_grad():
+            y = fn(x.detach())
+            if bias is not None:
+                y = y + bias.to(y.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        (w,) = ctx.saved_tensors
+        gx = gy @ w.to(gy.dtype) if ctx.needs_input_grad[0] else None
+        gb = None
+        if ctx.needs_input_grad[2]:
+            gb = gy.reshape(-1, gy.shape[-1]).sum(0).to(ctx.bias_dtype)
+        return gx, None, gb, None
+
+
+def _dynamic_linear(x, qweight, scale, bias, quantize, unpack):
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to multiply")
+    k = qweight.shape[1]
+
+    def fn(xd):
+        x2 = xd.reshape(-1, k)
+        xq, xs = quantize(x2)
+        acc = xq.to(torch.float64) @ qweight.to(torch.float64).T  # exact integer / fp8 products
+        y = (acc * xs.to(torch.float64)[:, None] * scale.to(torch.float64)[None, :]).to(torch.float32)
+        return y.to(xd.dtype).reshape(*xd.shape[:-1], qweight.shape[0])
+
+    return _StraightThrough.apply(x, unpack(qweight, scale, torch.float32), bias, fn)
+
+
+def int8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                        bias: torch.Tensor | None = None) -> torch.Tensor:
+    """W8A8 reference: per-token int8 activations, exact integer dot, STE gradient w.r.t. ``x``."""
+    return _dynamic_linear(x, qweight, scale, bias, quantize_rows_int8, int8_dynamic_unpack)
+
+
+def fp8_dynamic_linear(x: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
+    """FP8 (e4m3) reference, emulated with float8_e4m3fn casts (runs on CPU); STE gradient."""
+    return _dynamic_linear(x, qweight, scale, bias, quantize_rows_fp8, fp8_dynamic_unpack)
+
+
+# ------------------------------------------------------------------------------ 2:4 + int4
+# The 2:4 values of ``sparse24_pack`` ([N, K/2]) quantised with ``int4_pack`` using groups of
+# ``group_size / 2`` kept values, i.e. one group per ``group_size`` columns of the dense weight:
+#     qvalues uint8 [N, K/4]   two int4 codes per byte, low nibble = even kept-value index
+#     scales, zeros [N, K/group_size] in the weight dtype (asymmetric, as int4 weight-only)
+#     meta uint8 [N, ceil(K/8)]  the 2:4 metadata, unchanged (see the 2:4 format above)
+# K must be divisible by group_size (and so by 4).
+def sparse24_int4_pack(weight: torch.Tensor, group_size: int = 128, mask: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pack ``[N, K]`` into 2:4 + int4: ``(qvalues, scales, zeros, meta)``."""
+    check_weight(weight)
+    n, k = weight.shape
+    if group_size <= 0 or group_size % 4:
+        raise ValueError(f"group_size must be a positive multiple of 4, got {group_size}")
+    if k % group_size:
+        raise ValueError(f"group_size={group_size} does not divide in_features={k}")
+    values, meta = sparse24_pack(weight, mask)
+    qvalues, scales, zeros = int4_pack(values, group_size // 2)
+    return qvalues, scales, zeros, meta
+
+
+def sparse24_int4_unpack(qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, meta: torch.Tensor,
+                         group_size: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Dense ``[N, K]`` weight of a 2:4 + int4 packed weight (exact: what the kernels compute with)."""
+    values = int4_unpack(qvalues, scales, zeros, group_size // 2, torch.float32)
+    return sparse24_unpack(values, meta, qvalues.shape[1] * 4).to(dtype or scales.dtype)
+
+
+def sparse24_int4_linear(x: torch.Tensor, qvalues: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                         meta: torch.Tensor, group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    w = sparse24_int4_unpack(qvalues, scales, zeros, meta, group_size, x.dtype)
+    return F.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+__all__ += [
+    "round_half_away", "quantize_rows_int8", "quantize_rows_fp8",
+    "int8_dynamic_pack", "int8_dynamic_unpack", "int8_dynamic_linear",
+    "fp8_dynamic_pack", "fp8_dynamic_unpack", "fp8_dynamic_linear",
+    "sparse24_int4_pack", "sparse24_int4_unpack", "sparse24_int4_linear",
+]

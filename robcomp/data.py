@@ -6,7 +6,9 @@
   ``test_batch``, each a pickled dict with ``b"data"`` uint8 [n, 3072] in channel-first planes
   R, G, B of 32x32, and ``b"labels"``) or the binary version (``cifar-10-batches-bin/``:
   ``data_batch_1..5.bin``, ``test_batch.bin``; records of 1 label byte + 3072 pixel bytes).
-  Pickles are read with a restricted unpickler that refuses every global, so a tampered file
+  Pickles are read with a restricted unpickler: the official files store ``b"data"`` as a
+  numpy array, so exactly the globals numpy needs to rebuild an array (``_reconstruct``,
+  ``ndarray``, ``dtype``) are allowed and every other global is refused, so a tampered file
   cannot run code.
 * **MNIST** — IDX files (``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-...``,
   optionally gzipped). Header: 2 zero bytes, a type byte (0x08 = uint8), a rank byte, then one
@@ -81,17 +83,24 @@ def embedded_digits(split: str = "train", seed: int = 0) -> TensorDataset:
 
 
 # ----------------------------------------------------------------------------------- CIFAR-10
+_NUMPY_GLOBALS = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+                  ("numpy", "ndarray"), ("numpy", "dtype")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that refuses every global: only plain containers, bytes, numbers survive."""
+    """Unpickler that refuses every global except numpy's array reconstruction (needed by the
+    official batches, same allowlist as ``torch.load(weights_only=True)``)."""
 
     def __init__(self, file, source: str) -> None:
         super().__init__(file, encoding="bytes")
         self._source = source
 
     def find_class(self, module: str, name: str):  # noqa: D401
+        if (module, name) in _NUMPY_GLOBALS:
+            return super().find_class(module, name)
         raise pickle.UnpicklingError(
             f"refusing global {module}.{name} in {self._source}: CIFAR-10 batches contain only "
-            "plain dicts, lists and bytes")
+            "plain dicts, lists, bytes and numpy arrays")
 
 
 def _safe_unpickle(path: Path) -> dict:
@@ -146,7 +155,13 @@ class CIFAR10(Dataset):
         d = _safe_unpickle(path)
         if b"data" not in d or b"labels" not in d:
             raise ValueError(f"{path}: missing b'data' or b'labels' key")
-        x = np.asarray(d[b"data"], dtype=np.uint8)
+        raw = d[b"data"]
+        if isinstance(raw, (bytes, bytearray)):
+            raw = np.frombuffer(raw, dtype=np.uint8).reshape(-1, _CIFAR_PIXELS) \
+                if len(raw) % _CIFAR_PIXELS == 0 else np.frombuffer(raw, np.uint8)[None]
+        if not isinstance(raw, (np.ndarray, list)) or getattr(raw, "dtype", np.uint8) == object:
+            raise ValueError(f"{path}: b'data' must be a uint8 array, got {type(raw).__name__}")
+        x = np.asarray(raw, dtype=np.uint8)
         y = np.asarray(d[b"labels"], dtype=np.int64)
         if x.ndim != 2 or x.shape[1] != _CIFAR_PIXELS or x.shape[0] != y.shape[0]:
             raise ValueError(f"{path}: expected data [n, {_CIFAR_PIXELS}] and n labels, "

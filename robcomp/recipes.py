@@ -41,12 +41,16 @@ class Recipe:
         return {"name": self.name, **dataclasses.asdict(self)}
 
     def label(self) -> str:
-        """Short human-readable label, e.g. ``int4_weight_only(group_size=64)``."""
-        fields = dataclasses.asdict(self)
-        if not fields:
+        """Short label naming only the non-default fields, e.g. ``int4_weight_only(group_size=64)``."""
+        changed = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                   if getattr(self, f.name) != _default(f)}
+        if not changed:
             return self.name
-        args = ", ".join(f"{k}={_fmt(v)}" for k, v in fields.items())
-        return f"{self.name}({args})"
+        return f"{self.name}({', '.join(f'{k}={_fmt(v)}' for k, v in changed.items())})"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
 
 
 def _fmt(v: Any) -> str:

@@ -55,14 +55,16 @@ def _fake_cifar(rng, n):
     return rng.integers(0, 256, size=(n, 3072), dtype=np.uint8), rng.integers(0, 10, n).tolist()
 
 
-def _write_cifar_py(folder, rng, n=5):
+def _write_cifar_py(folder, rng, n=5, as_bytes=False):
+    """Official layout: b"data" is a numpy uint8 array (or raw bytes when ``as_bytes``)."""
     folder.mkdir(parents=True)
     out = {}
     for stem in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         x, y = _fake_cifar(rng, n)
         with open(folder / stem, "wb") as f:
-            pickle.dump({b"batch_label": stem.encode(), b"data": x, b"labels": y,
-                         b"filenames": [b"f.png"] * n}, f, protocol=2)
+            pickle.dump({b"batch_label": stem.encode(), b"data": x.tobytes() if as_bytes else x,
+                         b"labels": y,
+                         b"filenames": [b"f.png"] * n}, f)
         out[stem] = (x, y)
     return out
 
@@ -80,11 +82,11 @@ def _check_cifar(ds, batches, stems):
     assert ds[0][1].item() == y[0]
 
 
-@pytest.mark.parametrize("inner", [True, False])
-def test_cifar10_pickle(tmp_path, inner):
+@pytest.mark.parametrize("inner,as_bytes", [(True, False), (False, False), (False, True)])
+def test_cifar10_pickle(tmp_path, inner, as_bytes):
     rng = np.random.default_rng(0)
     folder = tmp_path / "cifar-10-batches-py"
-    batches = _write_cifar_py(folder, rng)
+    batches = _write_cifar_py(folder, rng, as_bytes=as_bytes)
     root = folder if inner else tmp_path
     _check_cifar(CIFAR10(root, train=True), batches, [f"data_batch_{i}" for i in range(1, 6)])
     _check_cifar(CIFAR10(root, train=False), batches, ["test_batch"])
@@ -112,7 +114,8 @@ class _Evil:
         return (print, ("pwned",))
 
 
-@pytest.mark.parametrize("payload", [collections.OrderedDict(a=1), _Evil()])
+@pytest.mark.parametrize("payload", [collections.OrderedDict(a=1), _Evil(),
+                                     np.array([_Evil()], dtype=object)])
 def test_cifar10_refuses_globals(tmp_path, payload):
     folder = tmp_path / "cifar-10-batches-py"
     _write_cifar_py(folder, np.random.default_rng(2))

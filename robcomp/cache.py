@@ -1,0 +1,57 @@
+"""On-disk cache of trained checkpoints, keyed by a hash of everything that determines them.
+
+Location: $ROBCOMP_CACHE_DIR, else $XDG_CACHE_HOME/robcomp, else ~/.cache/robcomp. Entries are
+safetensors files written atomically (temporary file + rename), so an interrupted run never
+leaves a truncated checkpoint behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+__all__ = ["cache_dir", "config_key", "cached_state"]
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("ROBCOMP_CACHE_DIR")
+    if not root:
+        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "robcomp")
+    return Path(root)
+
+
+def config_key(config: dict[str, Any]) -> str:
+    """Stable hash of a JSON-serialisable configuration."""
+    blob = json.dumps(config, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:20]
+
+
+def cached_state(model: nn.Module, config: dict[str, Any], fit: Callable[[nn.Module], nn.Module],
+                 *, enabled: bool = True) -> tuple[nn.Module, bool]:
+    """Load ``model``'s weights from the cache entry for ``config``, or ``fit`` it and store them.
+
+    Returns ``(model, hit)``. ``model`` must be freshly built (same architecture as cached).
+    """
+    path = cache_dir() / "checkpoints" / f"{config_key(config)}.safetensors"
+    if enabled and path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval(), True
+    model = fit(model)
+    if enabled:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(fd)
+        try:
+            save_file(state, tmp, metadata={"config": json.dumps(config, sort_keys=True, default=str)})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return model.eval(), False

@@ -1,0 +1,179 @@
+"""``compress(model, recipe_or_list)``: swap layers for compressed ones and say what happened.
+
+Recipes apply in order. Model-level recipes (channel pruning) rewrite the model first-class
+through torch-pruning; layer recipes replace ``nn.Linear`` modules with the compressed modules of
+``robcomp.nn``. The model is modified in place and returned, with a per-layer summary attached as
+``model.compression_summary``.
+
+Default selection (when no ``filter_fn`` is given): every ``nn.Linear`` except the classifier head
+(the last Linear of the model, which is small and sensitive) and layers the recipe cannot take
+(e.g. in_features not divisible by the int4 group size); each skip is recorded with its reason.
+A ``filter_fn(module, name)`` overrides the default; a layer it selects that the recipe cannot take
+is an error, not a silent skip.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn as nn
+
+from robcomp.backend import validate_backend
+from robcomp.nn import LAYER_TYPES, CompressedLinear, tensor_bytes
+from robcomp.recipes import Recipe
+
+__all__ = ["compress", "CompressionSummary", "LayerReport", "model_bytes", "count_parameters"]
+
+FilterFn = Callable[[nn.Module, str], bool]
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer: the size a saved model takes."""
+    return tensor_bytes(model)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of stored weight values: trainable parameters plus the elements packed in compressed
+    layers counted as the dense weights they stand for are *not* included; this is what is stored."""
+    total = sum(p.numel() for p in model.parameters())
+    for m in model.modules():
+        if isinstance(m, CompressedLinear):
+            total += sum(b.numel() for b in m.buffers(recurse=False))
+    return total
+
+
+@dataclass
+class LayerReport:
+    name: str
+    recipe: str
+    action: str  # "compressed", "pruned" or "skipped"
+    before_shape: tuple
+    after_shape: tuple
+    before_bytes: int
+    after_bytes: int
+    backend: str = ""
+    reason: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class CompressionSummary:
+    layers: list[LayerReport] = field(default_factory=list)
+    recipes: list[dict] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def to_dict(self) -> dict:
+        return {"recipes": self.recipes, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "layers": [layer.to_dict() for layer in self.layers]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        head = ("layer", "recipe", "action", "shape before", "shape after", "bytes before", "bytes after", "note")
+        rows = [head] + [(r.name, r.recipe, r.action, "x".join(map(str, r.before_shape)),
+                          "x".join(map(str, r.after_shape)), str(r.before_bytes), str(r.after_bytes),
+                          r.reason or r.backend) for r in self.layers]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+        lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+        lines.append(f"model bytes: {self.bytes_before} -> {self.bytes_after} ({ratio:.2f}x smaller)")
+        return "\n".join(lines)
+
+
+def _as_recipes(recipe_or_list: Recipe | Sequence[Recipe]) -> list[Recipe]:
+    recipes = [recipe_or_list] if isinstance(recipe_or_list, Recipe) else list(recipe_or_list)
+    if not recipes:
+        raise ValueError("recipe_or_list is empty: give at least one recipe")
+    for r in recipes:
+        if not isinstance(r, Recipe):
+            raise TypeError(f"recipe_or_list must hold robcomp recipes, got {type(r).__name__}")
+    return recipes
+
+
+def _head_name(model: nn.Module) -> str | None:
+    linears = [name for name, m in model.named_modules() if isinstance(m, (nn.Linear, CompressedLinear))]
+    return linears[-1] if linears else None
+
+
+def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _shape(m: nn.Module) -> tuple:
+    return (m.out_features, m.in_features)
+
+
+def _apply_layer_recipe(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | None, backend: str,
+                        head: str | None) -> list[LayerReport]:
+    layer_type = LAYER_TYPES.get(type(recipe))
+    if layer_type is None:
+        raise ValueError(f"recipe {recipe.name!r} has no layer implementation in this installation")
+    reports, selected = [], []
+    for name, module in model.named_modules():
+        if not isinstance(module, (nn.Linear, CompressedLinear)):
+            continue
+        size = tensor_bytes(module)
+        skip = None
+        if isinstance(module, CompressedLinear):
+            skip = f"already compressed ({module.recipe.label()})"
+        elif filter_fn is not None:
+            if not filter_fn(module, name):
+                skip = "excluded by filter_fn"
+            elif reason := layer_type.incompatibility(module, recipe):
+                raise ValueError(f"layer {name!r} (Linear({module.in_features}, {module.out_features})) "
+                                 f"cannot take {recipe.label()}: {reason}")
+        elif name == head:
+            skip = "classifier head (kept dense by default; pass filter_fn to include it)"
+        else:
+            skip = layer_type.incompatibility(module, recipe)
+        if skip:
+            reports.append(LayerReport(name, recipe.label(), "skipped", _shape(module), _shape(module),
+                                       size, size, reason=skip))
+        else:
+            selected.append((name, module))
+    if not selected:
+        reasons = "; ".join(f"{r.name}: {r.reason}" for r in reports) or "the model has no nn.Linear layer"
+        raise ValueError(f"{recipe.label()} applies to no layer of this model ({reasons})")
+    for name, module in selected:
+        new = layer_type.from_linear(module, recipe, backend)
+        _set_module(model, name, new)
+        reports.append(LayerReport(name, recipe.label(), "compressed", _shape(module), _shape(new),
+                                   tensor_bytes(module), tensor_bytes(new), backend=backend))
+    return reports
+
+
+def compress(model: nn.Module, recipe_or_list: Recipe | Sequence[Recipe], *,
+             example_inputs: torch.Tensor | Iterable[torch.Tensor] | None = None,
+             filter_fn: FilterFn | None = None, backend: str = "auto") -> nn.Module:
+    """Compress ``model`` in place with one recipe or a list applied in order; return it.
+
+    ``example_inputs`` is needed by model-level recipes that trace the model (channel pruning).
+    ``backend`` is stored on every compressed layer (``"auto"`` decides per input device).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if filter_fn is not None and not callable(filter_fn):
+        raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
+    validate_backend(backend)
+    recipes = _as_recipes(recipe_or_list)
+    summary = CompressionSummary(recipes=[r.to_dict() for r in recipes], bytes_before=model_bytes(model))
+    for recipe in recipes:
+        if recipe.applies_to == "model":
+            from robcomp.prune import apply_model_recipe  # torch-pruning is imported only when needed
+
+            summary.layers += apply_model_recipe(model, recipe, example_inputs=example_inputs, filter_fn=filter_fn)
+        else:
+            summary.layers += _apply_layer_recipe(model, recipe, filter_fn, backend, _head_name(model))
+    summary.bytes_after = model_bytes(model)
+    model.compression_summary = summary
+    return model

@@ -1,0 +1,61 @@
+"""What machine and software a figure was measured on: every record carries this."""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def environment(device: torch.device | None = None) -> dict:
+    """Device, driver, versions and date, as recorded next to every measurement."""
+    device = torch.device(device or "cpu")
+    info = {
+        "device": str(device),
+        "device_name": device_name(device),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = None
+    if device.type == "cuda":
+        info["cuda"] = torch.version.cuda
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        try:
+            import subprocess
+
+            info["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                            capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            info["driver"] = None
+    from robcomp import __version__
+
+    info["robcomp"] = __version__
+    return info
+
+
+def triton_status() -> str:
+    """One line: can Triton kernels run here, and how."""
+    try:
+        import triton
+    except Exception as e:
+        return f"unavailable (triton does not import: {e})"
+    if torch.cuda.is_available():
+        return f"GPU kernels on {torch.cuda.get_device_name()} (triton {triton.__version__})"
+    return (f"no GPU: kernels run only in the CPU interpreter (TRITON_INTERPRET=1, slow; "
+            f"triton {triton.__version__}); the default CPU backend is the torch reference")

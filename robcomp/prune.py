@@ -1,0 +1,128 @@
+"""Pruning: structured channel pruning through torch-pruning.
+
+Channel pruning physically removes output channels (and the matching inputs of the layers that
+consume them), so the pruned model has fewer parameters and MACs and runs faster on any device.
+torch-pruning builds its dependency graph by tracing the model with autograd, so tracing runs
+with gradients enabled and with every parameter temporarily marked trainable. A pruned model no
+longer fits its original class's ``state_dict``: save it with ``robcomp.save``, which records the
+pruned shapes.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+
+from robcomp.nn import tensor_bytes
+from robcomp.recipes import ChannelPrune, Recipe
+
+__all__ = ["channel_prune", "apply_model_recipe"]
+
+
+@contextlib.contextmanager
+def _traceable(model: nn.Module):
+    """Gradients on and every parameter trainable while torch-pruning traces; restored after
+    (by name: pruning replaces the parameter objects)."""
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    was_training = model.training
+    try:
+        with torch.enable_grad():
+            for p in model.parameters():
+                p.requires_grad_(True)
+            model.eval()
+            yield
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags.get(name, True))
+        model.train(was_training)
+
+
+def _importance(name: str):
+    import torch_pruning as tp
+
+    return {
+        "magnitude": lambda: tp.importance.MagnitudeImportance(p=2),
+        "taylor": lambda: tp.importance.TaylorImportance(),
+        "lamp": lambda: tp.importance.LAMPImportance(p=2),
+        "bn_scale": lambda: tp.importance.BNScaleImportance(),
+    }[name]()
+
+
+def _layer_shapes(model: nn.Module) -> dict[str, tuple[tuple, int]]:
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.Conv2d)):
+            out[name] = (tuple(m.weight.shape), tensor_bytes(m))
+    return out
+
+
+def _head_modules(model: nn.Module) -> list[nn.Module]:
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1:]
+
+
+def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """qkv Linear -> number of heads, for modules that expose ``qkv`` and ``num_heads``."""
+    return {m.qkv: m.num_heads for m in model.modules()
+            if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
+
+
+def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
+    """Parameters held directly by non-leaf modules (cls tokens, position embeddings): their last
+    dimension is the channel dimension."""
+    leaf_types = (nn.Linear, nn.Conv2d, nn.BatchNorm2d, nn.LayerNorm, nn.Embedding)
+    return [(p, p.dim() - 1) for m in model.modules() if not isinstance(m, leaf_types)
+            for p in m.parameters(recurse=False)]
+
+
+def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.Tensor,
+                  filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list:
+    """Prune ``model`` in place; return per-layer reports (see ``robcomp.compress.LayerReport``)."""
+    import torch_pruning as tp
+
+    from robcomp.compress import LayerReport
+
+    if example_inputs is None:
+        raise ValueError("ChannelPrune needs example_inputs (a batch shaped like the model's input) "
+                         "to trace the model: compress(model, ChannelPrune(...), example_inputs=x)")
+    names = dict(model.named_modules())
+    unknown = [n for n in recipe.ignored if n not in names]
+    if unknown:
+        raise ValueError(f"ChannelPrune.ignored names modules the model does not have: {unknown}")
+    ignored = _head_modules(model) + [names[n] for n in recipe.ignored]
+    if filter_fn is not None:
+        ignored += [m for n, m in names.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and not filter_fn(m, n)]
+    heads = _attention_heads(model)
+    before = _layer_shapes(model)
+    with _traceable(model):
+        pruner = tp.pruner.MetaPruner(
+            model, example_inputs, importance=_importance(recipe.importance),
+            global_pruning=recipe.global_pruning, pruning_ratio=recipe.ratio,
+            iterative_steps=recipe.iterative_steps, round_to=recipe.round_to,
+            ignored_layers=ignored, num_heads=heads,
+            unwrapped_parameters=_unwrapped_parameters(model), prune_head_dims=True, prune_num_heads=False,
+        )
+        for _ in range(recipe.iterative_steps):
+            if recipe.importance == "taylor":  # Taylor scores need gradients of a loss
+                model.zero_grad()
+                logits = model(example_inputs)
+                nn.functional.cross_entropy(logits, logits.argmax(-1)).backward()
+            pruner.step()
+        model.zero_grad(set_to_none=True)
+    after = _layer_shapes(model)
+    reports = []
+    for name, (shape, size) in before.items():
+        new_shape, new_size = after.get(name, (shape, size))
+        action = "pruned" if new_shape != shape else "skipped"
+        reason = "" if action == "pruned" else ("kept: classifier head or ignored" if names[name] in ignored
+                                                else "no channel removed")
+        reports.append(LayerReport(name, recipe.label(), action, shape, new_shape, size, new_size, reason=reason))
+    return reports
+
+
+def apply_model_recipe(model: nn.Module, recipe: Recipe, *, example_inputs=None, filter_fn=None) -> list:
+    if isinstance(recipe, ChannelPrune):
+        return channel_prune(model, recipe, example_inputs, filter_fn)
+    raise ValueError(f"recipe {recipe.name!r} is not implemented as a model rewrite in this version")

@@ -1,0 +1,71 @@
+"""Summary table and ``report.md`` from evaluation records."""
+from __future__ import annotations
+
+from robcomp.report.results import write_text_atomic
+
+__all__ = ["summary_rows", "format_table", "render_markdown"]
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100 * v:.1f}"
+
+
+def _attack_names(records: list[dict]) -> list[str]:
+    names: list[str] = []
+    for r in records:
+        for name in r.get("robust_accuracy", {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    attacks = _attack_names(records)
+    batch_sizes = sorted({int(b) for r in records for b in r.get("latency", {})})
+    head = ["model", "training", "recipe", "params", "bytes", "size x", "clean %"]
+    head += [f"{a} %" for a in attacks]
+    for b in batch_sizes:
+        head += [f"ms @{b}", f"p90 ms @{b}", f"samples/s @{b}"]
+    rows = []
+    for r in records:
+        row = [r.get("model_name", r.get("model") or "-"), r.get("training", "-"), r.get("recipe", "-"),
+               str(r["parameters"]), str(r["model_bytes"]),
+               f"{r['compression_ratio']:.2f}" if r.get("compression_ratio") else "-",
+               _pct(r["clean_accuracy"])]
+        row += [_pct(r["robust_accuracy"].get(a)) for a in attacks]
+        for b in batch_sizes:
+            lat = r.get("latency", {}).get(str(b))
+            row += ["-", "-", "-"] if lat is None else [f"{lat['median_ms']:.3f}", f"{lat['p90_ms']:.3f}",
+                                                      f"{lat['throughput_per_s']:.0f}"]
+        rows.append(row)
+    return head, rows
+
+
+def format_table(head: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
+
+
+def render_markdown(records: list[dict], path, *, title: str = "robcomp report", notes: list[str] = ()) -> str:
+    head, rows = summary_rows(records)
+    env = records[0]["env"] if records else {}
+    lines = [f"# {title}", ""]
+    if env:
+        lines += [f"Measured on {env.get('device_name')} ({env.get('device')}, {env.get('cpu_count')} CPUs, "
+                  f"{env.get('torch_threads')} torch threads), torch {env.get('torch')}, triton {env.get('triton')}, "
+                  f"robcomp {env.get('robcomp')}, {env.get('date')}.", ""]
+    lines += [f"- {n}" for n in notes]
+    lines += ["", "Accuracy columns are percentages of the test set; a robust example is one classified correctly "
+              "clean and under the attack. `size x` is dense model bytes / model bytes. Latencies are medians "
+              "(and 90th percentiles) over repeated forward passes on random inputs.", "",
+              format_table(head, rows, markdown=True), ""]
+    grads = {k: v for r in records for k, v in r.get("input_gradients", {}).items() if v != "exact"}
+    if grads:
+        lines += ["Layers whose input gradient is a straight-through estimate: " + ", ".join(sorted(grads)), ""]
+    text = "\n".join(lines)
+    write_text_atomic(path, text)
+    return text
