@@ -8,6 +8,10 @@ os.environ.setdefault("ROBCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The tests use tiny models: a second thread only contends (CI has 2 cores), and one thread keeps
+# CPU results reproducible run to run.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def _seed():

@@ -16,7 +16,6 @@ from robcomp.models import build_model
 from robcomp.nn import CompressedLinear
 from robcomp.train import TrainConfig, train
 
-torch.set_num_threads(1)  # tiny matmuls: extra threads only contend on a shared machine
 
 
 @pytest.fixture(scope="session")

@@ -21,7 +21,6 @@ from robcomp.evaluate import evaluate, merge_records
 from robcomp.models import build_model
 from robcomp.train import TrainConfig, train
 
-torch.set_num_threads(1)
 
 TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
 

@@ -14,7 +14,6 @@ from robcomp.models import build_model
 from robcomp.sanity import FLAGS, check_results, probe_model
 from robcomp.train import TrainConfig, train
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
