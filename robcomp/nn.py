@@ -48,6 +48,9 @@ class CompressedLinear(nn.Module, abc.ABC):
     recipe_type: ClassVar[type[Recipe]]
     #: module under ``robcomp.kernels`` holding the Triton launchers for this format
     kernel_module: ClassVar[str]
+    #: how the input gradient is computed: "exact" (dY @ W of the stored weight) or
+    #: "straight-through" (a rounding step in the forward is treated as the identity)
+    gradient: ClassVar[str] = "exact"
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
                  recipe: Recipe, backend: str = "auto") -> None:
@@ -164,7 +167,16 @@ class Sparse24Linear(CompressedLinear):
         return ref.sparse24_linear(x, self.values, self.meta, self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().sparse24_linear(x, self.values, self.meta, self.bias)
+        # On CUDA, robcomp.dispatch picks per shape between the Triton kernel, torch semi-structured
+        # sparse and dense (cached derived weights, never counted in the model size); elsewhere and
+        # under torch.compile it is the kernel (custom op robcomp::sparse24_linear).
+        # plain imports, not self._kernels(): torch.compile traces import statements, not importlib
+        from robcomp.dispatch import sparse24_forward_dispatch
+        try:
+            from robcomp.kernels import sparse24 as kernels
+        except ImportError:
+            kernels = self._kernels()  # raises the clear "backend unavailable" error
+        return sparse24_forward_dispatch(self, x, kernels)
 
     def dequantize(self):
         return ref.sparse24_unpack(self.values, self.meta, self.in_features)
@@ -172,10 +184,21 @@ class Sparse24Linear(CompressedLinear):
 
 @register_layer
 class Int8WeightOnlyLinear(CompressedLinear):
-    """int8 weight, symmetric per output channel; floating-point activations (W8A16)."""
+    """int8 weight, symmetric per output channel; floating-point activations (W8A16).
+
+    ``backend="bitsandbytes"`` runs bitsandbytes' ``Linear8bitLt`` (CUDA only; its int8 format is
+    the same row-wise absmax int8, so the codes are identical; ``threshold=0``, no outliers).
+    """
 
     recipe_type = Int8WeightOnly
     kernel_module = "lowbit"
+    #: the input gradient is exactly that of the deployed (dequantised) weight
+    gradient: ClassVar[str] = "exact"
+
+    def forward(self, x):
+        if resolve_backend(self.backend, x.device) == "bitsandbytes":
+            return _bnb_forward(self, x, "int8")
+        return super().forward(x)
 
     @classmethod
     def _build(cls, linear, recipe, backend):
@@ -197,10 +220,24 @@ class Int8WeightOnlyLinear(CompressedLinear):
 
 @register_layer
 class Int4WeightOnlyLinear(CompressedLinear):
-    """int4 weight, asymmetric per group along in_features, two values per byte (W4A16)."""
+    """int4 weight, asymmetric per group along in_features, two values per byte (W4A16).
+
+    ``backend="bitsandbytes"`` runs bitsandbytes' ``Linear4bit`` (CUDA only) on this layer's
+    dequantised weight re-quantised to bitsandbytes' own 4-bit format: ``bnb_quant_type`` "nf4"
+    (default) or "fp4", blocks of 64 with absmax scales. That is a second rounding, so its outputs
+    differ from the robcomp int4 format's: it is a baseline, not the same model.
+    """
 
     recipe_type = Int4WeightOnly
     kernel_module = "lowbit"
+    gradient: ClassVar[str] = "exact"
+    #: bitsandbytes 4-bit data type used by backend="bitsandbytes": "nf4" or "fp4"
+    bnb_quant_type: str = "nf4"
+
+    def forward(self, x):
+        if resolve_backend(self.backend, x.device) == "bitsandbytes":
+            return _bnb_forward(self, x, "4bit")
+        return super().forward(x)
 
     @classmethod
     def incompatibility(cls, linear, recipe):
@@ -227,3 +264,152 @@ class Int4WeightOnlyLinear(CompressedLinear):
     def dequantize(self):
         return ref.int4_unpack(self.qweight, self.scales, self.zeros, self.group_size)
 
+
+
+# ====================================================================== dynamic and 2:4+int4 layers
+from robcomp.recipes import FP8Dynamic, Int8Dynamic, Sparse24Int4  # noqa: E402
+
+__all__ += ["Int8DynamicLinear", "FP8DynamicLinear", "Sparse24Int4Linear"]
+
+
+@register_layer
+class Int8DynamicLinear(CompressedLinear):
+    """W8A8: int8 weight (per channel, float32 scale) and int8 activations quantised per token at
+    run time; int8 x int8 -> int32 dot. The input gradient is the straight-through estimator:
+    ``dX = dY @ dequant(W)``, the activation rounding counted as the identity (``gradient``)."""
+
+    recipe_type = Int8Dynamic
+    kernel_module = "lowbit"
+    gradient: ClassVar[str] = "straight-through"
+
+    @classmethod
+    def _build(cls, linear, recipe, backend):
+        qweight, scale = ref.int8_dynamic_pack(linear.weight.detach())
+        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
+        module.register_buffer("qweight", qweight)
+        module.register_buffer("scale", scale)
+        return module
+
+    def forward_reference(self, x):
+        return ref.int8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
+
+    def forward_triton(self, x):
+        return self._kernels().int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+
+    def dequantize(self):
+        return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
+
+
+@register_layer
+class FP8DynamicLinear(CompressedLinear):
+    """FP8 (e4m3) weight per channel and e4m3 activations per token. ``backend="triton"`` needs a
+    CUDA GPU with compute capability >= 8.9 and raises ``ValueError`` elsewhere; ``backend="torch"``
+    emulates e4m3 with ``torch.float8_e4m3fn`` casts (CPU included). The codes are stored as raw
+    ``uint8`` bits (``qweight_bits``) so that ``model.half()`` cannot convert them. STE gradient."""
+
+    recipe_type = FP8Dynamic
+    kernel_module = "lowbit"
+    gradient: ClassVar[str] = "straight-through"
+
+    @classmethod
+    def _build(cls, linear, recipe, backend):
+        qweight, scale = ref.fp8_dynamic_pack(linear.weight.detach())
+        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
+        module.register_buffer("qweight_bits", qweight.view(torch.uint8))
+        module.register_buffer("scale", scale)
+        return module
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.qweight_bits.view(torch.float8_e4m3fn)
+
+    def forward_reference(self, x):
+        return ref.fp8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
+
+    def forward_triton(self, x):
+        return self._kernels().fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+
+    def dequantize(self):
+        return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
+
+
+@register_layer
+class Sparse24Int4Linear(CompressedLinear):
+    """2:4 sparse weight whose kept values are int4 per group (format in kernels/sparse24_lowbit.py):
+    ``qvalues uint8 [N, K/4]``, ``scales``/``zeros [N, K/group_size]``, 2:4 ``meta``. Exact gradient."""
+
+    recipe_type = Sparse24Int4
+    kernel_module = "sparse24_lowbit"
+    gradient: ClassVar[str] = "exact"
+
+    @classmethod
+    def incompatibility(cls, linear, recipe):
+        if linear.in_features % recipe.group_size:
+            return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
+        return None
+
+    @classmethod
+    def _build(cls, linear, recipe, backend):
+        qvalues, scales, zeros, meta = ref.sparse24_int4_pack(linear.weight.detach(), recipe.group_size)
+        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
+        module.group_size = recipe.group_size
+        module.register_buffer("qvalues", qvalues)
+        module.register_buffer("scales", scales)
+        module.register_buffer("zeros", zeros)
+        module.register_buffer("meta", meta)
+        return module
+
+    def forward_reference(self, x):
+        return ref.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
+
+    def forward_triton(self, x):
+        return self._kernels().sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta,
+                                                    self.group_size, self.bias)
+
+    def dequantize(self):
+        return ref.sparse24_int4_unpack(self.qvalues, self.scales, self.zeros, self.meta, self.group_size)
+
+
+# ---------------------------------------------------------------------- bitsandbytes backend
+def _bnb_module(layer: CompressedLinear, kind: str, device: torch.device) -> nn.Module:
+    """bitsandbytes layer for ``layer``'s weight, built once per device (not a registered submodule,
+    so it is neither saved nor counted in the model size)."""
+    cached = layer.__dict__.get("_bnb_cache")
+    if cached is not None and cached[0] == (device, kind, getattr(layer, "bnb_quant_type", None)):
+        return cached[1]
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"backend='bitsandbytes' for {type(layer).__name__} needs a CUDA device (bitsandbytes' "
+                         f"Linear8bitLt / Linear4bit GPU kernels); the input is on {device}. "
+                         "Use backend='torch' or backend='triton' instead.")
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # pragma: no cover - depends on the installation
+        raise RuntimeError(f"backend='bitsandbytes' is unavailable: cannot import bitsandbytes ({e})") from e
+    w = layer.dequantize().detach().to(torch.float16).cpu()
+    if kind == "int8":
+        mod = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=False,
+                                  has_fp16_weights=False, threshold=0.0)
+        mod.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        qt = layer.bnb_quant_type
+        if qt not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_quant_type must be 'nf4' or 'fp4', got {qt!r}")
+        mod = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False,
+                                compute_dtype=torch.float16, quant_type=qt)
+        mod.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qt)
+    mod = mod.to(device)  # bitsandbytes quantises on the move to the GPU
+    layer.__dict__["_bnb_cache"] = ((device, kind, getattr(layer, "bnb_quant_type", None)), mod)
+    return mod
+
+
+def _bnb_forward(layer: CompressedLinear, x: torch.Tensor, kind: str) -> torch.Tensor:
+    if x.shape[-1] != layer.in_features:
+        raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={layer.in_features}")
+    mod = _bnb_module(layer, kind, x.device)
+    y = mod(x.to(torch.float16)).to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled() and y.grad_fn is None:
+        raise RuntimeError(f"bitsandbytes' {type(mod).__name__} gave no gradient w.r.t. its input; white-box "
+                           "attacks need one: use backend='triton' or 'torch'")
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y
