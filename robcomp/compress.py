@@ -5,9 +5,12 @@ through torch-pruning; layer recipes replace ``nn.Linear`` modules with the comp
 ``robcomp.nn``. The model is modified in place and returned, with a per-layer summary attached as
 ``model.compression_summary``.
 
-Default selection (when no ``filter_fn`` is given): every ``nn.Linear`` except the classifier head
-(the last Linear of the model, which is small and sensitive) and layers the recipe cannot take
-(e.g. in_features not divisible by the int4 group size); each skip is recorded with its reason.
+Default selection (when no ``filter_fn`` is given): every ``nn.Linear`` and 1x1 ``nn.Conv2d``
+except the classifier head (the last Linear of the model, which is small and sensitive), layers
+with fewer than ``MIN_WEIGHTS`` weights (too small to gain) and layers the recipe cannot take (e.g.
+in_features not divisible by the int4 group size); each skip is recorded with its reason. 1x1
+convs run as ``robcomp.conv.Conv1x1`` around a compressed Linear; other convs stay dense and the
+summary says why. ``MagnitudePrune`` attaches masks (``robcomp.masks``): reported as "no speedup".
 A ``filter_fn(module, name)`` overrides the default; a layer it selects that the recipe cannot take
 is an error, not a silent skip.
 """
@@ -22,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from robcomp.backend import validate_backend
+from robcomp.conv import Conv1x1, conv1x1_incompatibility, conv_as_linear
 from robcomp.nn import LAYER_TYPES, CompressedLinear, tensor_bytes
 from robcomp.recipes import Recipe
 
@@ -75,6 +79,17 @@ class CompressionSummary:
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "CompressionSummary":
+        layers = [LayerReport(**{**r, "before_shape": tuple(r["before_shape"]), "after_shape": tuple(r["after_shape"])})
+                  for r in d.get("layers", [])]
+        return cls(layers=layers, recipes=list(d.get("recipes", [])), bytes_before=int(d.get("bytes_before", 0)),
+                   bytes_after=int(d.get("bytes_after", 0)))
+
+    @classmethod
+    def from_json(cls, text: str) -> "CompressionSummary":
+        return cls.from_dict(json.loads(text))
+
     def __str__(self) -> str:
         head = ("layer", "recipe", "action", "shape before", "shape after", "bytes before", "bytes after", "note")
         rows = [head] + [(r.name, r.recipe, r.action, "x".join(map(str, r.before_shape)),
@@ -110,7 +125,23 @@ def _set_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _shape(m: nn.Module) -> tuple:
+    if isinstance(m, nn.Conv2d):
+        return tuple(m.weight.shape)
+    if isinstance(m, Conv1x1):
+        return (m.out_channels, m.in_channels, 1, 1)
     return (m.out_features, m.in_features)
+
+
+#: layers with fewer weights than this are left dense by default: the kernel launch and the
+#: activation traffic dominate, so packing saves a few hundred bytes and no time.
+MIN_WEIGHTS = 1024
+
+
+def _candidates(model: nn.Module):
+    """(name, module) of every layer a layer recipe could touch: Linear, Conv2d, compressed layers."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Linear, nn.Conv2d, CompressedLinear)):
+            yield name, module
 
 
 def _apply_layer_recipe(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | None, backend: str,
@@ -119,36 +150,48 @@ def _apply_layer_recipe(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | 
     if layer_type is None:
         raise ValueError(f"recipe {recipe.name!r} has no layer implementation in this installation")
     reports, selected = [], []
-    for name, module in model.named_modules():
-        if not isinstance(module, (nn.Linear, CompressedLinear)):
-            continue
+    for name, module in list(_candidates(model)):
         size = tensor_bytes(module)
         skip = None
+        is_conv = isinstance(module, nn.Conv2d)
+        linear_view = None  # the Linear the recipe would pack
         if isinstance(module, CompressedLinear):
             skip = f"already compressed ({module.recipe.label()})"
-        elif filter_fn is not None:
-            if not filter_fn(module, name):
-                skip = "excluded by filter_fn"
-            elif reason := layer_type.incompatibility(module, recipe):
-                raise ValueError(f"layer {name!r} (Linear({module.in_features}, {module.out_features})) "
-                                 f"cannot take {recipe.label()}: {reason}")
-        elif name == head:
-            skip = "classifier head (kept dense by default; pass filter_fn to include it)"
+        elif is_conv and (reason := conv1x1_incompatibility(module)):
+            if filter_fn is not None and filter_fn(module, name) and tuple(module.kernel_size) == (1, 1):
+                raise ValueError(f"layer {name!r} cannot take {recipe.label()}: {reason}")
+            skip = reason if (filter_fn is None or filter_fn(module, name)) else "excluded by filter_fn"
         else:
-            skip = layer_type.incompatibility(module, recipe)
+            linear_view = conv_as_linear(module) if is_conv else module
+            if filter_fn is not None:
+                if not filter_fn(module, name):
+                    skip = "excluded by filter_fn"
+                elif reason := layer_type.incompatibility(linear_view, recipe):
+                    raise ValueError(f"layer {name!r} (Linear({linear_view.in_features}, {linear_view.out_features})) "
+                                     f"cannot take {recipe.label()}: {reason}")
+            elif name == head:
+                skip = "classifier head (kept dense by default; pass filter_fn to include it)"
+            elif linear_view.weight.numel() < MIN_WEIGHTS:
+                skip = (f"too small to gain ({linear_view.weight.numel()} weights < {MIN_WEIGHTS}); "
+                        "pass filter_fn to include it")
+            else:
+                skip = layer_type.incompatibility(linear_view, recipe)
         if skip:
             reports.append(LayerReport(name, recipe.label(), "skipped", _shape(module), _shape(module),
                                        size, size, reason=skip))
         else:
-            selected.append((name, module))
+            selected.append((name, module, linear_view))
     if not selected:
         reasons = "; ".join(f"{r.name}: {r.reason}" for r in reports) or "the model has no nn.Linear layer"
         raise ValueError(f"{recipe.label()} applies to no layer of this model ({reasons})")
-    for name, module in selected:
-        new = layer_type.from_linear(module, recipe, backend)
+    for name, module, linear_view in selected:
+        new = layer_type.from_linear(linear_view, recipe, backend)
+        if isinstance(module, nn.Conv2d):
+            new = Conv1x1(new, module.stride)
         _set_module(model, name, new)
         reports.append(LayerReport(name, recipe.label(), "compressed", _shape(module), _shape(new),
-                                   tensor_bytes(module), tensor_bytes(new), backend=backend))
+                                   tensor_bytes(module), tensor_bytes(new), backend=backend,
+                                   reason="1x1 conv as matmul" if isinstance(new, Conv1x1) else ""))
     return reports
 
 

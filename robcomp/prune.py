@@ -6,19 +6,38 @@ torch-pruning builds its dependency graph by tracing the model with autograd, so
 with gradients enabled and with every parameter temporarily marked trainable. A pruned model no
 longer fits its original class's ``state_dict``: save it with ``robcomp.save``, which records the
 pruned shapes.
+
+Attention: modules exposing ``qkv`` (an nn.Linear) and ``num_heads`` are pruned head-consistently
+(every head loses the same number of dimensions, q, k and v alike, with ``proj`` inputs matching);
+``head_dim`` is updated afterwards. ``importance="bn_scale"`` needs BatchNorm layers.
+``MagnitudePrune`` (unstructured masks) is dispatched to ``robcomp.masks``.
 """
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.nn as nn
 
 from robcomp.nn import tensor_bytes
-from robcomp.recipes import ChannelPrune, Recipe
+from robcomp.recipes import ChannelPrune, MagnitudePrune, Recipe
 
-__all__ = ["channel_prune", "apply_model_recipe"]
+__all__ = ["channel_prune", "apply_model_recipe", "count_macs"]
+
+
+def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """``(MACs, parameters)`` of one forward pass on ``example_inputs`` (torch-pruning's counter)."""
+    import torch_pruning as tp
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    finally:
+        model.train(was_training)
+    return int(macs), int(params)
 
 
 @contextlib.contextmanager
@@ -87,7 +106,19 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
     if example_inputs is None:
         raise ValueError("ChannelPrune needs example_inputs (a batch shaped like the model's input) "
                          "to trace the model: compress(model, ChannelPrune(...), example_inputs=x)")
+    from torch.nn.utils import parametrize
+
+    from robcomp.nn import CompressedLinear
+
     names = dict(model.named_modules())
+    done = [n for n, m in names.items() if isinstance(m, CompressedLinear) or parametrize.is_parametrized(m)]
+    if done:
+        raise ValueError(f"ChannelPrune must come before layer recipes and masks: {done[:3]} are already "
+                         "compressed or masked; put ChannelPrune first in the recipe list")
+    if recipe.importance == "bn_scale" and not any(isinstance(m, nn.modules.batchnorm._BatchNorm)
+                                                   for m in names.values()):
+        raise ValueError("importance='bn_scale' ranks channels by BatchNorm scales, but this model has no "
+                         "BatchNorm layer; use 'magnitude', 'taylor' or 'lamp'")
     unknown = [n for n in recipe.ignored if n not in names]
     if unknown:
         raise ValueError(f"ChannelPrune.ignored names modules the model does not have: {unknown}")
@@ -111,6 +142,12 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
                 nn.functional.cross_entropy(logits, logits.argmax(-1)).backward()
             pruner.step()
         model.zero_grad(set_to_none=True)
+    for attn in model.modules():  # head dims shrink per head (the same for every head); keep attributes true
+        qkv, heads = getattr(attn, "qkv", None), getattr(attn, "num_heads", None)
+        if isinstance(qkv, nn.Linear) and isinstance(heads, int) and hasattr(attn, "head_dim"):
+            if qkv.out_features % (3 * heads):
+                raise RuntimeError(f"pruning left {qkv.out_features} qkv outputs, not a multiple of 3 x {heads} heads")
+            attn.head_dim = qkv.out_features // (3 * heads)
     after = _layer_shapes(model)
     reports = []
     for name, (shape, size) in before.items():
@@ -125,4 +162,8 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
 def apply_model_recipe(model: nn.Module, recipe: Recipe, *, example_inputs=None, filter_fn=None) -> list:
     if isinstance(recipe, ChannelPrune):
         return channel_prune(model, recipe, example_inputs, filter_fn)
+    if isinstance(recipe, MagnitudePrune):
+        from robcomp.masks import magnitude_prune
+
+        return magnitude_prune(model, recipe, filter_fn)
     raise ValueError(f"recipe {recipe.name!r} is not implemented as a model rewrite in this version")

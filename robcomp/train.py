@@ -58,8 +58,12 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfig = TrainConfig(), *,
-          desc: str = "train", progress: bool = True) -> nn.Module:
+          desc: str = "train", progress: bool = True, loss_fn=None, step_hook=None) -> nn.Module:
     """Train ``model`` in place with Adam and a cosine schedule; returns it in eval mode.
+
+    ``loss_fn(model, xb, yb) -> loss`` replaces cross-entropy (``xb`` is the PGD batch when
+    ``config.adversarial``; called in train mode), e.g. TRADES in ``robcomp.robust``.
+    ``step_hook(model)`` runs after every optimiser step (e.g. to re-project masks).
 
     Only parameters that require gradients are updated (compressed layers' packed weights are
     buffers, so fine-tuning a compressed model updates biases, norms and uncompressed layers).
@@ -84,9 +88,11 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
                 attack.seed = config.seed * 100003 + epoch * 1009 + i
                 xb = attack(model, xb, yb)
             model.train()
-            loss = F.cross_entropy(model(xb), yb)
+            loss = F.cross_entropy(model(xb), yb) if loss_fn is None else loss_fn(model, xb, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
+            if step_hook is not None:
+                step_hook(model)
     return model.eval()

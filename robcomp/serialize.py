@@ -1,0 +1,341 @@
+"""``robcomp.save(model, path)`` / ``robcomp.load(path, model_factory=None)``: no pickle, ever.
+
+One ``.safetensors`` file holds every tensor of the model (its ``state_dict``) and, in the
+safetensors header metadata, a JSON **manifest** plus its SHA-256:
+
+```
+{"format": "robcomp.model", "format_version": 1,
+ "versions": {"robcomp": ..., "torch": ..., "safetensors": ...},
+ "recipes": [...],                       # from model.compression_summary, if any
+ "compression_summary": {...} | null,
+ "modules": [                             # every module, parents before children, in order
+   {"name": "features.0.0", "type": "torch.nn.modules.conv.Conv2d",
+    "attrs": {"in_channels": 1, "out_channels": 8, "kernel_size": {"__tuple__": [3, 3]}, ...},
+    "parameters": {"weight": {"shape": [8, 1, 3, 3], "dtype": "float32", "requires_grad": true},
+                   "bias": null},
+    "buffers": {...}, "parametrizations": {"weight": {"original": {...}, "chain": [...]}}}, ...],
+ "tensors": {"features.0.0.weight": {"shape": [...], "dtype": "..."}, ...}}
+```
+
+``load`` rebuilds the module tree from the manifest alone: each module is created with its class's
+``__new__`` and ``nn.Module.__init__`` (its own ``__init__`` is *not* called, so a pruned model
+whose shapes no longer match what the class would build comes back as saved), its plain
+attributes (``num_heads``, ``head_dim``, recipes, ...) are restored, its parameters and buffers
+are created with the recorded shapes and dtypes and filled from the file (bit-exact), masks and
+other parametrizations are re-attached. Classes are looked up, never imported from arbitrary
+modules: ``torch.*`` and ``robcomp.*`` classes, classes of modules already imported, or the
+classes of the model ``model_factory()`` returns (pass it for your own model classes).
+
+Errors: a file that is not safetensors, a manifest that is missing, not JSON, changed after saving
+(checksum), or inconsistent with the stored tensors, and unknown classes all raise ``ValueError``
+naming the problem; nothing is half-written (``save`` writes a temporary file and renames it).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+__all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION"]
+
+FORMAT = "robcomp.model"
+FORMAT_VERSION = 1
+_MANIFEST_KEY = "robcomp.manifest"
+_CHECKSUM_KEY = "robcomp.manifest.sha256"
+_MODULE_INTERNALS = set(nn.Module().__dict__) - {"training"}
+_SKIP_ATTRS = {"compression_summary"}
+_DTYPES = {str(d).removeprefix("torch."): d for d in (
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int8, torch.uint8, torch.int16,
+    torch.int32, torch.int64, torch.bool, torch.float8_e4m3fn, torch.float8_e5m2)}
+
+
+# ----------------------------------------------------------------------------------- values
+def _encode(value: Any, where: str) -> Any:
+    from robcomp.recipes import Recipe
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, where) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, where) for v in value]
+    if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return {"__dict__": {k: _encode(v, where) for k, v in value.items()}}
+    if isinstance(value, Recipe):
+        return {"__recipe__": value.to_dict()}
+    if isinstance(value, torch.dtype):
+        return {"__dtype__": str(value).removeprefix("torch.")}
+    raise TypeError(f"{where} is a {type(value).__name__}, which robcomp.save cannot store without pickle "
+                    "(supported: None, bool, int, float, str, tuples, lists, str-keyed dicts, recipes, dtypes)")
+
+
+def _decode(value: Any) -> Any:
+    from robcomp.recipes import recipe_from_dict
+
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if isinstance(value, dict):
+        if set(value) == {"__tuple__"}:
+            return tuple(_decode(v) for v in value["__tuple__"])
+        if set(value) == {"__dict__"}:
+            return {k: _decode(v) for k, v in value["__dict__"].items()}
+        if set(value) == {"__recipe__"}:
+            return recipe_from_dict(value["__recipe__"])
+        if set(value) == {"__dtype__"}:
+            return _dtype(value["__dtype__"])
+        raise ValueError(f"manifest holds an unknown tagged value {value!r}")
+    return value
+
+
+def _dtype(name: str) -> torch.dtype:
+    if name not in _DTYPES:
+        raise ValueError(f"manifest names an unsupported dtype {name!r}")
+    return _DTYPES[name]
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tensor_spec(t: torch.Tensor | None, requires_grad: bool | None = None) -> dict | None:
+    if t is None:
+        return None
+    spec = {"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+    if requires_grad is not None:
+        spec["requires_grad"] = bool(requires_grad)
+    return spec
+
+
+def _describe(module: nn.Module, name: str, skip_params: set[str] = frozenset()) -> dict:
+    cls = parametrize.type_before_parametrizations(module)
+    attrs = {}
+    for key, value in module.__dict__.items():
+        if key in _MODULE_INTERNALS or key in _SKIP_ATTRS:
+            continue
+        attrs[key] = _encode(value, f"attribute {key!r} of module {name or '<root>'!r} ({cls.__name__})")
+    entry = {"name": name, "type": _type_name(cls), "attrs": attrs,
+             "parameters": {k: _tensor_spec(p, p.requires_grad if p is not None else None)
+                            for k, p in module._parameters.items() if k not in skip_params},
+             "buffers": {k: (None if b is None else {**_tensor_spec(b),
+                                                     "persistent": k not in module._non_persistent_buffers_set})
+                         for k, b in module._buffers.items()}}
+    if parametrize.is_parametrized(module):
+        entry["parametrizations"] = {}
+        for tensor_name, plist in module.parametrizations.items():
+            entry["parametrizations"][tensor_name] = {
+                "original": _tensor_spec(plist.original, plist.original.requires_grad),
+                "chain": [_describe(p, f"{name}.parametrizations.{tensor_name}.{i}") for i, p in enumerate(plist)]}
+    return entry
+
+
+def _manifest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
+    import safetensors
+
+    import robcomp
+
+    modules = []
+    for name, module in model.named_modules(remove_duplicate=False):
+        if "parametrizations" in name.split("."):
+            continue  # parametrizations are described by the module that owns them
+        modules.append(_describe(module, name))
+    summary = getattr(model, "compression_summary", None)
+    return {"format": FORMAT, "format_version": FORMAT_VERSION,
+            "versions": {"robcomp": robcomp.__version__, "torch": torch.__version__,
+                         "safetensors": safetensors.__version__},
+            "recipes": summary.recipes if summary is not None else [],
+            "compression_summary": summary.to_dict() if summary is not None else None,
+            "modules": modules,
+            "tensors": {k: _tensor_spec(v) for k, v in tensors.items()}}
+
+
+# ------------------------------------------------------------------------------------- save
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``model`` (any robcomp-compressed, pruned or masked model) to ``path`` (a
+    ``.safetensors`` file with the manifest in its metadata); returns the path."""
+    from safetensors.torch import save_file
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    path = Path(path)
+    state = model.state_dict(keep_vars=False)
+    # safetensors refuses shared storage; clone (bit-exact) into contiguous CPU tensors
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    manifest = json.dumps(_manifest(model, tensors))  # key order = registration order
+    meta = {_MANIFEST_KEY: manifest, _CHECKSUM_KEY: hashlib.sha256(manifest.encode()).hexdigest()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ------------------------------------------------------------------------------------- load
+def read_manifest(path: str | os.PathLike) -> dict:
+    """The verified manifest of a file written by ``save`` (ValueError when it is not one)."""
+    return _open(path)[0]
+
+
+def _open(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no such model file: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for bad headers
+        raise ValueError(f"{path} is not a safetensors file written by robcomp.save "
+                         f"({type(e).__name__}: {e})") from None
+    if _MANIFEST_KEY not in meta:
+        raise ValueError(f"{path} is a safetensors file without a robcomp manifest: save it with robcomp.save")
+    text = meta[_MANIFEST_KEY]
+    if hashlib.sha256(text.encode()).hexdigest() != meta.get(_CHECKSUM_KEY):
+        raise ValueError(f"{path}: the manifest does not match its checksum: it was modified after saving")
+    try:
+        manifest = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: the manifest is not valid JSON ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a robcomp model manifest (format {manifest.get('format')!r})")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{path}: manifest format_version {manifest.get('format_version')!r} is not supported "
+                         f"(this robcomp reads version {FORMAT_VERSION})")
+    specs = manifest.get("tensors")
+    if not isinstance(specs, dict) or set(specs) != set(tensors):
+        missing = sorted(set(specs or {}) ^ set(tensors))[:5]
+        raise ValueError(f"{path}: manifest and stored tensors disagree on tensor names (e.g. {missing})")
+    for k, t in tensors.items():
+        if list(t.shape) != specs[k]["shape"] or str(t.dtype).removeprefix("torch.") != specs[k]["dtype"]:
+            raise ValueError(f"{path}: tensor {k!r} is {tuple(t.shape)} {t.dtype}, manifest says "
+                             f"{specs[k]['shape']} {specs[k]['dtype']}")
+    return manifest, tensors
+
+
+def _resolver(model_factory: Callable[[], nn.Module] | None):
+    known: dict[str, type] = {}
+    if model_factory is not None:
+        template = model_factory()
+        if not isinstance(template, nn.Module):
+            raise TypeError(f"model_factory must return an nn.Module, got {type(template).__name__}")
+        for m in template.modules():
+            cls = parametrize.type_before_parametrizations(m)
+            known[_type_name(cls)] = cls
+
+    def resolve(name: str) -> type:
+        if not isinstance(name, str) or "." not in name:
+            raise ValueError(f"manifest names an invalid module type {name!r}")
+        if name in known:
+            return known[name]
+        # qualnames may be nested (Outer.Inner): find the longest importable module prefix
+        parts = name.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            mod_name, qual = ".".join(parts[:cut]), parts[cut:]
+            root = mod_name.split(".")[0]
+            if mod_name in sys.modules:
+                mod = sys.modules[mod_name]
+            elif root in ("torch", "robcomp"):
+                try:
+                    mod = importlib.import_module(mod_name)
+                except ImportError:
+                    continue
+            else:
+                continue
+            obj = mod
+            for q in qual:
+                obj = getattr(obj, q, None)
+            if isinstance(obj, type) and issubclass(obj, nn.Module):
+                return obj
+        raise ValueError(f"manifest names module class {name!r}, which is not available: import the module "
+                         "that defines it or pass model_factory=... building the original model")
+
+    return resolve
+
+
+def _empty(spec: dict, what: str) -> torch.Tensor:
+    if not isinstance(spec, dict) or "shape" not in spec or "dtype" not in spec:
+        raise ValueError(f"manifest entry for {what} is malformed: {spec!r}")
+    return torch.empty(spec["shape"], dtype=_dtype(spec["dtype"]))
+
+
+def _build(entry: dict, resolve) -> nn.Module:
+    try:
+        cls = resolve(entry["type"])
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        for key, value in entry.get("attrs", {}).items():
+            if key in _MODULE_INTERNALS:
+                raise ValueError(f"manifest sets the reserved attribute {key!r}")
+            object.__setattr__(module, key, _decode(value))
+        for key, spec in entry.get("parameters", {}).items():
+            param = None if spec is None else nn.Parameter(_empty(spec, f"{entry['name']}.{key}"),
+                                                           requires_grad=bool(spec.get("requires_grad", True)))
+            module.register_parameter(key, param)
+        for key, spec in entry.get("buffers", {}).items():
+            module.register_buffer(key, None if spec is None else _empty(spec, f"{entry['name']}.{key}"),
+                                   persistent=True if spec is None else bool(spec.get("persistent", True)))
+        for tensor_name, p in entry.get("parametrizations", {}).items():
+            orig = p["original"]
+            module.register_parameter(tensor_name, nn.Parameter(_empty(orig, f"{entry['name']}.{tensor_name}"),
+                                                                requires_grad=bool(orig.get("requires_grad", True))))
+            for sub in p["chain"]:
+                parametrize.register_parametrization(module, tensor_name, _build(sub, resolve), unsafe=True)
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ValueError(f"manifest entry for module {entry.get('name')!r} is malformed "
+                         f"({type(e).__name__}: {e})") from None
+    return module
+
+
+def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None = None, *,
+         map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model saved at ``path``: same module tree, shapes, attributes, masks and
+    compressed layers, tensors bit-exact. ``model_factory()`` (optional) supplies the classes of
+    your own model (its weights and shapes are ignored). Returns the model in eval mode with its
+    ``compression_summary`` restored."""
+    from robcomp.compress import CompressionSummary
+
+    manifest, tensors = _open(path)
+    resolve = _resolver(model_factory)
+    entries = manifest.get("modules")
+    if not isinstance(entries, list) or not entries or entries[0].get("name") != "":
+        raise ValueError(f"{path}: manifest has no module tree")
+    root = None
+    built: dict[str, nn.Module] = {}
+    for entry in entries:
+        name = entry.get("name")
+        if not isinstance(name, str):
+            raise ValueError(f"{path}: manifest module entry without a name")
+        module = _build(entry, resolve)
+        if name == "":
+            root = module
+        else:
+            parent_name, _, child = name.rpartition(".")
+            if parent_name not in built:
+                raise ValueError(f"{path}: module {name!r} comes before its parent {parent_name!r} in the manifest")
+            built[parent_name].add_module(child, module)
+        built[name] = module
+    try:
+        missing, unexpected = root.load_state_dict(tensors, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: stored tensors do not fit the manifest's module tree: {e}") from None
+    if missing or unexpected:
+        raise ValueError(f"{path}: stored tensors do not fit the manifest's module tree "
+                         f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
+    if manifest.get("compression_summary"):
+        object.__setattr__(root, "compression_summary", CompressionSummary.from_dict(manifest["compression_summary"]))
+    return root.to(map_location).eval()

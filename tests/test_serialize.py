@@ -1,0 +1,156 @@
+"""save/load: safetensors + JSON manifest, bit-exact round trips, clear errors on bad files."""
+import json
+import struct
+
+import pytest
+import torch
+import torch.nn as nn
+
+import robcomp
+from robcomp.compress import compress
+from robcomp.masks import apply_nm_masks, masked_modules
+from robcomp.models import build_model
+from robcomp.nn import LAYER_TYPES
+from robcomp.recipes import ChannelPrune, MagnitudePrune, Sparse24, Sparse24Int4
+from robcomp.serialize import read_manifest
+
+X = torch.rand(8, 1, 8, 8)
+LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
+ALL_RECIPES = LAYER_RECIPES + [ChannelPrune(0.5), MagnitudePrune(0.7), [ChannelPrune(0.3), Sparse24Int4(group_size=32)]]
+
+
+def _same(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    with torch.no_grad():
+        assert torch.equal(a.eval()(X), b.eval()(X))
+
+
+CASES = ([("mlp", r) for r in ALL_RECIPES] + [("cnn", r) for r in ALL_RECIPES[-3:]]
+         + [("vit", r) for r in (LAYER_RECIPES[0], *ALL_RECIPES[-3:])])
+
+
+@pytest.mark.parametrize("name,recipe", CASES,
+                         ids=lambda v: v if isinstance(v, str) else getattr(v, "name", "composed"))
+def test_round_trip_bit_exact(tmp_path, name, recipe):
+    torch.manual_seed(0)
+    model = compress(build_model(name).eval(), recipe, example_inputs=X)
+    path = robcomp.save(model, tmp_path / "m.safetensors")
+    loaded = robcomp.load(path)
+    assert type(loaded) is type(model)
+    _same(model, loaded)
+    assert loaded.compression_summary.to_json() == model.compression_summary.to_json()
+    manifest = read_manifest(path)
+    assert manifest["recipes"] == json.loads(json.dumps(model.compression_summary.recipes))
+    assert {"robcomp", "torch", "safetensors"} <= set(manifest["versions"])
+
+
+def test_pruned_vit_attributes_and_masks_survive(tmp_path):
+    model = compress(build_model("vit"), ChannelPrune(0.5), example_inputs=X)
+    apply_nm_masks(model, 2, 4)
+    robcomp.save(model, tmp_path / "v.safetensors")
+    loaded = robcomp.load(tmp_path / "v.safetensors")
+    assert loaded.blocks[0].attn.head_dim == 8 and loaded.blocks[0].attn.qkv.out_features == 96
+    assert set(masked_modules(loaded)) == set(masked_modules(model))
+    _same(model, loaded)
+    # the masks keep working: fine-tuning the loaded model keeps the pattern
+    loaded.train()
+    loaded(X).sum().backward()
+    g = loaded.blocks[0].mlp[0].parametrizations.weight.original.grad
+    mask = loaded.blocks[0].mlp[0].parametrizations.weight[0].mask
+    assert (g[~mask] == 0).all()
+
+
+class UserNet(nn.Module):
+    def __init__(self, width=64):
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, width), nn.GELU(), nn.Linear(width, width))
+        self.out = nn.Linear(width, 10)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.out(torch.relu(self.body(x))) * self.scale
+
+
+def test_user_class_with_factory_and_pruned_shapes(tmp_path):
+    model = compress(UserNet(), [ChannelPrune(0.5), Sparse24()], example_inputs=X)
+    robcomp.save(model, tmp_path / "u.safetensors")
+    # the class builds width 64; the pruned model is width 32: shapes come from the manifest
+    loaded = robcomp.load(tmp_path / "u.safetensors", model_factory=lambda: UserNet())
+    assert loaded.body[1].out_features == 32 and loaded.scale == 2.0
+    _same(model, loaded)
+
+
+def test_class_defined_in_a_function_needs_a_factory(tmp_path):
+    class Local(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    model = Local()
+    robcomp.save(model, tmp_path / "l.safetensors")
+    with pytest.raises(ValueError, match="model_factory"):
+        robcomp.load(tmp_path / "l.safetensors")
+    _same(model, robcomp.load(tmp_path / "l.safetensors", model_factory=Local))
+
+
+def _rewrite_header(path, edit):
+    data = path.read_bytes()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    new += b" " * ((8 - len(new) % 8) % 8)
+    path.write_bytes(struct.pack("<Q", len(new)) + new + data[8 + n:])
+
+
+def test_tampered_manifest_and_bad_files(tmp_path):
+    path = tmp_path / "m.safetensors"
+    robcomp.save(compress(build_model("mlp"), Sparse24()), path)
+
+    def tamper(h):  # change a pruned shape in the manifest, leave the checksum
+        h["__metadata__"]["robcomp.manifest"] = h["__metadata__"]["robcomp.manifest"].replace('"out_features": 256',
+                                                                                              '"out_features": 128')
+    _rewrite_header(path, tamper)
+    with pytest.raises(ValueError, match="modified after saving"):
+        robcomp.load(path)
+
+    robcomp.save(build_model("mlp"), path)
+
+    def tamper_and_rehash(h):  # consistent checksum, but a tensor shape that disagrees with the data
+        import hashlib
+        m = json.loads(h["__metadata__"]["robcomp.manifest"])
+        m["tensors"]["head.weight"]["shape"] = [10, 999]
+        text = json.dumps(m)
+        h["__metadata__"]["robcomp.manifest"] = text
+        h["__metadata__"]["robcomp.manifest.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    _rewrite_header(path, tamper_and_rehash)
+    with pytest.raises(ValueError, match="head.weight"):
+        robcomp.load(path)
+
+    bad = tmp_path / "pickle.pt"
+    torch.save(build_model("mlp").state_dict(), bad)
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        robcomp.load(bad)
+    (tmp_path / "junk.safetensors").write_bytes(b"hello world, not a model")
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        robcomp.load(tmp_path / "junk.safetensors")
+    from safetensors.torch import save_file
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="without a robcomp manifest"):
+        robcomp.load(tmp_path / "plain.safetensors")
+    with pytest.raises(FileNotFoundError):
+        robcomp.load(tmp_path / "missing.safetensors")
+
+
+def test_unsupported_attribute_is_a_clear_error(tmp_path):
+    model = build_model("mlp")
+    model.callback = print  # not storable without pickle
+    with pytest.raises(TypeError, match="callback"):
+        robcomp.save(model, tmp_path / "x.safetensors")
+    assert not list(tmp_path.iterdir())  # nothing half-written
