@@ -15,7 +15,6 @@ Backends: ``"torch"`` runs the plain-PyTorch reference (``robcomp.kernels.refere
 from __future__ import annotations
 
 import abc
-import importlib
 from typing import ClassVar
 
 import torch
@@ -23,13 +22,16 @@ import torch.nn as nn
 
 from robcomp.backend import resolve_backend, validate_backend
 from robcomp.kernels import reference as ref
-from robcomp.recipes import Int4WeightOnly, Int8WeightOnly, Recipe, Sparse24
+from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4
 
 __all__ = [
     "CompressedLinear",
     "Sparse24Linear",
     "Int8WeightOnlyLinear",
     "Int4WeightOnlyLinear",
+    "Int8DynamicLinear",
+    "FP8DynamicLinear",
+    "Sparse24Int4Linear",
     "LAYER_TYPES",
     "register_layer",
     "tensor_bytes",
@@ -46,8 +48,6 @@ class CompressedLinear(nn.Module, abc.ABC):
     """Base class of the compressed layers: shape bookkeeping, bias, backend dispatch."""
 
     recipe_type: ClassVar[type[Recipe]]
-    #: module under ``robcomp.kernels`` holding the Triton launchers for this format
-    kernel_module: ClassVar[str]
     #: how the input gradient is computed: "exact" (dY @ W of the stored weight) or
     #: "straight-through" (a rounding step in the forward is treated as the identity)
     gradient: ClassVar[str] = "exact"
@@ -59,6 +59,8 @@ class CompressedLinear(nn.Module, abc.ABC):
         self.out_features = int(out_features)
         self.recipe = recipe
         self.backend = validate_backend(backend)
+        if hasattr(recipe, "group_size"):
+            self.group_size = recipe.group_size
         if bias is None:
             self.register_parameter("bias", None)
         else:
@@ -85,9 +87,16 @@ class CompressedLinear(nn.Module, abc.ABC):
         return module.to(linear.weight.device)
 
     @classmethod
-    @abc.abstractmethod
     def _build(cls, linear: nn.Linear, recipe: Recipe, backend: str) -> "CompressedLinear":
-        """Pack ``linear``'s weight into this format and return the new module."""
+        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
+        for name, tensor in cls.pack(linear.weight.detach(), recipe).items():
+            module.register_buffer(name, tensor)
+        return module
+
+    @staticmethod
+    @abc.abstractmethod
+    def pack(weight: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """The buffers (name -> tensor) that store ``weight`` in this format."""
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -98,7 +107,14 @@ class CompressedLinear(nn.Module, abc.ABC):
             return self.forward_reference(x)
         if backend == "triton":
             return self.forward_triton(x)
+        if backend == "bitsandbytes":
+            return self.forward_bitsandbytes(x)
         raise ValueError(f"backend {backend!r} is not supported by {type(self).__name__}; use 'torch' or 'triton'")
+
+    def forward_bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through bitsandbytes' layers, for the formats it has."""
+        raise ValueError(f"backend 'bitsandbytes' is not supported by {type(self).__name__}; "
+                         "it exists for Int8WeightOnly and Int4WeightOnly")
 
     @abc.abstractmethod
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -107,13 +123,6 @@ class CompressedLinear(nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
         """Forward through the Triton kernels (with their input-gradient kernels)."""
-
-    def _kernels(self):
-        """Import this format's Triton launchers, with a clear error when they cannot run."""
-        try:
-            return importlib.import_module(f"robcomp.kernels.{self.kernel_module}")
-        except ImportError as e:
-            raise RuntimeError(f"backend 'triton' for {type(self).__name__} is unavailable: {e}") from e
 
     # ------------------------------------------------------------------ inspection
     @abc.abstractmethod
@@ -147,7 +156,6 @@ class Sparse24Linear(CompressedLinear):
     """2:4 sparse weight: ``values [N, K/2]`` + 2-bit ``meta`` (format in kernels/reference.py)."""
 
     recipe_type = Sparse24
-    kernel_module = "sparse24"
 
     @classmethod
     def incompatibility(cls, linear, recipe):
@@ -155,13 +163,10 @@ class Sparse24Linear(CompressedLinear):
             return f"2:4 sparsity needs in_features divisible by 4, got {linear.in_features}"
         return None
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        values, meta = ref.sparse24_pack(linear.weight.detach())
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.register_buffer("values", values)
-        module.register_buffer("meta", meta)
-        return module
+    @staticmethod
+    def pack(weight, recipe):
+        values, meta = ref.sparse24_pack(weight)
+        return {"values": values, "meta": meta}
 
     def forward_reference(self, x):
         return ref.sparse24_linear(x, self.values, self.meta, self.bias)
@@ -170,12 +175,10 @@ class Sparse24Linear(CompressedLinear):
         # On CUDA, robcomp.dispatch picks per shape between the Triton kernel, torch semi-structured
         # sparse and dense (cached derived weights, never counted in the model size); elsewhere and
         # under torch.compile it is the kernel (custom op robcomp::sparse24_linear).
-        # plain imports, not self._kernels(): torch.compile traces import statements, not importlib
+        # imported here: triton is only needed by this backend
         from robcomp.dispatch import sparse24_forward_dispatch
-        try:
-            from robcomp.kernels import sparse24 as kernels
-        except ImportError:
-            kernels = self._kernels()  # raises the clear "backend unavailable" error
+        from robcomp.kernels import sparse24 as kernels
+
         return sparse24_forward_dispatch(self, x, kernels)
 
     def dequantize(self):
@@ -191,28 +194,22 @@ class Int8WeightOnlyLinear(CompressedLinear):
     """
 
     recipe_type = Int8WeightOnly
-    kernel_module = "lowbit"
-    #: the input gradient is exactly that of the deployed (dequantised) weight
-    gradient: ClassVar[str] = "exact"
 
-    def forward(self, x):
-        if resolve_backend(self.backend, x.device) == "bitsandbytes":
-            return _bnb_forward(self, x, "int8")
-        return super().forward(x)
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.int8_weight_pack(weight)
+        return {"qweight": qweight, "scale": scale}
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        qweight, scale = ref.int8_weight_pack(linear.weight.detach())
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.register_buffer("qweight", qweight)
-        module.register_buffer("scale", scale)
-        return module
+    def forward_bitsandbytes(self, x):
+        return _bnb_forward(self, x, "int8")
 
     def forward_reference(self, x):
         return ref.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().int8_weight_linear(x, self.qweight, self.scale, self.bias)
+        from robcomp.kernels import lowbit
+
+        return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
     def dequantize(self):
         return ref.int8_weight_unpack(self.qweight, self.scale)
@@ -229,15 +226,11 @@ class Int4WeightOnlyLinear(CompressedLinear):
     """
 
     recipe_type = Int4WeightOnly
-    kernel_module = "lowbit"
-    gradient: ClassVar[str] = "exact"
     #: bitsandbytes 4-bit data type used by backend="bitsandbytes": "nf4" or "fp4"
     bnb_quant_type: str = "nf4"
 
-    def forward(self, x):
-        if resolve_backend(self.backend, x.device) == "bitsandbytes":
-            return _bnb_forward(self, x, "4bit")
-        return super().forward(x)
+    def forward_bitsandbytes(self, x):
+        return _bnb_forward(self, x, "4bit")
 
     @classmethod
     def incompatibility(cls, linear, recipe):
@@ -245,31 +238,23 @@ class Int4WeightOnlyLinear(CompressedLinear):
             return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
         return None
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        qweight, scales, zeros = ref.int4_pack(linear.weight.detach(), recipe.group_size)
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.group_size = recipe.group_size
-        module.register_buffer("qweight", qweight)
-        module.register_buffer("scales", scales)
-        module.register_buffer("zeros", zeros)
-        return module
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scales, zeros = ref.int4_pack(weight, recipe.group_size)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros}
 
     def forward_reference(self, x):
         return ref.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+        from robcomp.kernels import lowbit
+
+        return lowbit.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def dequantize(self):
         return ref.int4_unpack(self.qweight, self.scales, self.zeros, self.group_size)
 
 
-
-# ====================================================================== dynamic and 2:4+int4 layers
-from robcomp.recipes import FP8Dynamic, Int8Dynamic, Sparse24Int4  # noqa: E402
-
-__all__ += ["Int8DynamicLinear", "FP8DynamicLinear", "Sparse24Int4Linear"]
 
 
 @register_layer
@@ -279,22 +264,20 @@ class Int8DynamicLinear(CompressedLinear):
     ``dX = dY @ dequant(W)``, the activation rounding counted as the identity (``gradient``)."""
 
     recipe_type = Int8Dynamic
-    kernel_module = "lowbit"
     gradient: ClassVar[str] = "straight-through"
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        qweight, scale = ref.int8_dynamic_pack(linear.weight.detach())
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.register_buffer("qweight", qweight)
-        module.register_buffer("scale", scale)
-        return module
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.int8_dynamic_pack(weight)
+        return {"qweight": qweight, "scale": scale}
 
     def forward_reference(self, x):
         return ref.int8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+        from robcomp.kernels import lowbit
+
+        return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     def dequantize(self):
         return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
@@ -308,16 +291,12 @@ class FP8DynamicLinear(CompressedLinear):
     ``uint8`` bits (``qweight_bits``) so that ``model.half()`` cannot convert them. STE gradient."""
 
     recipe_type = FP8Dynamic
-    kernel_module = "lowbit"
     gradient: ClassVar[str] = "straight-through"
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        qweight, scale = ref.fp8_dynamic_pack(linear.weight.detach())
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.register_buffer("qweight_bits", qweight.view(torch.uint8))
-        module.register_buffer("scale", scale)
-        return module
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.fp8_dynamic_pack(weight)
+        return {"qweight_bits": qweight.view(torch.uint8), "scale": scale}
 
     @property
     def qweight(self) -> torch.Tensor:
@@ -327,7 +306,9 @@ class FP8DynamicLinear(CompressedLinear):
         return ref.fp8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+        from robcomp.kernels import lowbit
+
+        return lowbit.fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     def dequantize(self):
         return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
@@ -339,8 +320,6 @@ class Sparse24Int4Linear(CompressedLinear):
     ``qvalues uint8 [N, K/4]``, ``scales``/``zeros [N, K/group_size]``, 2:4 ``meta``. Exact gradient."""
 
     recipe_type = Sparse24Int4
-    kernel_module = "sparse24_lowbit"
-    gradient: ClassVar[str] = "exact"
 
     @classmethod
     def incompatibility(cls, linear, recipe):
@@ -348,23 +327,19 @@ class Sparse24Int4Linear(CompressedLinear):
             return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
         return None
 
-    @classmethod
-    def _build(cls, linear, recipe, backend):
-        qvalues, scales, zeros, meta = ref.sparse24_int4_pack(linear.weight.detach(), recipe.group_size)
-        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
-        module.group_size = recipe.group_size
-        module.register_buffer("qvalues", qvalues)
-        module.register_buffer("scales", scales)
-        module.register_buffer("zeros", zeros)
-        module.register_buffer("meta", meta)
-        return module
+    @staticmethod
+    def pack(weight, recipe):
+        qvalues, scales, zeros, meta = ref.sparse24_int4_pack(weight, recipe.group_size)
+        return {"qvalues": qvalues, "scales": scales, "zeros": zeros, "meta": meta}
 
     def forward_reference(self, x):
         return ref.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
 
     def forward_triton(self, x):
-        return self._kernels().sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta,
-                                                    self.group_size, self.bias)
+        from robcomp.kernels import sparse24_lowbit
+
+        return sparse24_lowbit.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta,
+                                                   self.group_size, self.bias)
 
     def dequantize(self):
         return ref.sparse24_int4_unpack(self.qvalues, self.scales, self.zeros, self.meta, self.group_size)
@@ -403,8 +378,6 @@ def _bnb_module(layer: CompressedLinear, kind: str, device: torch.device) -> nn.
 
 
 def _bnb_forward(layer: CompressedLinear, x: torch.Tensor, kind: str) -> torch.Tensor:
-    if x.shape[-1] != layer.in_features:
-        raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={layer.in_features}")
     mod = _bnb_module(layer, kind, x.device)
     y = mod(x.to(torch.float16)).to(x.dtype)
     if x.requires_grad and torch.is_grad_enabled() and y.grad_fn is None:
