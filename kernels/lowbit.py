@@ -131,26 +131,46 @@ def _cfg(bm, bn, bk, warps, stages, gm=8):
                          num_warps=warps, num_stages=stages)
 
 
+# Tiled tensor-core configs (fp16/bf16 activations; the W8A8/FP8 kernel for every activation
+# dtype). ``_prune_gemm`` keeps those of the M regime: small M (M_BUCKET <= 64) BLOCK_M <= 32,
+# medium (<= 256) BLOCK_M <= 64, large BLOCK_M >= 64. Every regime has a BLOCK_K = 32 tile, the
+# only one that fits int4 group_size 32 (BLOCK_K must divide the group). Each list is exactly
+# what ``aot_specs`` compiles for sm_80/sm_90 (no spills on sm_90 with aligned shapes).
 _GEMM_CONFIGS = [
-    # small M (9 .. 64): few rows, wide N and K tiles to stream the weight
-    _cfg(16, 64, 128, 4, 4), _cfg(16, 128, 64, 4, 4), _cfg(32, 64, 128, 4, 4), _cfg(32, 128, 64, 4, 3),
-    _cfg(16, 64, 32, 4, 4), _cfg(32, 64, 32, 4, 4),
-    # medium / large M
-    _cfg(64, 128, 64, 4, 4), _cfg(64, 64, 32, 4, 4), _cfg(128, 128, 32, 4, 4), _cfg(128, 128, 64, 8, 3),
-    _cfg(128, 256, 64, 8, 3), _cfg(128, 64, 32, 4, 4),
+    _cfg(16, 64, 128, 4, 4),   # small (/ medium) M: few rows, wide K to stream the weight
+    _cfg(32, 64, 32, 4, 4),    # small / medium M, group 32
+    _cfg(64, 64, 64, 4, 4),    # medium / large M
+    _cfg(128, 128, 64, 8, 3),  # large M
+    _cfg(128, 64, 32, 4, 4),   # large M, group 32
 ]
+# fp32 activations run IEEE fp32 dots on the FMA units (no tensor cores): the tensor-core tiles
+# spill there, so they get one small tile of their own (selected by the F32 flag in the prune).
+_GEMM_CONFIGS_F32 = [_cfg(32, 32, 32, 8, 2)]
 _GEMM_INTERP = _cfg(32, 32, 32, 4, 1)
 
+# matrix-vector (M <= SMALL_M) configs; ``_prune_gemv`` keeps BLOCK_M * BLOCK_N * BLOCK_K <=
+# _GEMV_MAX_ELEMS, so BLOCK_M = 8 and group 32 run (64, 32) only (8 warps: with 4 the int4
+# variants spill on sm_90).
 _GEMV_CONFIGS = [
     triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for bn, bk, w, s in ((16, 128, 4, 3), (32, 128, 4, 3), (32, 64, 4, 4), (64, 64, 4, 3),
-                         (64, 32, 4, 4), (128, 32, 8, 3), (16, 256, 4, 3), (8, 256, 2, 4))
+    for bn, bk, w, s in ((64, 64, 4, 3), (64, 32, 8, 3))
 ]
 _GEMV_INTERP = triton.Config({"BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
-_BWD_CONFIGS = [_cfg(16, 64, 64, 4, 4), _cfg(32, 64, 64, 4, 4), _cfg(64, 64, 64, 4, 3), _cfg(64, 128, 64, 4, 3),
-                _cfg(128, 64, 64, 4, 3), _cfg(128, 128, 32, 8, 3), _cfg(128, 32, 64, 4, 4)]
+# input-gradient configs (output tile [BLOCK_M, BLOCK_K], loop over N), same M regimes; shared
+# with the 2:4+int4 kernel (none spills there either)
+_BWD_CONFIGS = [
+    _cfg(32, 64, 32, 4, 4),    # small / medium M, group 32
+    _cfg(64, 64, 64, 8, 3),    # medium / large M (8 warps: 4 use all 255 registers in 2:4+int4)
+    _cfg(128, 64, 32, 4, 4),   # large M, group 32
+]
+_BWD_CONFIGS_F32 = [_cfg(32, 32, 32, 8, 2)]
 _BWD_INTERP = _cfg(32, 32, 32, 4, 1)
+
+# what the autotuners hold (the prune picks the F32 or tensor-core part)
+_GEMM_TUNE = _GEMM_CONFIGS + _GEMM_CONFIGS_F32
+_BWD_TUNE = _BWD_CONFIGS + _BWD_CONFIGS_F32
+_F32_IDS = frozenset(id(c) for c in _GEMM_CONFIGS_F32 + _BWD_CONFIGS_F32)
 
 
 def _m_bucket(m: int) -> int:
@@ -161,20 +181,28 @@ def _args(named_args, kwargs):
     return {**named_args, **kwargs}
 
 
-def _prune_gemm(configs, named_args, **kwargs):
-    """Keep BLOCK_M fitting the M bucket and BLOCK_K dividing the int4 group size."""
+def _fits_group(c, group) -> bool:
+    return group is None or group % c.kwargs["BLOCK_K"] == 0
+
+
+def _prune_tiled(configs, named_args, **kwargs):
+    """Keep the F32 (or tensor-core) configs of the M regime whose BLOCK_K divides the int4 group."""
     a = _args(named_args, kwargs)
     m = a.get("M_BUCKET", a.get("M", 128))
     group = a.get("GROUP_SIZE", None)
+    f32 = bool(a.get("F32", False))
+    pool = [c for c in configs if (id(c) in _F32_IDS) == f32] or list(configs)
+    fits = [c for c in pool if _fits_group(c, group)] or pool
     kept = []
-    for c in configs:
-        bm, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_K"]
-        if group is not None and group % bk:
-            continue
-        if m <= 64 and bm > 32 or 64 < m <= 256 and bm > 64 or m > 256 and bm < 64:
-            continue
-        kept.append(c)
-    return kept or [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0][:1] or configs[:1]
+    for c in fits:
+        bm = c.kwargs["BLOCK_M"]
+        if f32 or not (m <= 64 and bm > 32 or 64 < m <= 256 and bm > 64 or m > 256 and bm < 64):
+            kept.append(c)
+    return kept or fits[:1]
+
+
+_prune_gemm = _prune_tiled
+_prune_bwd = _prune_tiled
 
 
 def _prune_gemv(configs, named_args, **kwargs):
@@ -182,19 +210,12 @@ def _prune_gemv(configs, named_args, **kwargs):
     bm = a.get("BLOCK_M", 1)
     group = a.get("GROUP_SIZE", None)
     kept = [c for c in configs if bm * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"] <= _GEMV_MAX_ELEMS
-            and (group is None or group % c.kwargs["BLOCK_K"] == 0)]
-    return kept or [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0][-1:] or configs[-1:]
-
-
-def _prune_bwd(configs, named_args, **kwargs):
-    a = _args(named_args, kwargs)
-    group = a.get("GROUP_SIZE", None)
-    kept = [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0]
-    return kept or configs[:1]
+            and _fits_group(c, group)]
+    return kept or [c for c in configs if _fits_group(c, group)][-1:] or configs[-1:]
 
 
 # ============================================================================ kernels
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K"],
+@triton.autotune(configs=tuning_configs(_GEMM_TUNE, _GEMM_INTERP), key=["M_BUCKET", "N", "K"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
@@ -218,7 +239,7 @@ def _w8a16_gemm_kernel(x_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
     _epilogue_store(acc * s[None, :], y_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, HAS_BIAS)
 
 
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=tuning_configs(_GEMM_TUNE, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _w4a16_gemm_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
@@ -298,7 +319,8 @@ def _w4a16_gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, K_PER_
         _epilogue_store(acc, y_ptr + pid_k * M * stride_ym, b_ptr, offs_m, offs_n, M, N, stride_ym, False)
 
 
-@triton.autotune(configs=tuning_configs(_BWD_CONFIGS, _BWD_INTERP), key=["M_BUCKET", "N", "K"])
+@triton.autotune(configs=tuning_configs(_BWD_TUNE, _BWD_INTERP), key=["M_BUCKET", "N", "K"],
+                 prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _per_channel_bwd_kernel(dy_ptr, w_ptr, s_ptr, dx_ptr, M, N, K, M_BUCKET,
                             stride_dym, stride_wn, stride_dxm,
@@ -324,7 +346,7 @@ def _per_channel_bwd_kernel(dy_ptr, w_ptr, s_ptr, dx_ptr, M, N, K, M_BUCKET,
     tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=tuning_configs(_BWD_CONFIGS, _BWD_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=tuning_configs(_BWD_TUNE, _BWD_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _w4_bwd_kernel(dy_ptr, q_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, M_BUCKET,
@@ -554,8 +576,9 @@ def _check_int4(x, qweight, scales, zeros, group_size, bias=None):
     if qweight.dim() != 2:
         raise ValueError(f"qweight must be 2-D [N, K/2], got shape {tuple(qweight.shape)}")
     n, k = qweight.shape[0], qweight.shape[1] * 2
-    if not isinstance(group_size, int) or group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group_size must be a power of two >= 16 (32, 64 or 128), got {group_size!r}")
+    if not isinstance(group_size, int) or group_size < 32 or group_size & (group_size - 1):
+        # BLOCK_K must divide the group and tl.dot needs BLOCK_K >= 16; the configs stop at 32
+        raise ValueError(f"group_size must be a power of two >= 32 (32, 64 or 128), got {group_size!r}")
     if k % group_size:
         raise ValueError(f"group_size={group_size} does not divide in_features={k}")
     _check_tensor(scales, "scales", _FLOATS, (n, k // group_size), qweight.device)
@@ -835,6 +858,13 @@ def _jit(kernel):
     return kernel
 
 
+#: arguments that are multiples of 16 (pointers: 16-byte aligned) at run time for aligned shapes
+#: (N, K multiples of 128), as Triton specialises them; compiled with that hint. Left out: M,
+#: M_BUCKET and stride_sn (= K / group_size, often small and odd, e.g. 768 / 128).
+_ALIGNED = ("N", "K", "K_PER_SPLIT", "stride_xm", "stride_wn", "stride_ym", "stride_qn", "stride_mn",
+            "stride_dym", "stride_dxm", "stride_qm")
+
+
 def _spec(name, kernel, types: dict, constexprs: dict, config, expect_mma: bool):
     """One ``robcomp.kernels._aot`` entry ``(name, fn, signature, constexprs, options)``: the
     signature lists every parameter (``"constexpr"`` for compile-time ones, ``"i32"`` for ints)."""
@@ -852,7 +882,9 @@ def _spec(name, kernel, types: dict, constexprs: dict, config, expect_mma: bool)
             sig[arg] = "i32"
     label = name + "_" + "_".join(f"{k}{v}" for k, v in config.kwargs.items())
     label += f"_w{config.num_warps}s{config.num_stages}"
-    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages, "expect_mma": expect_mma}
+    aligned = [a for a, t in sig.items() if t != "constexpr" and (a.endswith("_ptr") or a in _ALIGNED)]
+    opts = {"num_warps": config.num_warps, "num_stages": config.num_stages, "expect_mma": expect_mma,
+            "divisible_by_16": aligned}
     return (label, fn, sig, consts, opts)
 
 
@@ -860,17 +892,50 @@ def _act_types(t):
     return {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "b_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}"}
 
 
-def _aot_configs(configs, dt, group=None, limit=None):
-    """Configs compiled ahead of time: all of them for fp16/bf16 (those a GPU autotunes over), one
-    representative for fp32 (the exact-fp32 path, no tensor cores)."""
-    cfgs = [c for c in configs if group is None or group % c.kwargs["BLOCK_K"] == 0]
-    return cfgs[:1] if dt == torch.float32 else cfgs
+#: M buckets standing for the small / medium / large regimes of ``_prune_tiled``
+_AOT_M_BUCKETS = (16, 128, 4096)
+
+
+def _tiled_configs(configs, f32=False, group=None):
+    """The configs the autotuner runs for these flags, over every M regime (the prune's union)."""
+    out = []
+    for mb in _AOT_M_BUCKETS:
+        kw = {"M_BUCKET": mb, "F32": f32, **({} if group is None else {"GROUP_SIZE": group})}
+        out += [c for c in _prune_tiled(configs, {}, **kw) if all(c is not o for o in out)]
+    return out
+
+
+def _gemv_configs(group=None):
+    """``(config, BLOCK_M)`` for every matrix-vector config the autotuner runs, each compiled at
+    the largest ``BLOCK_M`` (1..8) that keeps it: the highest register pressure it runs with."""
+    out = []
+    for bm in (8, 4, 2, 1):
+        for c in _prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": bm, **({} if group is None else {"GROUP_SIZE": group})}):
+            if all(c is not o for o, _ in out):
+                out.append((c, bm))
+    return out
+
+
+#: int4 group size compiled ahead of time: 128 runs every config; smaller groups run the subset
+#: whose BLOCK_K divides them (BLOCK_K = 32 for group 32), compiled identically but for the
+#: constexpr group divisor, so compiling them again would only double the cost of the test
+_AOT_GROUPS = (128,)
+
+
+def _aot_gemv(dt) -> bool:
+    """The matrix-vector kernels convert every tile to fp32 on load, so fp16 and fp32 (wider loads,
+    more registers) bound what bf16 does; bf16 is not compiled a third time."""
+    return dt != torch.bfloat16
 
 
 def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):
-    """Every kernel x autotune config x activation dtype (x int4 group size 128 and 32), for
-    ``robcomp.kernels._aot``. The fp8 kernels are in ``aot_specs_fp8`` (they compile only for
-    sm_89 and newer, while the AOT test also targets sm_80)."""
+    """Every kernel x autotune config x activation dtype, int4 group 128 (see ``_AOT_GROUPS``,
+    ``_aot_gemv``), for ``robcomp.kernels._aot``. The configs are the autotuners' own, derived
+    by their prune functions (``_tiled_configs``, ``_gemv_configs``); the tiled kernels are
+    compiled for every dtype (fp16 / bf16 tensor-core MMAs, fp32 FMA dots). The W8A8 dot is int8
+    for every activation dtype (only the epilogue's store differs), compiled with fp16 output.
+    The fp8 kernels are in ``aot_specs_fp8`` (they compile only for sm_89 and newer, while the AOT
+    test also targets sm_80)."""
     out = []
     for dt in dtypes:
         t = _TL[dt]
@@ -878,30 +943,30 @@ def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):
         mma = not f32
         act = _act_types(t)
         i8 = {**act, "w_ptr": "*i8", "s_ptr": f"*{t}"}
-        for c in _aot_configs(_GEMM_CONFIGS, dt):
+        for c in _tiled_configs(_GEMM_TUNE, f32):
             out.append(_spec(f"w8a16_gemm_{t}", _w8a16_gemm_kernel, i8, {"HAS_BIAS": True, "F32": f32}, c, mma))
-        for c in _aot_configs(_GEMV_CONFIGS, dt):
-            out.append(_spec(f"w8a16_gemv_{t}", _w8a16_gemv_kernel, i8,
-                             {"HAS_BIAS": True, "SPLIT_K": 1, "BLOCK_M": 1}, c, False))
-        for c in _aot_configs(_BWD_CONFIGS, dt):
+        for c, bm in _gemv_configs() if _aot_gemv(dt) else ():
+            out.append(_spec(f"w8a16_gemv_{t}_m{bm}", _w8a16_gemv_kernel, i8,
+                             {"HAS_BIAS": True, "SPLIT_K": 1, "BLOCK_M": bm}, c, False))
+        for c in _tiled_configs(_BWD_TUNE, f32):
             out.append(_spec(f"per_channel_bwd_{t}", _per_channel_bwd_kernel, i8, {"F32": f32}, c, mma))
         i4 = {**act, "q_ptr": "*u8", "s_ptr": f"*{t}", "z_ptr": f"*{t}"}
-        for g in (128, 32):
-            for c in _aot_configs(_GEMM_CONFIGS, dt, g):
+        for g in _AOT_GROUPS:
+            for c in _tiled_configs(_GEMM_TUNE, f32, g):
                 out.append(_spec(f"w4a16_gemm_{t}_g{g}", _w4a16_gemm_kernel, i4,
                                  {"GROUP_SIZE": g, "HAS_BIAS": True, "F32": f32}, c, mma))
-            for c in _aot_configs(_prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": 4, "GROUP_SIZE": g}), dt):
-                out.append(_spec(f"w4a16_gemv_{t}_g{g}", _w4a16_gemv_kernel, i4,
-                                 {"GROUP_SIZE": g, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": 4}, c, False))
-            for c in _aot_configs(_BWD_CONFIGS, dt, g):
+            for c, bm in _gemv_configs(g) if _aot_gemv(dt) else ():
+                out.append(_spec(f"w4a16_gemv_{t}_g{g}_m{bm}", _w4a16_gemv_kernel, i4,
+                                 {"GROUP_SIZE": g, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": bm}, c, False))
+            for c in _tiled_configs(_BWD_TUNE, f32, g):
                 out.append(_spec(f"w4_bwd_{t}_g{g}", _w4_bwd_kernel, i4, {"GROUP_SIZE": g, "F32": f32}, c, mma))
         out.append(_spec(f"quant_rows_int8_{t}", _quant_rows_kernel,
                          {"x_ptr": f"*{t}", "q_ptr": "*i8", "s_ptr": "*fp32"}, {"FP8": False},
                          triton.Config({"BLOCK_K": 1024}, num_warps=4, num_stages=1), False))
-        if not f32:
+        if dt == torch.float16:  # the dot is int8 x int8 for every activation dtype
             w8a8 = {"xq_ptr": "*i8", "wq_ptr": "*i8", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                     "b_ptr": f"*{t}", "y_ptr": f"*{t}"}
-            for c in _GEMM_CONFIGS if t == "fp16" else _GEMM_CONFIGS[:2]:  # the dot is int8 either way
+            for c in _tiled_configs(_GEMM_CONFIGS):
                 out.append(_spec(f"w8a8_gemm_{t}", _w8a8_gemm_kernel, w8a8, {"HAS_BIAS": True, "FP8": False}, c, True))
     return out
 
@@ -916,9 +981,10 @@ def aot_specs_fp8(dtypes=(torch.float16, torch.bfloat16)):
                          triton.Config({"BLOCK_K": 1024}, num_warps=4, num_stages=1), False))
         types = {"xq_ptr": "*fp8e4nv", "wq_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32",
                  "b_ptr": f"*{t}", "y_ptr": f"*{t}"}
-        for c in _GEMM_CONFIGS:
+        for c in _tiled_configs(_GEMM_CONFIGS):
             out.append(_spec(f"fp8_gemm_{t}", _w8a8_gemm_kernel, types, {"HAS_BIAS": True, "FP8": True}, c, True))
-        out.append(_spec(f"fp8_bwd_{t}", _per_channel_bwd_kernel,
-                         {"dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
-                         {"F32": False}, _BWD_CONFIGS[0], True))
+        for c in _tiled_configs(_BWD_TUNE):
+            out.append(_spec(f"fp8_bwd_{t}", _per_channel_bwd_kernel,
+                             {"dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
+                             {"F32": False}, c, True))
     return out

@@ -29,11 +29,24 @@ import triton.language as tl
 
 from robcomp.kernels import lowbit as _lb
 from robcomp.kernels._common import check_activation, tuning_configs
-from robcomp.kernels.lowbit import (_BWD_CONFIGS, _BWD_INTERP, _GEMM_CONFIGS, _GEMM_INTERP, _GEMV_CONFIGS,
-                                    _GEMV_INTERP, _epilogue_store, _mma, _prune_bwd, _prune_gemm, _prune_gemv,
-                                    _tile_ids)
+from robcomp.kernels.lowbit import (_BWD_INTERP, _BWD_TUNE, _GEMM_CONFIGS_F32, _GEMM_INTERP, _GEMV_CONFIGS,
+                                    _GEMV_INTERP, _cfg, _epilogue_store, _mma, _prune_bwd, _prune_gemm,
+                                    _prune_gemv, _tile_ids)
 
 __all__ = ["sparse24_int4_forward", "sparse24_int4_backward_input", "sparse24_int4_linear", "aot_specs"]
+
+
+# Tiled forward configs. The 2:4 expansion holds a [BLOCK_N, BLOCK_K/4, 4] fp32 select per tile,
+# so lowbit's tiles with BLOCK_K = 128 or a 128 x 128 output spill on sm_90: BLOCK_K <= 64 here,
+# 8 warps for the medium / large M tiles. Same M regimes and prune as lowbit; the
+# input-gradient kernel shares lowbit's configs (_BWD_TUNE), which do not spill here.
+_S24_GEMM_CONFIGS = [
+    _cfg(16, 64, 64, 4, 4),    # small (/ medium) M
+    _cfg(32, 64, 32, 4, 4),    # small / medium M, group 32
+    _cfg(64, 64, 64, 8, 3),    # medium / large M
+    _cfg(128, 64, 32, 8, 3),   # large M, group 32 (4 warps use all 255 registers)
+]
+_S24_GEMM_TUNE = _S24_GEMM_CONFIGS + _GEMM_CONFIGS_F32
 
 
 @triton.jit
@@ -62,7 +75,7 @@ def _s24i4_tile(q_ptr, m_ptr, s_ptr, z_ptr, offs_n, k0, N, K, stride_qn, stride_
     return tl.reshape(dense, (BLOCK_N, BLOCK_K))
 
 
-@triton.autotune(configs=tuning_configs(_GEMM_CONFIGS, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=tuning_configs(_S24_GEMM_TUNE, _GEMM_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": _prune_gemm})
 @triton.jit
 def _s24i4_gemm_kernel(x_ptr, q_ptr, m_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, M_BUCKET,
@@ -113,7 +126,7 @@ def _s24i4_gemv_kernel(x_ptr, q_ptr, m_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K,
         _epilogue_store(acc, y_ptr + pid_k * M * stride_ym, b_ptr, offs_m, offs_n, M, N, stride_ym, False)
 
 
-@triton.autotune(configs=tuning_configs(_BWD_CONFIGS, _BWD_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
+@triton.autotune(configs=tuning_configs(_BWD_TUNE, _BWD_INTERP), key=["M_BUCKET", "N", "K", "GROUP_SIZE"],
                  prune_configs_by={"early_config_prune": _prune_bwd})
 @triton.jit
 def _s24i4_bwd_kernel(dy_ptr, q_ptr, m_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, M_BUCKET,
@@ -249,23 +262,22 @@ def sparse24_int4_linear(x: torch.Tensor, qvalues: torch.Tensor, scales: torch.T
 # ============================================================================ AOT specs
 def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):
     """``(name, jit fn, signature, constexprs, options)`` for every kernel x autotune config x
-    activation dtype x group size (128 and 32), for ``robcomp.kernels._aot`` (fp32: one config)."""
+    activation dtype (int4 group 128; bf16 without the matrix-vector kernel), for
+    ``robcomp.kernels._aot``; the configs are the autotuners' own (see ``lowbit.aot_specs``)."""
     out = []
     for dt in dtypes:
         t = _lb._TL[dt]
         f32 = dt == torch.float32
         types = {"x_ptr": f"*{t}", "y_ptr": f"*{t}", "b_ptr": f"*{t}", "dy_ptr": f"*{t}", "dx_ptr": f"*{t}",
                  "q_ptr": "*u8", "m_ptr": "*u8", "s_ptr": f"*{t}", "z_ptr": f"*{t}"}
-        for g in (128, 32):
-            groups = [
-                ("s24i4_gemm", _s24i4_gemm_kernel, {"GROUP_SIZE": g, "HAS_BIAS": True, "F32": f32},
-                 _lb._aot_configs(_GEMM_CONFIGS, dt, g), not f32),
-                ("s24i4_gemv", _s24i4_gemv_kernel, {"GROUP_SIZE": g, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": 4},
-                 _lb._aot_configs(_prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": 4, "GROUP_SIZE": g}), dt), False),
-                ("s24i4_bwd", _s24i4_bwd_kernel, {"GROUP_SIZE": g, "F32": f32},
-                 _lb._aot_configs(_BWD_CONFIGS, dt, g), not f32),
-            ]
-            for name, kernel, consts, cfgs, mma in groups:
-                for c in cfgs:
-                    out.append(_lb._spec(f"{name}_{t}_g{g}", kernel, types, consts, c, mma))
+        for g in _lb._AOT_GROUPS:
+            for c in _lb._tiled_configs(_S24_GEMM_TUNE, f32, g):
+                out.append(_lb._spec(f"s24i4_gemm_{t}_g{g}", _s24i4_gemm_kernel, types,
+                                     {"GROUP_SIZE": g, "HAS_BIAS": True, "F32": f32}, c, not f32))
+            for c, bm in _lb._gemv_configs(g) if _lb._aot_gemv(dt) else ():
+                out.append(_lb._spec(f"s24i4_gemv_{t}_g{g}_m{bm}", _s24i4_gemv_kernel, types,
+                                     {"GROUP_SIZE": g, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": bm}, c, False))
+            for c in _lb._tiled_configs(_BWD_TUNE, f32, g):
+                out.append(_lb._spec(f"s24i4_bwd_{t}_g{g}", _s24i4_bwd_kernel, types,
+                                     {"GROUP_SIZE": g, "F32": f32}, c, not f32))
     return out
