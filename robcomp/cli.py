@@ -1,4 +1,4 @@
-"""``robcomp`` command line: ``run`` (the main job), ``report DIR``, ``env``, ``bench``.
+"""``robcomp`` command line: ``run`` (the main job: a study), ``report DIR``, ``env``, ``bench``.
 
 Bad input ends with one ``robcomp: error: ...`` line on stderr and exit code 2, before any file
 is written.
@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -19,27 +20,62 @@ class UsageError(Exception):
     """Bad command-line input: reported in one line, exit code 2."""
 
 
-def _parse_recipes(specs: list[str]):
+def _parse_recipes(specs: list[str]) -> tuple[str, ...]:
     from robcomp.recipes import parse_recipe
 
     try:
-        return tuple(parse_recipe(s) for s in specs)
+        for s in specs:
+            parse_recipe(s)
     except ValueError as e:
         raise UsageError(f"--recipes: {e}") from None
+    return tuple(specs)
+
+
+def _study_spec(args):
+    """The spec a ``run`` command asks for: --config or the default, --quick, then the overrides."""
+    import dataclasses
+
+    from robcomp.models import MODELS
+    from robcomp.studyspec import default_spec, load_spec, quick_spec
+
+    try:
+        spec = load_spec(args.config) if args.config else default_spec()
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.quick:
+        spec = quick_spec(spec)
+    if args.models:
+        models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+        unknown = [m for m in models if m not in MODELS]
+        if unknown or not models:
+            raise UsageError(f"--models: unknown {unknown}; known: {', '.join(MODELS)}")
+        spec = spec.replace(experiments=tuple(dataclasses.replace(e, models=models) for e in spec.experiments))
+    if args.recipes:
+        recipes = _parse_recipes(args.recipes)
+        spec = spec.replace(experiments=tuple(dataclasses.replace(e, recipes=recipes) if e.recipes else e
+                                              for e in spec.experiments))
+    if args.seed is not None:
+        spec = spec.replace(seeds=(args.seed,), experiments=tuple(dataclasses.replace(e, seeds=None)
+                                                                  for e in spec.experiments))
+    return spec
 
 
 def _cmd_run(args) -> int:
-    from robcomp.study import MainJobConfig, check_output_dir, run_main_job
+    from robcomp.study import check_output_dir, run_study
+    from robcomp.studyspec import default_spec_text
 
-    overrides = {}
-    if args.models:
-        overrides["models"] = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    if args.recipes:
-        overrides["recipes"] = _parse_recipes(args.recipes)
-    overrides["seed"] = args.seed
-    overrides["use_cache"] = not args.no_cache
+    if args.print_config:
+        if args.config:
+            try:
+                print(Path(args.config).read_text(encoding="utf-8"), end="")
+            except OSError as e:
+                raise UsageError(f"--config {args.config!r}: cannot read: {e.strerror or e}") from None
+        else:
+            print(default_spec_text(), end="")
+        return 0
+    spec = _study_spec(args)
     try:
-        cfg = MainJobConfig.quick(**overrides) if args.quick else MainJobConfig(**overrides)
+        spec.points()  # every recipe/model combination is well-formed before anything is written
     except ValueError as e:
         raise UsageError(str(e)) from None
     try:
@@ -47,21 +83,39 @@ def _cmd_run(args) -> int:
     except PermissionError as e:
         raise UsageError(str(e)) from None
     t0 = time.perf_counter()
-    run_main_job(args.out, cfg, progress=not args.no_progress)
+    run_study(spec, args.out, progress=not args.no_progress, use_cache=not args.no_cache)
     print(f"finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _cmd_report(args) -> int:
-    from robcomp.report import read_records, render_markdown
+    import shutil
+    import tempfile
+
+    from robcomp.report import read_records
+    from robcomp.report.bench import load_bench
+    from robcomp.report.render import render_report
 
     directory = Path(args.directory)
     try:
-        records = read_records(directory / "results.jsonl")
+        records = read_records(directory / "results.jsonl", tolerate_partial_last_line=True)
     except (FileNotFoundError, ValueError) as e:
         raise UsageError(f"DIR: {e}") from None
-    render_markdown(records, directory / "report.md", title="robcomp report")
-    print(f"wrote {directory / 'report.md'} from {len(records)} records")
+    for f in args.bench or ():
+        try:
+            load_bench(f)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    for f in args.bench or ():  # keep a copy so that a later `robcomp report DIR` shows it too
+        dest = directory / "bench" / Path(f).name
+        dest.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".bench-", suffix=".json")
+        os.close(fd)
+        shutil.copyfile(f, tmp)
+        os.replace(tmp, dest)
+    paths = render_report(directory, records)
+    print(f"rendered from {sum(1 for r in records if 'point_id' in r or 'clean_accuracy' in r)} records: "
+          + ", ".join(str(p) for p in paths))
     return 0
 
 
@@ -89,9 +143,11 @@ def _cmd_env(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    bench_dir = Path(__file__).resolve().parent.parent / "bench"
-    if not bench_dir.is_dir():
-        raise UsageError(f"benchmark suites not found at {bench_dir} (run from a source checkout)")
+    # the suites live in the source checkout: the current directory, else next to an editable install
+    candidates = [Path.cwd() / "bench", Path(__file__).resolve().parent.parent / "bench"]
+    bench_dir = next((c for c in candidates if (c / "conftest.py").is_file() or c.is_dir()), None)
+    if bench_dir is None:
+        raise UsageError("benchmark suites (bench/) not found: run `robcomp bench` from a source checkout")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", f"--benchmark-json={out}"]
@@ -102,19 +158,26 @@ def _cmd_bench(args) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robcomp", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="the main job: train, compress, attack and time on the embedded digits data")
-    run.add_argument("--out", default="robcomp-out", help="output directory (default ./robcomp-out)")
-    run.add_argument("--quick", action="store_true", help="smoke-sized run (seconds)")
-    run.add_argument("--models", help="comma-separated model names (default mlp,cnn)")
+    run = sub.add_parser("run", help="the main job: run a study (default: the shipped one) on the embedded digits "
+                                     "data and write results.jsonl, report.md, report.html and plots/")
+    run.add_argument("--config", metavar="FILE.toml", help="study specification (default: the shipped default study; "
+                                                           "see --print-config)")
+    run.add_argument("--print-config", action="store_true", help="print the study specification (TOML) and exit")
+    run.add_argument("--out", default="robcomp-out", help="output directory (default ./robcomp-out); a rerun into "
+                                                          "the same directory skips finished points")
+    run.add_argument("--quick", action="store_true", help="smoke-sized study (seconds): one seed, few epochs")
+    run.add_argument("--models", help="comma-separated model names replacing every experiment's models")
     run.add_argument("--recipes", nargs="+", metavar="RECIPE",
-                     help="recipes as NAME or NAME:key=value,...; e.g. sparse24 int4_weight_only:group_size=64 "
-                          "channel_prune:ratio=0.5")
-    run.add_argument("--seed", type=int, default=0)
+                     help="recipes as NAME or NAME:key=value,... replacing every experiment's recipes; e.g. "
+                          "sparse24 int4_weight_only:group_size=64 channel_prune:ratio=0.5")
+    run.add_argument("--seed", type=int, default=None, help="run every point with this one seed")
     run.add_argument("--no-cache", action="store_true", help="retrain baselines instead of reusing cached ones")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run.set_defaults(func=_cmd_run)
-    rep = sub.add_parser("report", help="re-render report.md from DIR/results.jsonl")
+    rep = sub.add_parser("report", help="re-render report.md, report.html and plots/ from DIR/results.jsonl")
     rep.add_argument("directory", metavar="DIR")
+    rep.add_argument("--bench", nargs="+", metavar="FILE.json",
+                     help="pytest-benchmark JSON to fold into the hardware efficiency section (copied to DIR/bench/)")
     rep.set_defaults(func=_cmd_report)
     env = sub.add_parser("env", help="device, versions and whether Triton kernels can run")
     env.add_argument("--json", action="store_true")

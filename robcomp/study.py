@@ -1,71 +1,45 @@
-"""The main job: train dense baselines on the embedded digits data (standard and adversarial),
-compress each with every recipe, fine-tune where the recipe needs it, evaluate all of them, and
-write ``results.jsonl`` and ``report.md``.
+"""The study: sweeps over models x widths x recipes x training regimes x seeds, resumable.
 
-Trained baselines and fine-tuned pruned models are cached (``robcomp.cache``), so a second run
-only evaluates.
+``run_study(spec, out)`` expands a :class:`~robcomp.studyspec.StudySpec` into points, runs every
+point that ``out/results.jsonl`` does not already hold (a point is keyed by the hash of its
+configuration), appends one record per point atomically, then renders ``report.md``,
+``report.html`` and the PNG plots from the results file alone (``robcomp.report.render``).
+
+A crash or a kill loses at most the point in progress: rerunning the same spec skips the finished
+points and gives the same accuracies as an uninterrupted run (training and attacks are seeded
+and deterministic on CPU; timings are measurements and differ run to run).
+
+Trained baselines and fine-tuned models are cached (``robcomp.cache``), keyed by everything that
+determines their weights, so a second run into a fresh directory only compresses and evaluates.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import tempfile
-from dataclasses import dataclass, field
+import time
 from pathlib import Path
-from typing import Sequence
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
 from robcomp import __version__
-from robcomp.attacks import FGSM, PGD
 from robcomp.cache import cached_state
 from robcomp.compress import compress, model_bytes
 from robcomp.data import DIGITS, load_digits_split
 from robcomp.evaluate import evaluate
-from robcomp.models import MODELS, build_model
-from robcomp.recipes import ChannelPrune, Int4WeightOnly, Int8WeightOnly, Recipe, Sparse24
-from robcomp.report.markdown import format_table, render_markdown, summary_rows
-from robcomp.report.results import append_record, write_text_atomic
+from robcomp.models import build_model
+from robcomp.recipes import recipe_from_dict
+from robcomp.report.results import append_record
+from robcomp.studyspec import Point, StudySpec, default_spec, make_attacks
 from robcomp.train import TrainConfig, train
 
-__all__ = ["MainJobConfig", "run_main_job", "check_output_dir", "DEFAULT_RECIPES"]
+__all__ = ["run_study", "check_output_dir", "effective_nonzero", "layer_times", "STUDY_RECORD"]
 
-DEFAULT_RECIPES: tuple[Recipe, ...] = (
-    Sparse24(), Int8WeightOnly(), Int4WeightOnly(group_size=32),
-    ChannelPrune(ratio=0.25), ChannelPrune(ratio=0.5), ChannelPrune(ratio=0.75),
-)
-
-
-@dataclass
-class MainJobConfig:
-    models: Sequence[str] = ("mlp", "cnn")
-    recipes: Sequence[Recipe] = DEFAULT_RECIPES
-    epsilons: Sequence[float] = (0.05, 0.1)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, eps=0.1, pgd_steps=5))
-    finetune_epochs: int = 8
-    pgd_steps: int = 10
-    batch_sizes: Sequence[int] = (1, 256)
-    test_examples: int | None = None  # None: the whole test split
-    latency_repeats: int = 30
-    seed: int = 0
-    use_cache: bool = True
-
-    @classmethod
-    def quick(cls, **overrides) -> "MainJobConfig":
-        """Smoke-sized: one small model, few epochs, a slice of the test set."""
-        base = dict(models=("mlp",), train=TrainConfig(epochs=3, eps=0.1, pgd_steps=2), finetune_epochs=1,
-                    pgd_steps=3, batch_sizes=(1, 64), test_examples=96, latency_repeats=5,
-                    recipes=(Sparse24(), Int8WeightOnly(), Int4WeightOnly(group_size=32), ChannelPrune(ratio=0.5)))
-        base.update(overrides)
-        return cls(**base)
-
-    def __post_init__(self) -> None:
-        unknown = [m for m in self.models if m not in MODELS]
-        if unknown:
-            raise ValueError(f"models: unknown {unknown}; known: {', '.join(MODELS)}")
-        if not self.recipes:
-            raise ValueError("recipes: give at least one recipe")
+#: ``type`` of the header record that stores the spec in results.jsonl
+STUDY_RECORD = "study_spec"
 
 
 def check_output_dir(out: str | os.PathLike) -> Path:
@@ -81,77 +55,272 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     return out
 
 
-def _baseline(name: str, regime: str, cfg: MainJobConfig, x, y, progress: bool) -> tuple[torch.nn.Module, bool]:
-    tcfg = cfg.train.scaled(adversarial=regime == "adversarial", seed=cfg.seed)
-    torch.manual_seed(cfg.seed)
-    model = build_model(name, input_shape=DIGITS.input_shape, num_classes=DIGITS.num_classes)
-    key = {"kind": "baseline", "model": name, "train": tcfg.to_dict(), "data": "digits", "data_seed": cfg.seed,
-           "robcomp": __version__, "torch": torch.__version__.split("+")[0]}
-    return cached_state(model, key, lambda m: train(m, x, y, tcfg, desc=f"train {name} ({regime})",
-                                                    progress=progress), enabled=cfg.use_cache)
+def effective_nonzero(model: nn.Module) -> int:
+    """Non-zero values of the weights the model computes with: masked weights after their mask,
+    compressed layers' dequantised weights, every other parameter as stored."""
+    from torch.nn.utils import parametrize
+
+    from robcomp.nn import CompressedLinear
+
+    total = 0
+    for name, m in model.named_modules():
+        if ".parametrizations" in f".{name}" or isinstance(m, parametrize.ParametrizationList):
+            continue
+        if isinstance(m, CompressedLinear):
+            with torch.no_grad():
+                total += int((m.dequantize() != 0).sum())
+            total += sum(int((p != 0).sum()) for p in m.parameters(recurse=False))
+            continue
+        if parametrize.is_parametrized(m):
+            for pname in m.parametrizations:
+                with torch.no_grad():
+                    total += int((getattr(m, pname) != 0).sum())
+        total += sum(int((p != 0).sum()) for p in m.parameters(recurse=False))
+    return total
 
 
-def _compressed(base, name: str, regime: str, recipe: Recipe, cfg: MainJobConfig, x, y, progress: bool):
-    """Compress a copy of ``base``; pruned models are fine-tuned the way the baseline was trained."""
-    model = compress(copy.deepcopy(base), recipe, example_inputs=x[:64])
-    if not isinstance(recipe, ChannelPrune):
-        return model, None
-    ft = cfg.train.scaled(epochs=cfg.finetune_epochs, lr=cfg.train.lr / 3, adversarial=regime == "adversarial",
-                          seed=cfg.seed + 1)
-    key = {"kind": "finetuned", "model": name, "regime": regime, "recipe": recipe.to_dict(),
-           "base_train": cfg.train.to_dict(), "finetune": ft.to_dict(), "data_seed": cfg.seed,
-           "robcomp": __version__, "torch": torch.__version__.split("+")[0]}
-    summary = model.compression_summary
-    # the pruned architecture is rebuilt deterministically, so cached weights load into it
-    model, _ = cached_state(model, key, lambda m: train(m, x, y, ft, desc=f"fine-tune {recipe.label()}",
-                                                        progress=progress), enabled=cfg.use_cache)
-    model.compression_summary = summary
-    return model, ft.to_dict()
+@torch.no_grad()
+def layer_times(model: nn.Module, input_shape, batch_size: int, repeats: int = 10) -> dict:
+    """Per-layer share of the forward time: which module type (and backend) each Linear/Conv layer
+    ran with, its median milliseconds, and its share of the whole forward pass."""
+    from robcomp.nn import CompressedLinear
+
+    model.eval()
+    x = torch.rand((batch_size, *input_shape), generator=torch.Generator().manual_seed(0))
+    cuda = x.is_cuda
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    layers = {n: m for n, m in model.named_modules()
+              if isinstance(m, (nn.Linear, nn.Conv2d, CompressedLinear)) and ".parametrizations" not in f".{n}"}
+    samples: dict[str, list[float]] = {n: [] for n in layers}
+    starts: dict[str, float] = {}
+    handles = []
+    for n, m in layers.items():
+        def pre(mod, inp, n=n):
+            sync()
+            starts[n] = time.perf_counter()
+
+        def post(mod, inp, out, n=n):
+            sync()
+            samples[n].append((time.perf_counter() - starts[n]) * 1e3)
+        handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    try:
+        model(x)
+        for v in samples.values():
+            v.clear()
+        for _ in range(repeats):
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    totals = []
+    model(x)
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        model(x)
+        sync()
+        totals.append((time.perf_counter() - t0) * 1e3)
+    total = sorted(totals)[len(totals) // 2]
+    out = {}
+    for n, m in layers.items():
+        if not samples[n]:
+            continue
+        ms = sorted(samples[n])[len(samples[n]) // 2]
+        kind = type(m).__name__.replace("Parametrized", "")
+        if isinstance(m, CompressedLinear):
+            kind += f" ({m.backend})"
+        elif type(m).__name__.startswith("Parametrized"):
+            kind += " (dense, masked)"
+        out[n] = {"module": kind, "ms": ms, "share": ms / total if total > 0 else None}
+    return {"batch_size": batch_size, "total_ms": total, "layers": out}
 
 
-def run_main_job(out: str | os.PathLike = "robcomp-out", cfg: MainJobConfig | None = None, *,
-                 progress: bool = True, echo=print) -> list[dict]:
-    """Run the main job into ``out``; return the records (also in ``out/results.jsonl``)."""
-    cfg = cfg or MainJobConfig()
+class _Context:
+    """What the points of one run share: data, attacks, trained baselines."""
+
+    def __init__(self, spec: StudySpec, use_cache: bool, progress: bool):
+        self.spec, self.use_cache, self.progress = spec, use_cache, progress
+        x, y, xt, yt = load_digits_split(seed=spec.data_seed)
+        if spec.test_examples:
+            xt, yt = xt[:spec.test_examples], yt[:spec.test_examples]
+        self.x, self.y, self.x_test, self.y_test = x, y, xt, yt
+        self.bases: dict[tuple, tuple[nn.Module, dict]] = {}
+        self.baselines_trained = 0
+        self.baselines_cached = 0
+
+    def baseline(self, p: Point) -> tuple[nn.Module, dict]:
+        key = (p.model, p.width, p.base, p.seed, str(sorted(p.train.items())))
+        if key not in self.bases:
+            tcfg = TrainConfig(**p.train)
+            torch.manual_seed(p.seed)
+            model = build_model(p.model, p.width, input_shape=DIGITS.input_shape, num_classes=DIGITS.num_classes)
+            ckey = {"kind": "baseline", "model": p.model, "width": p.width, "train": tcfg.to_dict(),
+                    "data": "digits", "data_seed": p.data["seed"], "robcomp": __version__,
+                    "torch": torch.__version__.split("+")[0]}
+            t0 = time.perf_counter()
+            model, hit = cached_state(model, ckey, lambda m: train(
+                m, self.x, self.y, tcfg, desc=f"train {p.model}-{p.width or 'default'} ({p.base}, seed {p.seed})",
+                progress=self.progress), enabled=self.use_cache)
+            if hit:
+                self.baselines_cached += 1
+            else:
+                self.baselines_trained += 1
+            info = {"cache_key": ckey, "cached": hit, "time_s": time.perf_counter() - t0,
+                    "bytes": model_bytes(model), "nonzero": effective_nonzero(model)}
+            self.bases[key] = (model, info)
+        return self.bases[key]
+
+    def variant(self, base: nn.Module, base_info: dict, p: Point) -> tuple[nn.Module, dict]:
+        """Compress a copy of ``base`` with the point's recipe and fine-tune it per its regime."""
+        recipe = recipe_from_dict(p.recipe)
+        example = self.x[:64]
+        t0 = time.perf_counter()
+        structure = compress(copy.deepcopy(base), recipe, example_inputs=example)
+        summary = structure.compression_summary
+        if p.regime == "post":
+            return structure, {"method": None, "cached": None, "time_s": time.perf_counter() - t0}
+        ft = TrainConfig(**p.finetune)
+        base_key = {"kind": "finetune", "base": base_info["cache_key"], "recipe": recipe.to_dict(),
+                    "finetune": ft.to_dict(), "robcomp": __version__}
+        method = "pgd" if ft.adversarial else "clean"
+        if recipe.applies_to == "layer":
+            # train towards the recipe (masks / fake quantisation), then pack; recipes without such a
+            # path raise ValueError before training and fall through to compress-then-train
+            from robcomp.robust import compression_aware_finetune
+
+            def fit_aware(m):
+                return compression_aware_finetune(copy.deepcopy(base), recipe, self.x, self.y, ft, method=method)
+            try:
+                model, hit = cached_state(copy.deepcopy(structure), {**base_key, "method": "compression_aware"},
+                                          fit_aware, enabled=self.use_cache)
+                model.compression_summary = summary
+                return model, {"method": "compression_aware", "cached": hit, "time_s": time.perf_counter() - t0,
+                               "config": ft.to_dict()}
+            except ValueError:
+                pass
+
+        def fit(m):
+            return train(m, self.x, self.y, ft, desc=f"fine-tune {recipe.label()} ({p.regime})", progress=self.progress)
+
+        model, hit = cached_state(structure, {**base_key, "method": "compress_then_train"}, fit,
+                                  enabled=self.use_cache)
+        model.compression_summary = summary
+        return model, {"method": "compress_then_train", "cached": hit, "time_s": time.perf_counter() - t0,
+                       "config": ft.to_dict()}
+
+
+def _record_for(p: Point, ctx: _Context) -> dict:
+    base, base_info = ctx.baseline(p)
+    label = p.recipe_label
+    common = {
+        "point_id": p.id, "point": p.config, "experiment": p.experiment, "kind": p.kind, "role": p.role,
+        "model_name": p.model, "width": p.width, "base": p.base, "regime": p.regime, "seed": p.seed,
+        "recipe": label, "recipe_name": p.recipe["name"] if p.recipe else "dense", "recipe_config": p.recipe,
+        "family": ctx.spec.family(p.recipe["name"]) if p.recipe else "dense",
+        "training": p.base, "dense_bytes": base_info["bytes"], "dense_nonzero": base_info["nonzero"],
+        "baseline": {"cached": base_info["cached"], "time_s": base_info["time_s"]},
+    }
+    if p.recipe is None:
+        model, ft_info = base, None
+    else:
+        try:
+            model, ft_info = ctx.variant(base, base_info, p)
+        except (ValueError, NotImplementedError, TypeError) as e:
+            # the recipe cannot take this model here (e.g. no layer it applies to): a finished point
+            return {**common, "status": "skipped", "reason": f"{type(e).__name__}: {e}"}
+    t0 = time.perf_counter()
+    record = evaluate(model, (ctx.x_test, ctx.y_test), attacks=make_attacks(p.attacks), batch_sizes=p.batch_sizes,
+                      latency_repeats=p.latency_repeats, name=f"{p.model}-{p.width or 'default'}/{p.base}/{label}/"
+                      f"{p.regime}/seed{p.seed}", seed=p.seed, sanity=p.sanity)
+    eval_s = time.perf_counter() - t0
+    nonzero = effective_nonzero(model)
+    record.update(common)
+    record.update({
+        "status": "ok", "finetune": ft_info, "effective_nonzero": nonzero,
+        "bytes_ratio": base_info["bytes"] / record["model_bytes"],
+        "nonzero_ratio": base_info["nonzero"] / max(nonzero, 1),
+        "evaluate_time_s": eval_s,
+        "io_elements": [int(ctx.x_test[0].numel()), int(DIGITS.num_classes)],
+        "compression_summary": getattr(model, "compression_summary", None) and model.compression_summary.to_dict(),
+    })
+    record["compression_ratio"] = max(record["bytes_ratio"], record["nonzero_ratio"])
+    if p.layer_timing:
+        in_shape = tuple(ctx.x_test.shape[1:])
+        record["layer_timing"] = {str(b): layer_times(model, in_shape, b) for b in p.batch_sizes}
+    return record
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _read_existing(path: Path) -> list[dict]:
+    from robcomp.report.results import read_records
+
+    if not path.exists():
+        return []
+    return read_records(path, tolerate_partial_last_line=True)
+
+
+def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.PathLike = "robcomp-out", *,
+              progress: bool = True,
+              echo=print, use_cache: bool = True, max_points: int | None = None, render: bool = True) -> list[dict]:
+    """Run ``spec`` (a :class:`StudySpec`, a path to a TOML study file, or None for the shipped
+    default study) into ``out``; return the records of its points.
+
+    Points already in ``out/results.jsonl`` are skipped. ``max_points`` stops after running that
+    many new points (for tests of resumption); ``render=False`` skips the report.
+    """
+    if spec is None:
+        spec = default_spec()
+    elif isinstance(spec, (str, os.PathLike)):
+        from robcomp.studyspec import load_spec
+
+        spec = load_spec(spec)
+    if not isinstance(spec, StudySpec):
+        raise TypeError(f"spec must be a StudySpec, got {type(spec).__name__}")
     out = check_output_dir(out)
-    x_train, y_train, x_test, y_test = load_digits_split(seed=cfg.seed)
-    if cfg.test_examples is not None:
-        x_test, y_test = x_test[:cfg.test_examples], y_test[:cfg.test_examples]
-    attacks = [a for eps in cfg.epsilons for a in (FGSM(eps), PGD(eps, steps=cfg.pgd_steps, seed=cfg.seed))]
     results_path = out / "results.jsonl"
-    write_text_atomic(results_path, "")  # a run starts a fresh results file
-    records, cache_hits = [], 0
-    jobs = [(m, regime) for m in cfg.models for regime in ("standard", "adversarial")]
-    bar = tqdm(total=len(jobs) * (1 + len(cfg.recipes)), desc="robcomp run", disable=not progress)
-    for name, regime in jobs:
-        base, hit = _baseline(name, regime, cfg, x_train, y_train, progress)
-        cache_hits += hit
-        dense_bytes = model_bytes(base)
-        variants = [("dense", base, None, None)]
-        variants += [(r.label(), *_compressed(base, name, regime, r, cfg, x_train, y_train, progress), r)
-                     for r in cfg.recipes]
-        for label, model, finetune, recipe in variants:
-            bar.set_postfix_str(f"{name}/{regime}/{label}")
-            record = evaluate(model, (x_test, y_test), attacks=attacks, batch_sizes=cfg.batch_sizes,
-                              latency_repeats=cfg.latency_repeats, name=f"{name}/{regime}/{label}")
-            record.update({
-                "model_name": name, "training": regime, "recipe": label,
-                "recipe_config": None if recipe is None else recipe.to_dict(),
-                "finetune": finetune, "compression_ratio": dense_bytes / record["model_bytes"],
-                "compression_summary": getattr(model, "compression_summary", None) and
-                model.compression_summary.to_dict(),
-            })
-            append_record(results_path, record)
-            records.append(record)
+    existing = _read_existing(results_path)
+    done = {r["point_id"] for r in existing if "point_id" in r}
+    headers = [r for r in existing if r.get("type") == STUDY_RECORD]
+    if not headers or headers[-1].get("spec") != spec.to_dict():
+        append_record(results_path, {"type": STUDY_RECORD, "spec": spec.to_dict(), "spec_hash": spec.spec_hash()})
+    points = spec.points()
+    todo = [p for p in points if p.id not in done]
+    t_start = time.perf_counter()
+    with _threads(spec.threads):
+        ctx = _Context(spec, use_cache, progress)
+        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="robcomp study", disable=not progress,
+                   unit="point")
+        for i, p in enumerate(todo):
+            if max_points is not None and i >= max_points:
+                break
+            bar.set_postfix_str(f"{p.experiment}/{p.recipe_label}/{p.regime}/s{p.seed}")
+            append_record(results_path, _record_for(p, ctx))
             bar.update(1)
-    bar.close()
-    notes = [f"Data: scikit-learn digits, {len(x_train)} train / {len(x_test)} test images (8x8, seed {cfg.seed}).",
-             f"Attacks: FGSM and PGD-{cfg.pgd_steps} (L-inf, random start) at eps {', '.join(map(str, cfg.epsilons))}.",
-             f"Adversarial training: PGD-{cfg.train.pgd_steps} at eps {cfg.train.eps}; channel-pruned models are "
-             f"fine-tuned {cfg.finetune_epochs} epochs in their baseline's regime; other recipes are post-training.",
-             f"Baselines reused from the cache: {cache_hits} of {len(jobs)}."]
-    render_markdown(records, out / "report.md", title="robcomp main job", notes=notes)
-    head, rows = summary_rows(records)
-    echo(format_table(head, rows))
-    echo(f"\nwrote {results_path} and {out / 'report.md'} ({cache_hits}/{len(jobs)} baselines from cache)")
-    return records
+        bar.close()
+    ran = min(len(todo), max_points) if max_points is not None else len(todo)
+    records = _read_existing(results_path)
+    ids = {p.id for p in points}
+    mine = [r for r in records if r.get("point_id") in ids]
+    if render:
+        from robcomp.report.render import render_report, summary_text
+
+        paths = render_report(out, records)
+        echo(summary_text(records))
+        echo(f"\n{ran} points run, {len(points) - len(todo)} already in {results_path} "
+             f"({len(points)} in the study); baselines: {ctx.baselines_trained} trained, "
+             f"{ctx.baselines_cached} from cache; {time.perf_counter() - t_start:.1f} s")
+        echo("wrote " + ", ".join(str(p) for p in paths))
+    return mine

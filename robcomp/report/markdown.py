@@ -19,19 +19,29 @@ def _attack_names(records: list[dict]) -> list[str]:
     return names
 
 
-def summary_rows(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+def summary_rows(records: list[dict], *, extra: bool = False) -> tuple[list[str], list[list[str]]]:
+    """One row per record: model, training, recipe (and regime where recorded), params, bytes,
+    size ratio, clean and robust accuracy per attack, latency and throughput per batch size.
+    ``extra`` adds the experiment and seed columns of study records."""
     attacks = _attack_names(records)
     batch_sizes = sorted({int(b) for r in records for b in r.get("latency", {})})
-    head = ["model", "training", "recipe", "params", "bytes", "size x", "clean %"]
+    has_regime = any("regime" in r for r in records)
+    head = (["experiment"] if extra else []) + ["model", "training", "recipe"] + (["regime"] if has_regime else [])
+    head += (["seed"] if extra else []) + ["params", "bytes", "size x", "clean %"]
     head += [f"{a} %" for a in attacks]
     for b in batch_sizes:
         head += [f"ms @{b}", f"p90 ms @{b}", f"samples/s @{b}"]
     rows = []
     for r in records:
-        row = [r.get("model_name", r.get("model") or "-"), r.get("training", "-"), r.get("recipe", "-"),
-               str(r["parameters"]), str(r["model_bytes"]),
-               f"{r['compression_ratio']:.2f}" if r.get("compression_ratio") else "-",
-               _pct(r["clean_accuracy"])]
+        model = r.get("model_name", r.get("model") or "-")
+        if r.get("width") is not None:
+            model = f"{model}-{r['width']}"
+        row = ([r.get("experiment", "-")] if extra else []) + [model, r.get("training", "-"), r.get("recipe", "-")]
+        row += [r.get("regime", "-")] if has_regime else []
+        row += [str(r.get("seed", "-"))] if extra else []
+        row += [str(r["parameters"]), str(r["model_bytes"]),
+                f"{r['compression_ratio']:.2f}" if r.get("compression_ratio") else "-",
+                _pct(r["clean_accuracy"])]
         row += [_pct(r["robust_accuracy"].get(a)) for a in attacks]
         for b in batch_sizes:
             lat = r.get("latency", {}).get(str(b))
@@ -46,7 +56,7 @@ def format_table(head: list[str], rows: list[list[str]], markdown: bool = False)
         lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(c.rjust(w) if i >= 3 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
+    fmt = lambda row: "  ".join(c.rjust(w) if i >= 4 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))  # noqa: E731
     return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(r) for r in rows])
 
 

@@ -35,15 +35,20 @@ def append_record(path: str | os.PathLike, record: dict) -> None:
     write_text_atomic(path, old + json.dumps(record, sort_keys=True) + "\n")
 
 
-def read_records(path: str | os.PathLike) -> list[dict]:
+def read_records(path: str | os.PathLike, *, tolerate_partial_last_line: bool = False) -> list[dict]:
+    """Records of a results file, in file order. ``tolerate_partial_last_line`` drops a last line
+    that is not valid JSON (a file appended to by something other than :func:`append_record`)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}")
     records = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for lineno, line in enumerate(lines, 1):
         if line.strip():
             try:
                 records.append(json.loads(line))
             except json.JSONDecodeError as e:
+                if tolerate_partial_last_line and lineno == len(lines):
+                    break
                 raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from None
     return records

@@ -1,0 +1,240 @@
+"""Matplotlib plots of the study sections (PNG, Agg backend, no display needed).
+
+Every plot labels its axes with units, shows seeds' spread as error bars (± one std), and keeps
+its legend outside the data or in an empty corner.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+__all__ = ["plot_section", "plot_hardware"]
+
+_STYLE = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8.5,
+          "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 100}
+_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22"]
+
+
+def _pct(ms_list):
+    return [100 * m[0] for m in ms_list], [100 * (m[1] if m[2] > 1 else 0) for m in ms_list]
+
+
+def _log_ticks(axis, lo: float, hi: float, suffix: str = "") -> None:
+    """Readable ticks on a log axis: 1-2-5 steps between ``lo`` and ``hi``, plain numbers."""
+    lo, hi = max(lo, 1e-12), max(hi, lo)
+    ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+             for m in (1, 2, 5)]
+    inside = [t for t in ticks if lo / 1.05 <= t <= hi * 1.05]
+    if len(inside) < 3:  # a narrow range: every 1..9 step
+        ticks = [m * 10 ** e for e in range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+                 for m in range(1, 10)]
+    # ticks a little beyond the data too: the axis margins show them, the rest are not drawn
+    inside = [t for t in ticks if lo / 3 <= t <= hi * 3]
+    axis.set_major_locator(matplotlib.ticker.FixedLocator(inside))
+    axis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}{suffix}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def _place_labels(ax, items) -> None:
+    """Annotate points ``(x, y, text, color)`` choosing, per label, the first offset whose box
+    overlaps no label placed before (and no other point's marker)."""
+    fig = ax.figure
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    marks = [ax.transData.transform((x, y)) for x, y, _, _ in items]
+    offsets = [(6, 5), (6, -13), (-6, 5), (-6, -13), (6, 15), (6, -23), (-6, 15), (-6, -23), (0, 26), (0, -33)]
+    for x, y, text, color in items:
+        for k, (dx, dy) in enumerate(offsets):
+            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7.5, color=color,
+                            ha="left" if dx > 0 else "right" if dx < 0 else "center")
+            bb = t.get_window_extent(renderer).expanded(1.04, 1.15)
+            hits_mark = any(bb.contains(mx, my) for mx, my in marks)
+            if (not any(bb.overlaps(p) for p in placed) and not hits_mark) or k == len(offsets) - 1:
+                placed.append(bb)
+                break
+            t.remove()
+
+
+def _save(fig, path: Path) -> Path:
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _sweep(plot: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.8), sharey=True, layout="constrained")
+    for ax, metric, title in zip(axes, ("clean", "robust"),
+                                 ("clean accuracy", f"robust accuracy (worst case, L∞ eps {plot['eps']:g})")):
+        dense = plot[f"dense_{metric}"]
+        ax.axhspan(100 * (dense[0] - plot["threshold"]), 100 * dense[0], color="0.85", alpha=0.6,
+                   label=f"dense − {100 * plot['threshold']:g} pts")
+        for i, (name, s) in enumerate(plot["series"].items()):
+            y, err = _pct(s[metric])
+            ax.errorbar(s["x"], y, yerr=err, marker="o", ms=4, capsize=3, color=_COLORS[i], label=name)
+            c = s.get(f"critical_{metric}")
+            if c:
+                ax.axvline(c, color=_COLORS[i], ls=":", lw=1.2)
+        ax.set_xscale("log")
+        ax.set_title(title)
+        ax.set_xlabel(plot["xlabel"])
+        xs = [x for s in plot["series"].values() for x in s["x"]]
+        _log_ticks(ax.xaxis, min(xs), max(xs), "×")
+    axes[0].set_ylabel("accuracy (% of test set)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels),
+               title="dotted vertical line: critical ratio of the regime of that colour", title_fontsize=8)
+    return _save(fig, path)
+
+
+def _compact(plot: dict, path: Path) -> Path:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.3), sharey=True, layout="constrained")
+    for ax, metric, title in zip(axes, ("clean", "robust"),
+                                 ("clean accuracy", f"robust accuracy (L∞ eps {plot['eps']:g})")):
+        for i, (key, name) in enumerate((("pruned", f"pruned {plot['large']}"), ("compact", "compact dense"))):
+            pts = plot[key]
+            if not pts:
+                continue
+            y, err = _pct([p[metric] for p in pts])
+            ax.errorbar([p["params"] for p in pts], y, yerr=err, marker="os"[i], ms=5, capsize=3, color=_COLORS[i],
+                        label=name)
+        ax.set_xscale("log")
+        xs = [p["params"] for k in ("pruned", "compact") for p in plot[k]]
+        if xs:
+            _log_ticks(ax.xaxis, min(xs), max(xs))
+        ax.set_xlabel("non-zero parameters (count, log scale)")
+        ax.set_title(title)
+    axes[0].set_ylabel("accuracy (% of test set)")
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=2)
+    return _save(fig, path)
+
+
+def _capacity(plot: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(8, 4.5), layout="constrained")
+    for i, (name, c) in enumerate(plot["curves"].items()):
+        for metric, ls, mk in (("clean", "-", "o"), ("robust", "--", "s")):
+            y, err = _pct(c[metric])
+            ax.errorbar(c["widths"], y, yerr=err, ls=ls, marker=mk, ms=4, capsize=3, color=_COLORS[i],
+                        label=f"{name}: {metric}")
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("width (hidden units per layer, log scale)")
+    ax.set_ylabel("accuracy (% of test set)")
+    ax.set_title(f"clean (solid) and robust (dashed, L∞ eps {plot['eps']:g}) accuracy vs width")
+    ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))
+    return _save(fig, path)
+
+
+def _equal_bytes(plot: dict, path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(9, 4.8), layout="constrained")
+    fams = list(dict.fromkeys(p["family"] for p in plot["points"]))
+    labels = []
+    for i, fam in enumerate(fams):
+        pts = [p for p in plot["points"] if p["family"] == fam]
+        y, err = _pct([p["robust"] for p in pts])
+        ax.errorbar([p["bytes"] / 1e3 for p in pts], y, yerr=err, ls="none", marker="osD^v"[i % 5], ms=6, capsize=3,
+                    color=_COLORS[i], label=fam)
+        labels += [(p["bytes"] / 1e3, yy, _short(p["label"]), _COLORS[i]) for p, yy in zip(pts, y)]
+    ax.set_xscale("log")
+    ax.margins(x=0.12, y=0.08)
+    xs = [p["bytes"] / 1e3 for p in plot["points"]]
+    _log_ticks(ax.xaxis, min(xs), max(xs))
+    ax.set_xlabel("model size (kB stored, log scale)")
+    ax.set_ylabel(f"robust accuracy (% of test set, L∞ eps {plot['eps']:g})")
+    ax.set_title("robust accuracy vs model bytes, by compression family")
+    ax.legend(loc="lower right")
+    _place_labels(ax, labels)
+    return _save(fig, path)
+
+
+def _short(label: str) -> str:
+    return (label.replace("_weight_only", "").replace("group_size=", "g").replace("sparsity=", "s=")
+            .replace("ratio=", "r=").replace("channel_prune", "chprune").replace("magnitude_prune", "magprune"))
+
+
+def _efficiency(plot: dict, path: Path) -> Path:
+    pts, bs = plot["points"], plot["batch_sizes"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained", width_ratios=[1, 1.1])
+    ax = axes[0]
+    labels = [_short(p["label"]) for p in pts]
+    h = 0.8 / max(len(bs), 1)
+    for j, b in enumerate(bs):
+        vals = [p["speedup"][b][0] for p in pts]
+        errs = [p["speedup"][b][1] if p["speedup"][b][2] > 1 else 0 for p in pts]
+        ax.barh([i + j * h for i in range(len(pts))], vals, height=h, xerr=errs if any(errs) else None,
+                color=_COLORS[j], capsize=2, label=f"batch {b}")
+    ax.axvline(1.0, color="k", lw=1)
+    ax.set_yticks([i + h * (len(bs) - 1) / 2 for i in range(len(pts))], labels)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    sp = [p["speedup"][b][0] for p in pts for b in bs if p["speedup"][b][2]]
+    if sp:
+        _log_ticks(ax.xaxis, min(sp + [1.0]), max(sp + [1.0]), "×")
+    ax.set_xlabel("speedup vs dense (dense latency / latency, log scale)")
+    ax.set_title("latency speedup (same run, same device)", pad=24)
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bs), frameon=False)
+    ax = axes[1]
+    front = set(plot["front"])
+    b = bs[-1] if bs else None
+    for i, p in enumerate(pts):
+        on = p["label"] in front
+        ax.errorbar(p["latency"], 100 * p["robust"], yerr=100 * (p["robust_ms"][1] if p["robust_ms"][2] > 1 else 0),
+                    marker="o" if on else "x", ms=6, color=_COLORS[0] if on else "0.45", capsize=2, ls="none")
+    fp = [p for p in pts if p["label"] in front]
+    fp.sort(key=lambda p: p["latency"])
+    ax.step([p["latency"] for p in fp], [100 * p["robust"] for p in fp], where="post", color=_COLORS[0],
+            label="Pareto front")
+    ax.set_xscale("log")
+    ax.margins(x=0.15)
+    lats = [p["latency"] for p in pts if p["latency"] == p["latency"]]
+    if lats:
+        _log_ticks(ax.xaxis, min(lats), max(lats))
+    ax.set_xlabel(f"latency at batch {b} (ms, median, log scale)")
+    ax.set_ylabel(f"robust accuracy (% of test set, L∞ eps {plot['eps']:g})")
+    ax.set_title("robust accuracy vs latency (error bars: ± std over seeds)")
+    ax.legend(loc="lower right")
+    _place_labels(ax, [(p["latency"], 100 * p["robust"], _short(p["label"]), "k") for p in pts])
+    return _save(fig, path)
+
+
+_PLOTTERS = {"sweep": _sweep, "compact": _compact, "capacity": _capacity, "equal_bytes": _equal_bytes,
+             "efficiency": _efficiency}
+
+
+def plot_section(plot: dict, path: str | Path) -> Path | None:
+    """Draw ``plot`` (a section's plot data) into ``path``; None when there is nothing to draw."""
+    if not plot:
+        return None
+    empty = {"sweep": lambda p: not p["series"], "compact": lambda p: not (p["pruned"] or p["compact"]),
+             "capacity": lambda p: not p["curves"], "equal_bytes": lambda p: not p["points"],
+             "efficiency": lambda p: not p["points"] or not p["batch_sizes"]}[plot["kind"]]
+    if empty(plot):
+        return None
+    with plt.rc_context(_STYLE):
+        return _PLOTTERS[plot["kind"]](plot, Path(path))
+
+
+def plot_hardware(rows: list[dict], path: str | Path) -> Path | None:
+    """Bar chart of achieved bandwidth as % of peak (or GB/s where the peak is unknown)."""
+    rows = [r for r in rows if r.get("gbps") is not None and math.isfinite(r["gbps"])]
+    if not rows:
+        return None
+    rows = rows[:40]
+    with plt.rc_context(_STYLE):
+        fig, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.6), layout="constrained")
+        use_pct = all(r.get("bw_pct") is not None for r in rows)
+        vals = [r["bw_pct"] if use_pct else r["gbps"] for r in rows]
+        ax.barh(range(len(rows)), vals, color=_COLORS[0])
+        ax.set_yticks(range(len(rows)), [r["name"][:60] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("achieved memory bandwidth (% of device peak)" if use_pct else
+                      "achieved memory bandwidth (GB/s; device peak unknown)")
+        ax.set_title("benchmarks: achieved bandwidth")
+        return _save(fig, Path(path))

@@ -1,0 +1,155 @@
+"""The report: findings computed from the data, re-rendering from results only, the hardware
+section from pytest-benchmark JSON, a self-contained HTML file."""
+import copy
+import json
+import re
+
+import pytest
+
+from robcomp.cli import main
+from robcomp.report.bench import bench_rows, peak_for
+from robcomp.report.findings import analyse, pareto_front
+from robcomp.study import run_study
+from robcomp.studyspec import quick_spec
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "out"
+    run_study(quick_spec(), out, progress=False, echo=lambda *a: None)
+    return out
+
+
+def _rec(role, recipe, regime, seed, clean, robust, ratio, **kw):
+    return {"experiment": "s", "kind": "sweep", "role": role, "recipe": recipe, "regime": regime, "seed": seed,
+            "model_name": "mlp", "width": 8, "base": "adversarial", "status": "ok", "clean_accuracy": clean,
+            "robust_accuracy_by_eps": {"Linf eps=0.1": robust}, "compression_ratio": ratio, "nonzero_ratio": ratio,
+            "bytes_ratio": 1.0, **kw}
+
+
+def _sweep_spec():
+    return {"headline_eps": 0.1, "critical_drop": 0.03,
+            "experiments": [{"name": "s", "kind": "sweep", "title": "S", "question": "", "regimes": ["post"],
+                             "x": "nonzero_ratio", "models": ["mlp"]}]}
+
+
+@pytest.mark.parametrize("robust_first", [True, False])
+def test_sweep_finding_is_computed_from_the_data(robust_first):
+    records = []
+    for seed in (0, 1):
+        records.append(_rec("dense", "dense", "dense", seed, 0.95, 0.80, 1.0))
+        # ratio 2: one metric drops by 10 points, the other by 1; ratio 10: both drop
+        a, b = (0.94, 0.70) if robust_first else (0.85, 0.79)
+        records.append(_rec("compressed", "p(2)", "post", seed, a, b, 2.0))
+        records.append(_rec("compressed", "p(10)", "post", seed, 0.5, 0.3, 10.0))
+    (section,) = analyse(_sweep_spec(), records)
+    if robust_first:
+        assert "breaks before clean accuracy in 1 of 1 regimes" in section.finding
+        assert "robust 2x, clean 10x (robustness first)" in section.finding
+    else:
+        assert "never breaks before clean accuracy" in section.finding
+        assert "robust 10x, clean 2x (accuracy first)" in section.finding
+    assert "2 seeds" in section.finding
+    rows = section.tables[0].rows
+    assert rows[0][1] == "p(2)" and "±" in rows[0][3]
+
+
+def test_pareto_front():
+    pts = [{"label": "a", "latency": 1.0, "robust": 0.5}, {"label": "b", "latency": 2.0, "robust": 0.7},
+           {"label": "c", "latency": 3.0, "robust": 0.6}, {"label": "d", "latency": 0.5, "robust": 0.4}]
+    assert [p["label"] for p in pareto_front(pts)] == ["d", "a", "b"]
+
+
+def test_report_rerenders_from_results_only(study_dir, capsys):
+    md = (study_dir / "report.md").read_text()
+    for name in ("report.md", "report.html"):
+        (study_dir / name).unlink()
+    for png in (study_dir / "plots").glob("*.png"):
+        png.unlink()
+    assert main(["report", str(study_dir)]) == 0
+    assert (study_dir / "report.md").read_text() == md
+    assert (study_dir / "report.html").exists() and len(list((study_dir / "plots").glob("*.png"))) >= 6
+    assert "rendered from" in capsys.readouterr().out
+
+
+def test_html_is_self_contained_with_sortable_tables(study_dir):
+    html = (study_dir / "report.html").read_text()
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", html)  # nothing fetched from a network
+    assert "<link" not in html and "@import" not in html
+    imgs = re.findall(r'<img [^>]*src="([^"]+)"', html)
+    assert len(imgs) >= 6 and all(s.startswith("data:image/png;base64,") for s in imgs)
+    assert html.count('<table class="sortable">') >= 7 and "addEventListener('click'" in html
+    assert html.count('class="finding"') >= 6
+
+
+def test_pngs_are_real_images(study_dir):
+    for png in (study_dir / "plots").glob("*.png"):
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+
+
+def _bench_json(device):
+    def bench(name, impl, ms, speedup=None):
+        extra = {"device": device, "impl": impl, "ms": ms, "bytes": 2 * 4096 * 4096, "flops": 2 * 16 * 4096 * 4096,
+                 "shape": {"M": 16, "K": 4096, "N": 4096}, "dtype": "float16"}
+        if speedup:
+            extra["speedup_vs_dense"] = speedup
+        return {"name": name, "group": "lowbit", "stats": {"median": ms / 1e3}, "extra_info": extra}
+    return {"machine_info": {"machine": "x86_64"}, "benchmarks": [bench("test_dense", "dense", 0.05),
+                                                                  bench("test_int4", "triton", 0.02, 2.5)]}
+
+
+def test_bench_rows_peaks_and_unknown_devices():
+    h100 = bench_rows(_bench_json("NVIDIA H100 80GB HBM3"))
+    assert peak_for("NVIDIA H100 80GB HBM3") == (3350.0, 989.0)
+    row = h100[1]
+    assert row["speedup"] == 2.5 and row["gbps"] == pytest.approx(2 * 4096 * 4096 / 0.02 / 1e6)
+    assert row["bw_pct"] == pytest.approx(100 * row["gbps"] / 3350) and row["compute_pct"] > 0
+    unknown = bench_rows(_bench_json("Some Future GPU"))
+    assert unknown[1]["bw_pct"] is None and unknown[1]["peak"] == "peak unknown"
+    plain = bench_rows({"benchmarks": [{"name": "x", "stats": {"median": 0.001}}]})  # any pytest-benchmark JSON
+    assert plain[0]["ms"] == pytest.approx(1.0) and plain[0]["gbps"] is None
+
+
+def test_report_folds_in_benchmark_json(study_dir, tmp_path, capsys):
+    good = tmp_path / "bench-h100.json"
+    good.write_text(json.dumps(_bench_json("NVIDIA H100 80GB HBM3")))
+    other = tmp_path / "bench-cpu.json"
+    other.write_text(json.dumps(_bench_json("Mystery Accelerator")))
+    assert main(["report", str(study_dir), "--bench", str(good), str(other)]) == 0
+    md = (study_dir / "report.md").read_text()
+    hw = md.split("## Hardware efficiency", 1)[1].split("\n## ", 1)[0]
+    assert "test_int4" in hw and "2.50x dense" in hw and "peak unknown" in hw
+    assert "3350 GB/s, 989 TFLOP/s" in hw
+    assert "From the study's efficiency points" in hw and "batch 1" in hw
+    assert (study_dir / "bench" / "bench-h100.json").exists()  # kept: a later re-render shows it too
+    assert main(["report", str(study_dir)]) == 0
+    assert "test_int4" in (study_dir / "report.md").read_text()
+
+
+def test_report_bad_input_one_line_exit_2(study_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    before = (study_dir / "report.md").read_text()
+    assert main(["report", str(study_dir), "--bench", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robcomp: error:") and "is not JSON" in err[0]
+    assert (study_dir / "report.md").read_text() == before
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    assert "no results file" in capsys.readouterr().err
+
+
+def test_partial_results_render_with_missing_points(study_dir, tmp_path):
+    lines = (study_dir / "results.jsonl").read_text().splitlines()
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / "results.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][: len(lines[10]) // 2])
+    assert main(["report", str(out)]) == 0  # a torn last line (not written by robcomp) is ignored
+    md = (out / "report.md").read_text()
+    assert "Points: 9 of" in md
+
+
+def test_sections_degrade_gracefully_without_points():
+    spec = copy.deepcopy(_sweep_spec())
+    (section,) = analyse(spec, [])
+    assert "nothing to compare" in section.finding

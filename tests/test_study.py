@@ -1,0 +1,154 @@
+"""The study: spec parsing, points and their hashes, resumption after a kill, the Python API."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+
+import pytest
+
+from robcomp.recipes import RECIPES
+from robcomp.report import read_records
+from robcomp.study import run_study
+from robcomp.studyspec import (SpecError, default_spec, default_spec_text, parse_spec, point_id, quick_spec)
+
+ACCURACY_KEYS = ("clean_accuracy", "robust_accuracy", "robust_accuracy_by_eps", "model_bytes", "parameters")
+
+
+def _points(path):
+    return {r["point_id"]: r for r in read_records(path) if "point_id" in r}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study") / "out"
+    t0 = time.perf_counter()
+    records = run_study(quick_spec(), out, progress=False, echo=lambda *a: None)
+    return out, records, time.perf_counter() - t0
+
+
+def test_default_spec_covers_every_question_and_recipe():
+    spec = default_spec()
+    kinds = {e.kind for e in spec.experiments}
+    assert kinds == {"sweep", "compact", "capacity", "equal_bytes", "efficiency"}
+    assert len(spec.seeds) >= 3  # spread, shown as error bars
+    sweeps = {e.name: e for e in spec.experiments if e.kind == "sweep"}
+    assert any("magnitude_prune" in r for r in sweeps["sparsity"].recipes)
+    assert {"post", "finetune", "adv_finetune"} <= set(sweeps["sparsity"].regimes)
+    bits = " ".join(sweeps["bits"].recipes)
+    assert "int8" in bits and "int4" in bits
+    efficiency = next(e for e in spec.experiments if e.kind == "efficiency")
+    assert {r.split(":")[0] for r in efficiency.recipes} == set(RECIPES)  # "all": data-driven, nothing special-cased
+    # the printed config is the shipped file and parses back to the same spec
+    assert parse_spec(tomllib.loads(default_spec_text())) == spec
+
+
+def test_point_ids_are_stable_and_distinct():
+    spec = default_spec()
+    points = spec.points()
+    ids = [p.id for p in points]
+    assert len(ids) == len(set(ids))
+    assert ids == [p.id for p in default_spec().points()]  # deterministic
+    assert points[0].id == point_id(json.loads(json.dumps(points[0].config)))  # survives a JSON round trip
+
+
+@pytest.mark.parametrize("patch, message", [
+    ({"study": {"seedz": [0]}}, "unknown key(s) ['seedz']"),
+    ({"experiment": [{"name": "a", "kind": "sweep", "recipes": ["foo"]}]}, "unknown recipe 'foo'"),
+    ({"experiment": [{"name": "a", "kind": "nope"}]}, "kind must be one of"),
+    ({"experiment": [{"name": "a", "kind": "capacity", "regimes": ["later"]}]}, "regimes must hold"),
+    ({"evaluate": {"attacks": ["pgd:steps=3"]}}, "needs eps"),
+    ({"evaluate": {"attacks": ["zap:eps=0.1"]}}, "unknown attack 'zap'"),
+    ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
+])
+def test_bad_spec_names_the_key(patch, message):
+    data = tomllib.loads(default_spec_text())
+    for table, value in patch.items():
+        data[table] = value if isinstance(value, list) else {**data.get(table, {}), **value}
+    with pytest.raises(SpecError) as e:
+        parse_spec(data)
+    assert message in str(e.value)
+
+
+def test_quick_study_fills_every_section(quick_run):
+    out, records, seconds = quick_run
+    spec = quick_spec()
+    assert len(records) == len(spec.points())
+    assert {r["experiment"] for r in records} == {e.name for e in spec.experiments}
+    assert all(r["status"] in ("ok", "skipped") for r in records)
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len(ok) >= 0.9 * len(records)
+    for r in ok:
+        assert (0.3 if r["role"] != "compressed" else 0.0) < r["clean_accuracy"] <= 1
+        assert r["compression_ratio"] >= 0.99 or r["role"] != "compressed" or r["recipe_name"] == "magnitude_prune"
+    regimes = {r["regime"] for r in ok}
+    assert {"dense", "post", "finetune", "adv_finetune"} <= regimes
+    assert any(r["finetune"] and r["finetune"]["method"] == "compression_aware" for r in ok if r.get("finetune"))
+    eff = [r for r in ok if r["kind"] == "efficiency" and r["role"] == "compressed"]
+    assert all(r["layer_timing"] for r in eff)
+    for name in ("report.md", "report.html"):
+        assert (out / name).stat().st_size > 1000
+    pngs = sorted(p.name for p in (out / "plots").glob("*.png"))
+    assert {f"{e.name}.png" for e in spec.experiments} <= set(pngs)
+    report = (out / "report.md").read_text()
+    for e in spec.experiments:
+        assert f"## {e.title}" in report
+    assert report.count("**Finding:**") >= len(spec.experiments)
+    assert "critical ratios" in report and "breaks before clean accuracy" in report or "never breaks before" in report
+
+
+def test_rerun_skips_finished_points(quick_run):
+    out, records, seconds = quick_run
+    before = (out / "results.jsonl").read_text()
+    lines = []
+    t0 = time.perf_counter()
+    again = run_study(quick_spec(), out, progress=False, echo=lines.append)
+    assert time.perf_counter() - t0 < max(5.0, seconds / 2)
+    assert (out / "results.jsonl").read_text() == before  # nothing appended: every point was done
+    assert any(line.startswith("\n0 points run") for line in lines)
+    assert [r["point_id"] for r in again] == [r["point_id"] for r in records]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_results(quick_run, tmp_path):
+    """SIGKILL `robcomp run --quick` midway, rerun it: no finished point is redone and the
+    accuracies (and the accuracy-only report sections) equal those of the uninterrupted run."""
+    full_out = quick_run[0]
+    out = tmp_path / "killed"
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    cmd = [sys.executable, "-m", "robcomp.cli", "run", "--quick", "--out", str(out), "--no-progress"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    results = out / "results.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if results.exists() and results.read_text().count("\n") >= 12:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = _points(results)
+    total = len(quick_spec().points())
+    assert 0 < len(partial) < total, "the kill must land midway"
+    second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert f"{total - len(partial)} points run, {len(partial)} already in" in second.stdout
+    resumed, full = _points(results), _points(full_out / "results.jsonl")
+    assert set(resumed) == set(full)
+    for pid, r in resumed.items():
+        if pid in partial:
+            assert r == partial[pid]  # finished points were not redone
+        for key in ACCURACY_KEYS:
+            assert r.get(key) == full[pid].get(key), (r["experiment"], r["recipe"], key)
+
+    def accuracy_sections(path):
+        text = path.read_text()
+        keep = []
+        for part in text.split("\n## ")[1:]:
+            title = part.split("\n", 1)[0]
+            if title not in ("Efficiency", "Hardware efficiency", "All results", "Findings"):
+                keep.append(part)
+        return keep
+    assert accuracy_sections(out / "report.md") == accuracy_sections(full_out / "report.md")
