@@ -33,7 +33,8 @@ __all__ = ["StudySpec", "Experiment", "Point", "load_spec", "parse_spec", "defau
            "default_width", "recipe_label", "SpecError", "spec_from_dict"]
 
 KINDS = ("sweep", "compact", "capacity", "equal_bytes", "efficiency")
-REGIMES = ("post", "finetune", "adv_finetune")
+#: "matched" fine-tunes in the base's own regime: standard -> finetune, adversarial -> adv_finetune
+REGIMES = ("post", "finetune", "adv_finetune", "matched")
 BASES = ("standard", "adversarial")
 X_AXES = ("auto", "bytes_ratio", "nonzero_ratio")
 
@@ -204,6 +205,8 @@ class StudySpec:
 
         rdict = None if recipe is None else parse_recipe(recipe).to_dict()
         role = role or ("dense" if recipe is None else "compressed")
+        if regime == "matched":
+            regime = "adv_finetune" if base == "adversarial" else "finetune"
         ft = None
         if regime in ("finetune", "adv_finetune"):
             ft = {**self.finetune, "adversarial": regime == "adv_finetune", "eps": self.train["eps"],
