@@ -11,24 +11,8 @@ from robcomp.attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, Transfer, 
 from robcomp.attacks.apgd import checkpoints
 from robcomp.attacks.base import distance
 from robcomp.compress import compress
-from robcomp.data import load_digits_split
-from robcomp.models import build_model
 from robcomp.nn import CompressedLinear
-from robcomp.train import TrainConfig, train
 
-
-
-@pytest.fixture(scope="session")
-def digits():
-    return load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="session")
-def mlp(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    model = build_model("mlp", 64)
-    return train(model, xtr, ytr, TrainConfig(epochs=8, seed=0), progress=False)
 
 
 def robust_acc(model, x_adv, y):

@@ -16,25 +16,11 @@ import torch.nn as nn
 import robcomp
 from robcomp.attacks import FGSM, PGD, APGD, Square, preset
 from robcomp.compress import compress
-from robcomp.data import load_digits_split
 from robcomp.evaluate import evaluate, merge_records
-from robcomp.models import build_model
-from robcomp.train import TrainConfig, train
 
 
 TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
 
-
-@pytest.fixture(scope="session")
-def digits():
-    return load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="session")
-def mlp(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    return train(build_model("mlp", 64), xtr, ytr, TrainConfig(epochs=8, seed=0), progress=False)
 
 
 def attacks():

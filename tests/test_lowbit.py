@@ -1,6 +1,5 @@
 """Low-bit formats and Triton kernels (int8/int4 weight-only, int8/fp8 dynamic), run in the CPU
 interpreter (TRITON_INTERPRET=1, set by conftest.py). Small shapes: the interpreter is slow."""
-import math
 
 import pytest
 import torch
@@ -11,17 +10,7 @@ from robcomp import nn as rnn
 from robcomp.kernels import lowbit as L
 from robcomp.kernels import reference as R
 
-N_ODD = 37
-TOL = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float32: 2e-5}
-
-
-def rel_err(y, ref):
-    return ((y.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def sqnr_db(y, ref):
-    y, ref = y.double(), ref.double()
-    return 10 * math.log10(ref.pow(2).sum().item() / max((y - ref).pow(2).sum().item(), 1e-300))
+from numerics import N_ODD, TOL, rel_err, sqnr_db
 
 
 def make(fmt, n, k, dtype, group=64):

@@ -7,7 +7,6 @@ import torch.nn as nn
 
 from robcomp.attacks.pgd import PGD
 from robcomp.compress import compress
-from robcomp.data import load_digits_split
 from robcomp.masks import masked_modules
 from robcomp.models import build_model
 from robcomp.nn import CompressedLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
@@ -16,11 +15,6 @@ from robcomp.robust import FakeQuant, adversarial_finetune, compression_aware_fi
 from robcomp.train import TrainConfig, accuracy, train
 
 EPS = 0.1
-
-
-@pytest.fixture(scope="module")
-def digits():
-    return load_digits_split()
 
 
 @pytest.fixture(scope="module")

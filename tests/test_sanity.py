@@ -2,30 +2,16 @@
 out-of-ball perturbations -- and a clean bill of health for an ordinary model."""
 import copy
 
-import pytest
 import torch
 import torch.nn as nn
 
 from robcomp.attacks import FGSM, PGD, Square, Transfer
 from robcomp.attacks.base import Attack
-from robcomp.data import load_digits_split
 from robcomp.evaluate import evaluate
 from robcomp.models import build_model
 from robcomp.sanity import FLAGS, check_results, probe_model
 from robcomp.train import TrainConfig, train
 
-
-
-@pytest.fixture(scope="session")
-def digits():
-    return load_digits_split(seed=0)
-
-
-@pytest.fixture(scope="session")
-def mlp(digits):
-    xtr, ytr, _, _ = digits
-    torch.manual_seed(0)
-    return train(build_model("mlp", 64), xtr, ytr, TrainConfig(epochs=8, seed=0), progress=False)
 
 
 class RoundNoGrad(nn.Module):
