@@ -8,7 +8,7 @@ It implements the measurement rules of DESIGN.md once, so that every suite repor
 * **Metadata**: every record carries the device name, driver/CUDA, torch, triton and Python
   versions, the date (UTC), and its own dtype and shape (:func:`environment`).
 * **Throughput**: achieved GB/s and TFLOP/s next to the device's peak (roofline %, from
-  :data:`PEAKS`; unknown devices get no percentage).
+  :data:`robcomp.report.bench.PEAKS`; unknown devices get no percentage).
 * **Ratios**: speedups are computed only against a baseline measured in the same run
   (:meth:`Recorder.ratio`), never across runs or devices.
 
@@ -49,20 +49,6 @@ import torch
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-#: (memory GB/s, dense fp16/bf16 tensor-core TFLOP/s) per device-name fragment (datasheet values)
-PEAKS = {
-    "H100 80GB HBM3": (3350.0, 989.0),    # H100 SXM5
-    "H100 PCIe": (2000.0, 756.0),
-    "H100 NVL": (3900.0, 835.0),
-    "H200": (4800.0, 989.0),
-    "A100-SXM4-80GB": (2039.0, 312.0),
-    "A100-SXM4-40GB": (1555.0, 312.0),
-    "A100-PCIE-40GB": (1555.0, 312.0),
-    "A100 80GB PCIe": (1935.0, 312.0),
-    "L40S": (864.0, 362.0),
-    "RTX 4090": (1008.0, 165.0),
-}
-
 
 def environment(device: torch.device | str | None = None) -> dict:
     """Device name, driver/CUDA, torch, triton and Python versions and the UTC date."""
@@ -100,10 +86,10 @@ def _driver_version() -> str | None:
 
 
 def peaks(device_name: str) -> tuple[float, float] | None:
-    for fragment, peak in PEAKS.items():
-        if fragment in device_name:
-            return peak
-    return None
+    """(memory GB/s, fp16 tensor-core TFLOP/s) of a known device; one table, in robcomp.report.bench."""
+    from robcomp.report.bench import peak_for
+
+    return peak_for(device_name)
 
 
 def randn(*shape, dtype=torch.float16, device="cpu", scale: float = 1.0) -> torch.Tensor:
