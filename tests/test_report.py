@@ -153,3 +153,50 @@ def test_sections_degrade_gracefully_without_points():
     spec = copy.deepcopy(_sweep_spec())
     (section,) = analyse(spec, [])
     assert "nothing to compare" in section.finding
+
+
+def _eff_rec(base, recipe, regime, seed, robust, ms):
+    return {"experiment": "e", "kind": "efficiency", "role": "dense" if recipe == "dense" else "compressed",
+            "recipe": recipe, "regime": regime, "seed": seed, "model_name": "mlp", "width": 8, "base": base,
+            "status": "ok", "clean_accuracy": 0.95, "robust_accuracy_by_eps": {"Linf eps=0.1": robust},
+            "model_bytes": 1000 if recipe == "dense" else 500, "bytes_ratio": 1.0 if recipe == "dense" else 2.0,
+            "latency": {"1": {"median_ms": ms, "throughput_per_s": 1 / ms}}, "env": {"device_name": "cpu"}}
+
+
+def test_efficiency_two_bases_are_never_mixed(tmp_path):
+    from robcomp.report.plots import plot_section
+    spec = {"headline_eps": 0.1, "critical_drop": 0.03,
+            "experiments": [{"name": "e", "kind": "efficiency", "title": "E", "question": "", "models": ["mlp"],
+                             "bases": ["standard", "adversarial"], "regimes": ["matched"]}]}
+    records = []
+    for seed in (0, 1):
+        # standard: dense 0.55 robust at 1 ms; adversarial: dense 0.85 robust at 2 ms (its own reference)
+        records += [_eff_rec("standard", "dense", "dense", seed, 0.55, 1.0),
+                    _eff_rec("standard", "q", "finetune", seed, 0.56, 0.5),
+                    _eff_rec("adversarial", "dense", "dense", seed, 0.85, 2.0),
+                    _eff_rec("adversarial", "q", "adv_finetune", seed, 0.80, 0.5)]
+    (s,) = analyse(spec, records)
+    pts = s.plot["points"]
+    assert sorted((p["base"], p["label"]) for p in pts) == [("adversarial", "dense"), ("adversarial", "q"),
+                                                           ("standard", "dense"), ("standard", "q")]
+    dense = {p["base"]: p for p in pts if p["label"] == "dense"}
+    assert dense["standard"]["robust"] == pytest.approx(0.55) and dense["standard"]["robust_ms"][1] == 0
+    assert dense["adversarial"]["robust"] == pytest.approx(0.85)
+    q = {p["base"]: p for p in pts if p["label"] == "q"}
+    assert q["standard"]["speedup"][1][0] == pytest.approx(2.0)  # vs the standard dense
+    assert q["adversarial"]["speedup"][1][0] == pytest.approx(4.0)  # vs the adversarial dense
+    # one Pareto front per base (a single mixed front would hold only std q and adv dense)
+    assert s.plot["bases"] == ["adversarial", "standard"]  # the more robust dense base first
+    assert s.plot["fronts"] == {"adversarial": ["q [adversarial]", "dense [adversarial]"],
+                                "standard": ["q [standard]"]}
+    assert s.finding.index("adversarial base") < s.finding.index("standard base")
+    assert "q (4.00 ± 0.00x its dense)" in s.finding and "q (2.00 ± 0.00x its dense)" in s.finding
+    table = s.tables[0]
+    assert table.head[0] == "base" and [r[0] for r in table.rows] == ["adversarial"] * 2 + ["standard"] * 2
+    png = plot_section(s.plot, tmp_path / "e.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a single-base experiment keeps the plain layout: no base column, one front
+    spec["experiments"][0]["bases"] = ["adversarial"]
+    (s1,) = analyse(spec, [r for r in records if r["base"] == "adversarial"])
+    assert s1.tables[0].head[0] == "recipe" and s1.plot["front"] == ["q", "dense"]
+    assert "the fastest recipe at batch 1 is q" in s1.finding

@@ -312,16 +312,24 @@ def pareto_front(points: list[dict], x: str = "latency", y: str = "robust") -> l
 
 
 def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> Section:
+    """Points are grouped by (model, width, base, recipe, regime): seeds are averaged within a base,
+    never across bases; speedups are against the dense model of the same base and seed, and the
+    Pareto front is computed per base (a base is how the dense parent was trained)."""
     eps = spec["headline_eps"]
     batch_sizes = sorted({int(b) for r in recs for b in r.get("latency", {})})
     dense = {(r["model_name"], r["width"], r["base"], r["seed"]): r for r in recs if r["role"] == "dense"}
     groups = defaultdict(list)
     for r in recs:
-        groups[(r["model_name"], r["width"], r["recipe"], r["regime"])].append(r)
+        groups[(r["model_name"], r["width"], r.get("base"), r["recipe"], r["regime"])].append(r)
+    seen = list(dict.fromkeys(k[2] for k in groups))
+    bases = [b for b in ex.get("bases", ()) if b in seen] + [b for b in seen if b not in ex.get("bases", ())]
+    multi = len(bases) > 1
     pts, rows, layer_rows = [], [], []
-    for (model, width, label, regime), g in groups.items():
-        p = {"label": label if len(ex["models"]) == 1 else f"{model} {label}", "regime": regime, "model": model,
-             "bytes": mean_std(r["model_bytes"] for r in g)[0], "ratio": mean_std(r["bytes_ratio"] for r in g)[0],
+    for (model, width, base, label, regime), g in groups.items():
+        label = label if len(ex["models"]) == 1 else f"{model} {label}"
+        p = {"label": label, "id": f"{label} [{base}]" if multi else label, "base": base, "regime": regime,
+             "model": model, "bytes": mean_std(r["model_bytes"] for r in g)[0],
+             "ratio": mean_std(r["bytes_ratio"] for r in g)[0],
              "clean": mean_std(r["clean_accuracy"] for r in g), "robust_ms": mean_std(robust_at(r, eps) for r in g),
              "speedup": {}, "latency_ms": {}, "throughput": {}}
         for b in batch_sizes:
@@ -336,54 +344,85 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
         p["robust"] = p["robust_ms"][0]
         p["latency"] = p["latency_ms"][batch_sizes[-1]][0] if batch_sizes else float("nan")
         pts.append(p)
+    # the base whose dense model is the most robust first (e.g. adversarial training before standard)
+    dense_rob = {b: mean_std(robust_at(d, eps) for d in dense.values() if d["base"] == b) for b in bases}
+    bases.sort(key=lambda b: -dense_rob[b][0] if dense_rob[b][2] else math.inf)
+    fronts = {b: (pareto_front([p for p in pts if p["base"] == b]) if batch_sizes else []) for b in bases}
+    front_ids = {p["id"] for f in fronts.values() for p in f}
+    pts.sort(key=lambda p: (bases.index(p["base"]), -p["ratio"]))
+    for p in pts:
+        row = ([p["base"]] if multi else []) + [p["label"], REGIME_NAMES.get(p["regime"], p["regime"]),
+                                                f"{p['bytes']:.0f}", f"{p['ratio']:.2f}", fmt_pct(p["clean"]),
+                                                fmt_pct(p["robust_ms"])]
+        for b in batch_sizes:
+            row += [_fmt_num(p["latency_ms"][b], digits=3), _fmt_num(p["speedup"][b]),
+                    _fmt_num(p["throughput"][b], digits=0)]
+        row.append("yes" if p["id"] in front_ids else "")
+        rows.append(row)
+    for (model, width, base, label, regime), g in sorted(groups.items(), key=lambda kv: bases.index(kv[0][2])):
         first = min(g, key=lambda r: r["seed"])
+        name = label if len(ex["models"]) == 1 else f"{model} {label}"
         for b, lt in (first.get("layer_timing") or {}).items():
             if int(b) != batch_sizes[-1]:
                 continue
             for lname, info in lt["layers"].items():
-                layer_rows.append([p["label"], b, lname, info["module"], f"{info['ms']:.4f}",
-                                   "-" if info["share"] is None else f"{100 * info['share']:.0f}"])
-    front = pareto_front(pts) if batch_sizes else []
-    front_labels = {p["label"] for p in front}
-    pts.sort(key=lambda p: -p["ratio"])
-    for p in pts:
-        row = [p["label"], REGIME_NAMES.get(p["regime"], p["regime"]), f"{p['bytes']:.0f}", f"{p['ratio']:.2f}",
-               fmt_pct(p["clean"]), fmt_pct(p["robust_ms"])]
-        for b in batch_sizes:
-            row += [_fmt_num(p["latency_ms"][b], digits=3), _fmt_num(p["speedup"][b]),
-                    _fmt_num(p["throughput"][b], digits=0)]
-        row.append("yes" if p["label"] in front_labels else "")
-        rows.append(row)
-    head = ["recipe", "regime", "bytes", "size ×", "clean %", f"robust % (eps {eps:g})"]
+                layer_rows.append(([base] if multi else []) + [
+                    name, b, lname, info["module"], f"{info['ms']:.4f}",
+                    "-" if info["share"] is None else f"{100 * info['share']:.0f}"])
+    head = (["base"] if multi else []) + ["recipe", "regime", "bytes", "size ×", "clean %", f"robust % (eps {eps:g})"]
     for b in batch_sizes:
         head += [f"ms @{b}", f"speedup @{b}", f"samples/s @{b}"]
-    head.append("Pareto")
+    head.append("Pareto" + (" (per base)" if multi else ""))
     comp = [p for p in pts if p["regime"] != "dense"]
     if comp and batch_sizes:
         b = batch_sizes[-1]
-        fastest = max(comp, key=lambda p: p["speedup"][b][0])
-        smallest = max(comp, key=lambda p: p["ratio"])
-        slower = [p["label"] for p in comp if p["speedup"][b][0] < 1]
         device = (recs[0].get("env") or {}).get("device_name", "?")
-        finding = (f"On {device}, the fastest recipe at batch {b} is {fastest['label']} "
-                   f"({_fmt_num(fastest['speedup'][b])}x dense), the smallest {smallest['label']} "
-                   f"({smallest['ratio']:.2f}x fewer bytes); {len(slower)} of {len(comp)} recipes run slower than "
-                   f"dense here; Pareto front of robust accuracy vs latency at batch {b}: "
-                   f"{', '.join(p['label'] for p in front)}.")
+        if not multi:
+            fastest = max(comp, key=lambda p: p["speedup"][b][0])
+            smallest = max(comp, key=lambda p: p["ratio"])
+            slower = [p["label"] for p in comp if p["speedup"][b][0] < 1]
+            finding = (f"On {device}, the fastest recipe at batch {b} is {fastest['label']} "
+                       f"({_fmt_num(fastest['speedup'][b])}x dense), the smallest {smallest['label']} "
+                       f"({smallest['ratio']:.2f}x fewer bytes); {len(slower)} of {len(comp)} recipes run slower "
+                       f"than dense here; Pareto front of robust accuracy vs latency at batch {b}: "
+                       f"{', '.join(p['label'] for p in fronts[bases[0]])}.")
+        else:
+            parts = []
+            for base in bases:
+                mine = [p for p in comp if p["base"] == base]
+                if not mine:
+                    continue
+                fastest = max(mine, key=lambda p: p["speedup"][b][0])
+                slower = [p for p in mine if p["speedup"][b][0] < 1]
+                regimes = ", ".join(dict.fromkeys(REGIME_NAMES.get(p["regime"], p["regime"]) for p in mine))
+                parts.append(f"{base} base ({regimes}; dense {fmt_pct(dense_rob[base])}% robust): fastest "
+                             f"{fastest['label']} ({_fmt_num(fastest['speedup'][b])}x its dense), {len(slower)} of "
+                             f"{len(mine)} recipes slower than dense, Pareto front "
+                             f"{', '.join(p['label'] for p in fronts[base])}")
+            smallest = max(comp, key=lambda p: p["ratio"])
+            finding = (f"On {device} at batch {b}, per base (speedup vs the dense model of the same base; Pareto "
+                       f"front of robust accuracy vs latency): " + "; ".join(parts)
+                       + f". Smallest: {smallest['label']} ({smallest['ratio']:.2f}x fewer bytes).")
     else:
         finding = "No compressed model finished: nothing to compare."
     notes = ["Speedup = dense latency / compressed latency, both measured in this run on this device, per seed, "
-             "then averaged. Latencies are medians over repeated forward passes on random inputs."]
+             "then averaged" + (" (against the dense model of the same base)" if multi else "")
+             + ". Latencies are medians over repeated forward passes on random inputs."]
+    if multi:
+        notes.append("Bases (how the dense parent was trained) are never averaged together; each base has its own "
+                     "dense reference and its own Pareto front.")
     if skipped:
         notes.append("Not run here: " + "; ".join(f"{r['recipe']} ({r['reason']})" for r in skipped))
-    tables = [Table("Mean ± std over seeds.", head, rows)]
+    tables = [Table("Mean ± std over seeds" + (", per base." if multi else "."), head, rows)]
     if layer_rows:
         tables.append(Table(f"Per-layer breakdown at batch {batch_sizes[-1]} (first seed): the module each layer "
                             "ran as and its share of the forward time (the rest is activations, normalisation and "
-                            "Python overhead).", ["recipe", "batch", "layer", "module (backend)", "ms", "share %"],
-                            layer_rows))
+                            "Python overhead).", (["base"] if multi else [])
+                            + ["recipe", "batch", "layer", "module (backend)", "ms", "share %"], layer_rows))
     return Section(ex["name"], ex.get("title", ex["name"]), ex.get("question", ""), finding, "efficiency",
-                   {"kind": "efficiency", "points": pts, "front": [p["label"] for p in front],
+                   {"kind": "efficiency", "points": pts, "bases": bases,
+                    "front": [p["id"] for b in bases for p in fronts[b]],
+                    "fronts": {b: [p["id"] for p in fronts[b]] for b in bases},
                     "batch_sizes": batch_sizes, "eps": eps}, tables, notes)
 
 

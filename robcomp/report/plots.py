@@ -11,6 +11,7 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
+import matplotlib.patches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 __all__ = ["plot_section", "plot_hardware"]
@@ -41,25 +42,43 @@ def _log_ticks(axis, lo: float, hi: float, suffix: str = "") -> None:
     axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
 
-def _place_labels(ax, items) -> None:
+def _place_labels(ax, items, bars=(), leaders: bool = False) -> None:
     """Annotate points ``(x, y, text, color)`` choosing, per label, the first offset whose box
-    overlaps no label placed before (and no other point's marker)."""
+    overlaps no label placed before (and no other point's marker, nor an error bar ``(x, y_lo, y_hi)``
+    of ``bars``); when none is free, the offset with the fewest clashes (labels first, then markers).
+    ``leaders``: farther offsets are tried too, and a label placed away from its point gets a thin
+    line to it."""
     fig = ax.figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     placed = []
     marks = [ax.transData.transform((x, y)) for x, y, _, _ in items]
+    segs = [(ax.transData.transform((x, lo)), ax.transData.transform((x, hi))) for x, lo, hi in bars if hi > lo]
     offsets = [(6, 5), (6, -13), (-6, 5), (-6, -13), (6, 15), (6, -23), (-6, 15), (-6, -23), (0, 26), (0, -33)]
+    if leaders:
+        offsets += [(10, 30), (-10, 30), (10, -38), (-10, -38), (0, 42), (0, -49), (16, 42), (-16, -49)]
+    frame = ax.get_window_extent(renderer)
     for x, y, text, color in items:
-        for k, (dx, dy) in enumerate(offsets):
-            t = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=7.5, color=color,
-                            ha="left" if dx > 0 else "right" if dx < 0 else "center")
-            bb = t.get_window_extent(renderer).expanded(1.04, 1.15)
-            hits_mark = any(bb.contains(mx, my) for mx, my in marks)
-            if (not any(bb.overlaps(p) for p in placed) and not hits_mark) or k == len(offsets) - 1:
-                placed.append(bb)
-                break
+        best = None
+        for dx, dy in offsets:
+            kw = {"textcoords": "offset points", "xytext": (dx, dy), "fontsize": 7.5, "color": color,
+                  "ha": "left" if dx > 0 else "right" if dx < 0 else "center"}
+            t = ax.annotate(text, (x, y), **kw)
+            bb = t.get_window_extent(renderer).expanded(1.04, 1.15).padded(2)
             t.remove()
+            cost = (100 * sum(bb.overlaps(p) for p in placed) + 10 * sum(bb.contains(mx, my) for mx, my in marks)
+                    + sum(bb.x0 <= a[0] <= bb.x1 and min(a[1], b[1]) <= bb.y1 and max(a[1], b[1]) >= bb.y0
+                          for a, b in segs)
+                    + 50 * (bb.x0 < frame.x0 or bb.x1 > frame.x1 or bb.y0 < frame.y0 or bb.y1 > frame.y1))
+            if best is None or cost < best[0]:
+                best = (cost, bb, kw, dy)
+            if cost == 0:
+                break
+        _, bb, kw, dy = best
+        placed.append(bb)
+        far = leaders and abs(dy) > 13  # away from its point: a leader line to it
+        ax.annotate(text, (x, y), **kw, arrowprops={"arrowstyle": "-", "color": color, "lw": 0.6, "alpha": 0.7,
+                                                        "shrinkA": 1, "shrinkB": 4} if far else None)
 
 
 def _save(fig, path: Path) -> Path:
@@ -160,37 +179,83 @@ def _short(label: str) -> str:
 
 
 def _efficiency(plot: dict, path: Path) -> Path:
+    """Left: speedup vs dense per recipe and batch size (grouped by base, hatched per base when there
+    are several). Right: robust accuracy vs latency, one colour, marker and Pareto front per base."""
     pts, bs = plot["points"], plot["batch_sizes"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), layout="constrained", width_ratios=[1, 1.1])
+    bases = plot.get("bases") or list(dict.fromkeys(p.get("base") for p in pts))
+    multi = len(bases) > 1
+    fronts = plot.get("fronts") or {bases[0] if bases else None: plot["front"]}
+
+    def pid(p):
+        return p.get("id", p["label"])
+    # rows of the bar chart: per base a bold heading row, then its recipes
+    order, ticks, heads = [], [], []
+    for base in bases:
+        if multi:
+            heads.append(len(ticks))
+            ticks.append(f"{base} base")
+            order.append(None)
+        for p in pts:
+            if p.get("base") == base or not multi:
+                ticks.append(_short(p["label"]))
+                order.append(p)
+    height = max(4.8, 0.3 * len(order) + 1.6) if multi else 4.8
+    fig, axes = plt.subplots(1, 2, figsize=(14 if multi else 12, height), layout="constrained",
+                             width_ratios=[1, 1.3 if multi else 1.1])
     ax = axes[0]
-    labels = [_short(p["label"]) for p in pts]
     h = 0.8 / max(len(bs), 1)
+    hatches = ["", "///", "...", "xx", "\\\\", "++"]
+    rows = [(i, p) for i, p in enumerate(order) if p is not None]
     for j, b in enumerate(bs):
-        vals = [p["speedup"][b][0] for p in pts]
-        errs = [p["speedup"][b][1] if p["speedup"][b][2] > 1 else 0 for p in pts]
-        ax.barh([i + j * h for i in range(len(pts))], vals, height=h, xerr=errs if any(errs) else None,
-                color=_COLORS[j], capsize=2, label=f"batch {b}")
+        vals = [p["speedup"][b][0] for _, p in rows]
+        errs = [p["speedup"][b][1] if p["speedup"][b][2] > 1 else 0 for _, p in rows]
+        hatch = [hatches[bases.index(p.get("base")) % len(hatches)] if multi else "" for _, p in rows]
+        ax.barh([i + j * h for i, _ in rows], vals, height=h, xerr=errs if any(errs) else None,
+                color=_COLORS[j], capsize=2, label=f"batch {b}", hatch=hatch if multi else None,
+                edgecolor="white" if multi else None, linewidth=0)
     ax.axvline(1.0, color="k", lw=1)
-    ax.set_yticks([i + h * (len(bs) - 1) / 2 for i in range(len(pts))], labels)
-    ax.invert_yaxis()
+    ax.set_yticks([i + h * (len(bs) - 1) / 2 for i in range(len(order))], ticks)
+    for k in heads:
+        ax.get_yticklabels()[k].set_fontweight("bold")
+        if k:
+            ax.axhline(k - 0.5 + h * (len(bs) - 1) / 2, color="0.5", lw=0.8)
+    ax.set_ylim(len(order) - 0.5 + h * (len(bs) - 1) / 2 + 0.2, -0.6)
     ax.set_xscale("log")
-    sp = [p["speedup"][b][0] for p in pts for b in bs if p["speedup"][b][2]]
+    sp = [p["speedup"][b][0] for _, p in rows for b in bs if p["speedup"][b][2]]
     if sp:
         _log_ticks(ax.xaxis, min(sp + [1.0]), max(sp + [1.0]), "×")
-    ax.set_xlabel("speedup vs dense (dense latency / latency, log scale)")
-    ax.set_title("latency speedup (same run, same device)", pad=24)
-    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=len(bs), frameon=False)
+    ax.set_xlabel("speedup vs dense " + ("of the same base " if multi else "")
+                  + "(dense latency / latency, log scale)")
+    ax.set_title("latency speedup (same run, same device)", pad=38 if multi else 24)
+    handles, labels = ax.get_legend_handles_labels()
+    if multi:
+        handles = [matplotlib.patches.Patch(facecolor=_COLORS[j], label=f"batch {b}") for j, b in enumerate(bs)]
+        handles += [matplotlib.patches.Patch(facecolor="0.55", edgecolor="white", linewidth=0,
+                                             hatch=hatches[i % len(hatches)], label=f"{base} base")
+                    for i, base in enumerate(bases)]
+        labels = [hd.get_label() for hd in handles]
+    ax.legend(handles, labels, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              ncol=max(len(bs), len(bases)) if multi else len(bs), frameon=False)
     ax = axes[1]
-    front = set(plot["front"])
     b = bs[-1] if bs else None
-    for i, p in enumerate(pts):
-        on = p["label"] in front
-        ax.errorbar(p["latency"], 100 * p["robust"], yerr=100 * (p["robust_ms"][1] if p["robust_ms"][2] > 1 else 0),
-                    marker="o" if on else "x", ms=6, color=_COLORS[0] if on else "0.45", capsize=2, ls="none")
-    fp = [p for p in pts if p["label"] in front]
-    fp.sort(key=lambda p: p["latency"])
-    ax.step([p["latency"] for p in fp], [100 * p["robust"] for p in fp], where="post", color=_COLORS[0],
-            label="Pareto front")
+    items = []
+    for i, base in enumerate(bases):
+        mine = [p for p in pts if p.get("base") == base or not multi]
+        front = set(fronts.get(base, ()))
+        color = _COLORS[(2 + i) % len(_COLORS)] if multi else _COLORS[0]
+        marker = "osD^v"[i % 5] if multi else "o"
+        for p in mine:
+            on = pid(p) in front
+            ax.errorbar(p["latency"], 100 * p["robust"],
+                        yerr=100 * (p["robust_ms"][1] if p["robust_ms"][2] > 1 else 0),
+                        marker=marker if on else "x", ms=6, color=color if on or multi else "0.45",
+                        alpha=1 if on or not multi else 0.55, capsize=2, ls="none")
+        fp = sorted((p for p in mine if pid(p) in front), key=lambda p: p["latency"])
+        ax.step([p["latency"] for p in fp], [100 * p["robust"] for p in fp], where="post", color=color,
+                marker=marker if multi else None, ms=6, label=f"{base} base: Pareto front" if multi else "Pareto front")
+        items += [(p["latency"], 100 * p["robust"], _short(p["label"]), color if multi else "k") for p in mine]
+    if multi:
+        ax.plot([], [], "x", color="0.45", label="off the front (its base's colour)")
     ax.set_xscale("log")
     ax.margins(x=0.15)
     lats = [p["latency"] for p in pts if p["latency"] == p["latency"]]
@@ -198,9 +263,15 @@ def _efficiency(plot: dict, path: Path) -> Path:
         _log_ticks(ax.xaxis, min(lats), max(lats))
     ax.set_xlabel(f"latency at batch {b} (ms, median, log scale)")
     ax.set_ylabel(f"robust accuracy (% of test set, L∞ eps {plot['eps']:g})")
-    ax.set_title("robust accuracy vs latency (error bars: ± std over seeds)")
-    ax.legend(loc="lower right")
-    _place_labels(ax, [(p["latency"], 100 * p["robust"], _short(p["label"]), "k") for p in pts])
+    if multi:
+        ax.set_title("robust accuracy vs latency, per base (error bars: ± std over seeds)", pad=38)
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, frameon=False)
+    else:
+        ax.set_title("robust accuracy vs latency (error bars: ± std over seeds)")
+        ax.legend(loc="lower right")
+    _place_labels(ax, items, [(p["latency"], 100 * (p["robust"] - p["robust_ms"][1]),
+                               100 * (p["robust"] + p["robust_ms"][1])) for p in pts if p["robust_ms"][2] > 1],
+                  leaders=True)
     return _save(fig, path)
 
 

@@ -52,8 +52,24 @@ def _fmt(v, digits=3, pct=False) -> str:
     return f"{v:.1f}" if pct else f"{v:.{digits}g}"
 
 
+def _study_rows(records: list[dict]) -> list[dict]:
+    """The study's hardware rows, per base (how the dense parent was trained) when the efficiency
+    points have more than one: each row named with its base, its speedup against the dense model of
+    that base."""
+    bases = list(dict.fromkeys(r.get("base") for r in records if r.get("kind") == "efficiency"))
+    if len(bases) <= 1:
+        return study_hardware_rows(records)
+    rows = []
+    for base in bases:
+        for row in study_hardware_rows([r for r in records if r.get("base") == base]):
+            name, sep, rest = row["name"].rpartition(" @ batch ")
+            row["name"] = f"{name} ({base} base){sep}{rest}" if sep else f"{row['name']} ({base} base)"
+            rows.append(row)
+    return rows
+
+
 def _hardware(records: list[dict], directory: Path, plots: Path) -> tuple[Section, Path | None]:
-    study = study_hardware_rows(records)
+    study = _study_rows(records)
     rows_b = []
     notes = []
     for f in bench_files(directory):
