@@ -165,8 +165,10 @@ def test_fp8_kernel_in_interpreter(monkeypatch):
     assert rel_err(y, exact) < TOL[torch.float16]
     assert sqnr_db(y, x.double() @ w.double().T + b.double()) > 15
     xg = torch.randn(3, 128, requires_grad=True)
-    L.fp8_dynamic_linear(xg, q, s).sum().backward()
-    assert torch.allclose(xg.grad, torch.ones(3, N_ODD) @ R.fp8_dynamic_unpack(q, s), atol=1e-4)
+    yg = L.fp8_dynamic_linear(xg, q, s)
+    gy = torch.randn_like(yg)  # random upstream gradient: a ones vector only checks W's column sums
+    yg.backward(gy)
+    assert rel_err(xg.grad, gy.double() @ R.fp8_dynamic_unpack(q, s, torch.float64)) < TOL[torch.float32]
 
 
 # ----------------------------------------------------------------------------- gradients
@@ -270,8 +272,26 @@ def test_layers_torch_vs_triton(recipe, cls, grad):
     assert torch_layer.in_features == 64 and torch_layer.out_features == N_ODD
     x = torch.randn(3, 64, requires_grad=True)
     y = torch_layer(x)
-    y.sum().backward()
-    assert torch.allclose(x.grad, torch.ones(3, N_ODD) @ torch_layer.dequantize().float(), atol=1e-4)
+    gy = torch.randn_like(y)  # random upstream gradient: a ones vector only checks W's column sums
+    y.backward(gy)
+    # the layer's weight and forward against kernels/reference.py (not against its own dequantize())
+    w, b = lin.weight.detach(), lin.bias.detach()
+    if isinstance(recipe, rc.Int4WeightOnly):
+        q4, s4, z4 = R.int4_pack(w, recipe.group_size)
+        wd = R.int4_unpack(q4, s4, z4, recipe.group_size, torch.float64)
+        y_ref = x.detach().double() @ wd.T + b.double()
+    else:
+        pack, unpack, linear = {rnn.Int8WeightOnlyLinear: (R.int8_weight_pack, R.int8_weight_unpack, None),
+                                rnn.Int8DynamicLinear: (R.int8_dynamic_pack, R.int8_dynamic_unpack,
+                                                        R.int8_dynamic_linear),
+                                rnn.FP8DynamicLinear: (R.fp8_dynamic_pack, R.fp8_dynamic_unpack,
+                                                       R.fp8_dynamic_linear)}[cls]
+        qw, sw = pack(w)
+        wd = unpack(qw, sw, torch.float64)
+        y_ref = (x.detach().double() @ wd.T + b.double() if linear is None
+                 else linear(x.detach(), qw, sw, b).double())
+    assert rel_err(y.detach(), y_ref) < TOL[torch.float32]
+    assert rel_err(x.grad, gy.double() @ wd) < TOL[torch.float32]
     assert sqnr_db(y.detach(), lin(x).detach().double()) > 15
     if cls is rnn.FP8DynamicLinear:
         assert torch_layer.qweight.dtype == torch.float8_e4m3fn
@@ -281,7 +301,7 @@ def test_layers_torch_vs_triton(recipe, cls, grad):
     tri = cls.from_linear(lin, recipe, backend="triton")
     xt = x.detach().clone().requires_grad_()
     yt = tri(xt)
-    yt.sum().backward()
+    yt.backward(gy)
     assert torch.allclose(yt, y, rtol=1e-4, atol=1e-4)
     assert torch.allclose(xt.grad, x.grad, rtol=1e-4, atol=1e-4)
 

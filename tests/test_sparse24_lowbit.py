@@ -68,11 +68,12 @@ def test_split_k_and_poison(monkeypatch):
 
     monkeypatch.setattr(torch, "empty", poisoned)
     ys = [S.sparse24_int4_forward(x, *args, split_k=sk) for sk in (1, 3)]
-    y20 = S.sparse24_int4_forward(torch.randn(20, 1024), *args)
+    x20 = torch.randn(20, 1024)
+    y20 = S.sparse24_int4_forward(x20, *args)
     monkeypatch.undo()
     for y in ys:
         assert rel_err(y, x.double() @ wd.T) < 1e-5
-    assert torch.isfinite(y20).all()
+    assert torch.isfinite(y20).all() and rel_err(y20, x20.double() @ wd.T) < 1e-5
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -130,8 +131,14 @@ def test_layer_torch_vs_triton():
     x = torch.randn(4, 128, requires_grad=True)
     xt = x.detach().clone().requires_grad_()
     y, yt = ref_layer(x), tri(xt)
-    y.sum().backward()
-    yt.sum().backward()
+    gy = torch.randn_like(y)  # random upstream gradient: a ones vector only checks W's column sums
+    y.backward(gy)
+    yt.backward(gy)
+    # independent float64 reference: the packed format of kernels/reference.py
+    q, s, z, m = R.sparse24_int4_pack(lin.weight.detach(), 32)
+    wd = R.sparse24_int4_unpack(q, s, z, m, 32, torch.float64)
+    assert rel_err(y.detach(), x.detach().double() @ wd.T + lin.bias.detach().double()) < TOL[torch.float32]
+    assert rel_err(x.grad, gy.double() @ wd) < TOL[torch.float32]
     assert torch.allclose(y, yt, rtol=1e-4, atol=1e-4)
     assert torch.allclose(x.grad, xt.grad, rtol=1e-4, atol=1e-4)
 
