@@ -156,8 +156,11 @@ def test_layer_with_dispatch(benchmark, recorder, device, k, n, m):
     layer = Sparse24Linear.from_linear(linear, backend="triton")
     x = randn(m, k, dtype=DTYPE, device=device)
     with torch.no_grad():
-        layer(x)  # measures and caches the dispatch decision for this shape
+        y = layer(x)  # measures and caches the dispatch decision for this shape
         dense_w = layer.dequantize()
+        # whichever path the dispatch picked, it computes the 2:4 product (fp32 reference)
+        ref = F.linear(x.float(), dense_w.float(), layer.bias.float())
+        assert (y.float() - ref).abs().max() <= 2e-2 * ref.abs().max()
         case = f"layer M={m} K={k} N={n}"
         shape = {"M": m, "K": k, "N": n}
         flops = matmul_flops(m, n, k)
