@@ -98,14 +98,15 @@ def randn(*shape, dtype=torch.float16, device="cpu", scale: float = 1.0) -> torc
 
 
 def time_ms(fn: Callable[[], object], device: torch.device | str, *, warmup: int = 25, rep: int = 100,
-            cpu_repeats: int = 5) -> float:
+            cpu_repeats: int = 5, cpu_warmup: int = 1) -> float:
     """Median milliseconds of ``fn()``: ``do_bench`` on CUDA (``warmup``/``rep`` in ms), else
-    ``time.perf_counter`` over ``cpu_repeats`` calls after one warm-up call."""
+    ``time.perf_counter`` over ``cpu_repeats`` calls after ``cpu_warmup`` warm-up calls."""
     device = torch.device(device)
     if device.type == "cuda":
         import triton.testing
         return float(triton.testing.do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
-    fn()
+    for _ in range(cpu_warmup):
+        fn()
     samples = []
     for _ in range(max(1, cpu_repeats)):
         t0 = time.perf_counter()

@@ -7,12 +7,12 @@ does more per step (keyed random start, per-example strongest iterate, one extra
 score the last iterate), so a ratio near 1 means that bookkeeping is cheap next to the model.
 """
 import statistics
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.harness import time_ms
 from robcomp.attacks import PGD
 from robcomp.data import load_digits_split
 from robcomp.models import build_model
@@ -31,15 +31,6 @@ def plain_pgd(model, x, y, eps=EPS, steps=STEPS, alpha=2.5 * EPS / STEPS):
     return x_adv.detach()
 
 
-def _median_s(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 def test_pgd20_vs_plain_loop(benchmark, arch):
     _, _, x, y = load_digits_split(seed=0)
@@ -52,8 +43,8 @@ def test_pgd20_vs_plain_loop(benchmark, arch):
         ours(), plain()
     t_ours, t_plain = [], []
     for _ in range(5):  # interleave so that machine load hits both alike
-        t_plain.append(_median_s(plain, 3))
-        t_ours.append(_median_s(ours, 3))
+        t_plain.append(time_ms(plain, "cpu", cpu_repeats=3, cpu_warmup=0) / 1e3)
+        t_ours.append(time_ms(ours, "cpu", cpu_repeats=3, cpu_warmup=0) / 1e3)
     ratio = statistics.median(t_ours) / statistics.median(t_plain)
     benchmark.extra_info.update({"examples": len(y), "steps": STEPS, "plain_median_s": statistics.median(t_plain),
                                  "robcomp_median_s": statistics.median(t_ours), "ratio_robcomp_over_plain": ratio,

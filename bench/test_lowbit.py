@@ -16,15 +16,11 @@ smoke run); ``--benchmark-json bench/results/lowbit-<device>-<date>.json`` to re
 """
 from __future__ import annotations
 
-import datetime
-import platform
-import statistics
-import time
-
 import pytest
 import torch
 import torch.nn.functional as F
 
+from bench.harness import environment, gbps, matmul_flops, time_ms, tflops
 from robcomp.kernels import reference as R
 
 CUDA = torch.cuda.is_available()
@@ -34,18 +30,6 @@ CPU_SHAPES = [(256, 256)]
 CPU_MS = [1, 16]
 FORMATS = ["dense", "int8_weight", "int4_g128", "sparse24_int4_g128", "int8_dynamic", "fp8_dynamic",
            "int_mm", "bnb_int8", "bnb_nf4"]
-
-
-def _env() -> dict:
-    import triton
-    info = {"torch": torch.__version__, "triton": triton.__version__, "python": platform.python_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
-    if CUDA:
-        info["device"] = torch.cuda.get_device_name()
-        info["driver_cuda"] = torch.version.cuda
-    else:
-        info["device"] = platform.processor() or platform.machine()
-    return info
 
 
 _DENSE_MS: dict = {}
@@ -97,7 +81,7 @@ def _gpu_fn(fmt, x, w, k, n):
             mod = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=torch.float16, quant_type="nf4")
             mod.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
             nbytes = k * n // 2
-        mod = mod.cuda()
+        mod = mod.to(x.device)
         return (lambda: mod(x)), nbytes
     raise ValueError(fmt)
 
@@ -106,39 +90,27 @@ def _gpu_fn(fmt, x, w, k, n):
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("m", GPU_MS)
 @pytest.mark.parametrize("k,n", GPU_SHAPES)
-def test_gpu_forward(benchmark, k, n, m, fmt):
-    import triton
+def test_gpu_forward(benchmark, device, k, n, m, fmt):
     torch.manual_seed(0)
-    w = (torch.randn(n, k, device="cuda") * 0.02).half()
-    x = torch.randn(m, k, device="cuda").half()
+    w = (torch.randn(n, k, device=device) * 0.02).half()
+    x = torch.randn(m, k, device=device).half()
     made = _gpu_fn(fmt, x, w, k, n)
     if made is None:
         pytest.skip(f"{fmt} cannot run here at M={m}")
     fn, wbytes = made
     fn()  # compile / autotune outside the timing
-    ms = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    ms = time_ms(fn, device)
     dense_ms = _DENSE_MS.get((k, n, m))
     if dense_ms is None:
-        dense_ms = triton.testing.do_bench(lambda: F.linear(x, w), warmup=25, rep=100, return_mode="median")
-        _DENSE_MS[(k, n, m)] = dense_ms
+        dense_ms = _DENSE_MS[(k, n, m)] = time_ms(lambda: F.linear(x, w), device)
     moved = wbytes + 2 * m * (k + n)
-    benchmark.extra_info.update(_env(), shape={"M": m, "K": k, "N": n}, dtype="float16", format=fmt, ms=ms,
-                                GBps=moved / ms / 1e6, TFLOPs=2 * m * n * k / ms / 1e9,
+    benchmark.extra_info.update(environment(device), shape={"M": m, "K": k, "N": n}, dtype="float16", format=fmt,
+                                ms=ms, GBps=gbps(moved, ms), TFLOPs=tflops(matmul_flops(m, n, k), ms),
                                 dense_ms=dense_ms, speedup_vs_dense=dense_ms / ms)
     benchmark.pedantic(fn, rounds=20, iterations=1, warmup_rounds=2)
 
 
 # ----------------------------------------------------------------------------------- CPU
-def _median_s(fn, repeats=5):
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def _cpu_fn(fmt, x, w):
     if fmt == "dense":
         return lambda: F.linear(x, w)
@@ -174,7 +146,7 @@ def _cpu_fn(fmt, x, w):
                                  "fp8_dynamic", "numba_int4_gemv", "numba_int8_gemv"])
 @pytest.mark.parametrize("m", CPU_MS)
 @pytest.mark.parametrize("k,n", CPU_SHAPES)
-def test_cpu_reference(benchmark, k, n, m, fmt):
+def test_cpu_reference(benchmark, device, k, n, m, fmt):
     torch.manual_seed(0)
     w = torch.randn(n, k) * 0.02
     x = torch.randn(m, k)
@@ -186,8 +158,8 @@ def test_cpu_reference(benchmark, k, n, m, fmt):
     assert torch.isfinite(y).all()
     # every format stays close to the dense product (catches a broken benchmark target)
     assert (y.reshape(ref.shape) - ref).norm() / ref.norm() < 0.2
-    dense_s = _median_s(lambda: F.linear(x, w))
-    s = _median_s(fn)
-    benchmark.extra_info.update(_env(), shape={"M": m, "K": k, "N": n}, dtype="float32", format=fmt,
-                                ms=s * 1e3, dense_ms=dense_s * 1e3, speedup_vs_dense=dense_s / s)
+    dense_ms = time_ms(lambda: F.linear(x, w), device)
+    ms = time_ms(fn, device)
+    benchmark.extra_info.update(environment(device), shape={"M": m, "K": k, "N": n}, dtype="float32", format=fmt,
+                                ms=ms, dense_ms=dense_ms, speedup_vs_dense=dense_ms / ms)
     benchmark(fn)
