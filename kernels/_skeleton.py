@@ -1,0 +1,583 @@
+"""One weight-streaming matmul skeleton shared by every compressed-weight format.
+
+Every weight-only format (int8 per channel, int4 grouped, 2:4 fp, 2:4 + int4) runs the same three
+``@triton.jit`` kernels; a ``tl.constexpr`` ``FORMAT`` selects the weight loader, so the branches
+of the other formats compile away:
+
+``gemv_kernel`` (``M <= SMALL_M``)
+    fp32 FMA, no tensor cores. Each program owns ``BLOCK_N`` output columns and one K slice
+    (split-K: ``grid = (N tiles, SPLIT)``). Products accumulate in an fp32 register tile
+    ``[BLOCK_M, BLOCK_N, BLOCK_K]`` (2:4: ``BLOCK_K/4`` per kept pair) that is reduced ONCE, after
+    the K loop. The 2:4 formats multiply in the compressed domain: each kept value selects its
+    activation among the 4 of its group (register selects, no zeros multiplied). With
+    ``SPLIT > 1`` the programs ``tl.atomic_add`` their fp32 partials into one zeroed fp32 buffer
+    (one kernel; the host casts to the activation dtype when that is not fp32).
+``gemm_kernel`` (larger M)
+    grouped tile order, the weight tile dequantised in registers and fed to ``tl.dot`` (tensor
+    cores for fp16/bf16, exact IEEE fp32 dots for fp32), fp32 accumulator, per-channel scale and
+    bias in the epilogue. Small M (``<= 64``) runs narrow tiles chosen by the launcher with the
+    same split-K + atomics; large M is autotuned over ``GEMM_LARGE``.
+``dx_kernel``
+    the input gradient ``dX = dY @ dequant(W)`` from the same packed weight (no transposed copy);
+    output tile ``[BLOCK_M, BLOCK_K]``, loop (and split) over N. Per-channel formats scale the
+    ``dY`` tile by ``scale[n]`` and multiply the raw codes.
+
+Techniques: every row offset is int64 (``row_offsets``), so ``M*K``, ``N*K``, ``M*N`` >= 2**31 do
+not wrap; codes are read as contiguous K runs (int4 ``[N, K/2]``: 64 codes per row and tile in
+32 bytes; 2:4 metadata ``[N, K/8]``: ``BLOCK_K/8`` bytes per row, split into nibbles with
+``tl.join``); integer codes become floats without an int-to-float conversion where the dtype allows
+(the magic-number trick: ``(q | 0x6400)`` read as fp16 is ``1024 + q``, ``(q | 0x4B000000)`` read as
+fp32 is ``2**23 + q``); the bias is subtracted together with the zero point,
+``w = (h - (1024 + zero)) * scale`` (exact subtraction, one rounding, as the reference).
+bf16 tiles are dequantised in fp32 and cast (the bf16 bit trick would need ``q < 128`` and the
+interpreter cannot bitcast bf16).
+
+Host side: the config tables (one per regime), the launcher's choice of config and split-K for
+small M, one builder of ``robcomp.kernels._aot`` specs, one factory of ``torch.library`` ops with
+the same frozen-weight rule everywhere, and the ``perf_cases`` records for the static model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import interpreting, tuning_configs
+
+# ---------------------------------------------------------------------------- formats (constexpr)
+INT8 = tl.constexpr(0)    # int8 codes [N, K], per-output-channel scale [N]
+FP8 = tl.constexpr(1)     # float8_e4m3fn codes [N, K], per-channel scale [N] (input gradient only)
+INT4 = tl.constexpr(2)    # uint8 [N, K/2] two codes per byte, scales/zeros [N, K/G]
+S24 = tl.constexpr(3)     # 2:4 values [N, K/2] (float), meta uint8 [N, K/8]
+S24I4 = tl.constexpr(4)   # 2:4 + int4: codes uint8 [N, K/4], meta [N, K/8], scales/zeros [N, K/G]
+
+FORMAT_NAMES = {0: "int8", 1: "fp8", 2: "int4", 3: "s24", 4: "s24i4"}
+PER_CHANNEL = (0, 1)
+GROUPED = (2, 4)
+SPARSE = (3, 4)
+
+#: largest M served by ``gemv_kernel``
+SMALL_M = 4
+#: largest M of the launcher-chosen narrow tiles with split-K (above: autotuned large tiles)
+MEDIUM_M = 64
+
+
+# ============================================================================ jit helpers
+@triton.jit
+def row_offsets(offs, stride):
+    """int64 element offsets ``offs * stride`` of whole rows: no int32 wrap past 2**31 elements."""
+    return offs.to(tl.int64) * stride
+
+
+@triton.jit
+def tile_ids(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Grouped (L2-friendly) order of the output tiles of an ``M x N`` output."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * num_n
+    first_m = (pid // width) * GROUP_M
+    size_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def split_range(pid_s, SPLIT, L, BLOCK: tl.constexpr):
+    """``[lo, hi)`` of split ``pid_s`` of a reduction of length ``L``; ``lo`` a multiple of BLOCK,
+    so no tile straddles two splits (nor an int4 group)."""
+    per = tl.cdiv(tl.cdiv(L, SPLIT), BLOCK) * BLOCK
+    lo = pid_s * per
+    return lo, tl.minimum(L, lo + per)
+
+
+@triton.jit
+def _biased(u, DQ: tl.constexpr):
+    """Unsigned codes ``u`` (0..255) as ``MAGIC + u`` in DQ (fp16 or fp32) by an OR and a bitcast."""
+    if DQ == tl.float16:
+        return (u.to(tl.int16) | 0x6400).to(tl.float16, bitcast=True)
+    else:
+        return (u.to(tl.int32) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _magic_zero(z, DQ: tl.constexpr):
+    """``MAGIC + zero``: subtracting it from ``_biased(q)`` gives ``q - zero`` exactly."""
+    if DQ == tl.float16:
+        return z + 1024.0
+    else:
+        return z + 8388608.0
+
+
+@triton.jit
+def _int8_codes(q, DQ: tl.constexpr):
+    """Signed int8 codes as DQ without I2F: ``(q + 0x6480)`` read as fp16 is ``1152 + q``."""
+    if DQ == tl.float16:
+        return (q.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+    else:
+        return (q.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+
+
+@triton.jit
+def _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.constexpr, DQ: tl.constexpr):
+    """Scale and ``MAGIC + zero`` of the group holding column ``k0`` for each row (one per tile)."""
+    g = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + rows * stride_sn + g, mask=n_mask, other=0.0).to(DQ)
+    z = tl.load(z_ptr + rows * stride_sn + g, mask=n_mask, other=0.0).to(DQ)
+    return s, _magic_zero(z, DQ)
+
+
+@triton.jit
+def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+               GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
+    applied outside) or int4 (dequantised) weight."""
+    rows = offs_n.to(tl.int64)
+    if FORMAT == INT4:
+        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :],
+                    mask=n_mask[:, None] & (offs_b < K // 2)[None, :], other=0)
+        s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
+        lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
+        hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
+    else:
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = n_mask[:, None] & (offs_k < K)[None, :]
+        if FORMAT == INT8:
+            q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_k[None, :], mask=mask, other=0)
+            w = _int8_codes(q, DQ)
+        else:  # FP8: masked lanes as raw zero bytes (+0.0 in e4m3), then reinterpret
+            q = tl.load(w_ptr.to(tl.pointer_type(tl.uint8)) + rows[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask, other=0)
+            w = q.to(tl.float8e4nv, bitcast=True).to(DQ)
+    return w
+
+
+@triton.jit
+def sparse_parts(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
+                 stride_wn, stride_mn, stride_sn, GROUP_SIZE: tl.constexpr, VDT: tl.constexpr,
+                 DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The kept pair ``(v0, v1)`` (DQ) and positions ``(i0, i1)`` (int32), each
+    ``[BLOCK_N, BLOCK_K/4]``, of the 2:4 groups of columns ``k0..``. Metadata: ``BLOCK_K/8``
+    contiguous bytes per row, split into nibbles in registers."""
+    rows = offs_n.to(tl.int64)
+    offs_mb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    mb = tl.load(meta_ptr + rows[:, None] * stride_mn + offs_mb[None, :],
+                 mask=n_mask[:, None] & (offs_mb < (K + 7) // 8)[None, :], other=0)
+    nib = tl.reshape(tl.join(mb & 0xF, mb >> 4), (BLOCK_N, BLOCK_K // 4)).to(tl.int32)
+    i0 = nib & 3
+    i1 = nib >> 2
+    if FORMAT == S24:
+        offs_h = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        v = tl.load(w_ptr + rows[:, None] * stride_wn + offs_h[None, :],
+                    mask=n_mask[:, None] & (offs_h < K // 2)[None, :], other=0.0)
+        v0, v1 = tl.split(tl.reshape(v.to(VDT).to(DQ), (BLOCK_N, BLOCK_K // 4, 2)))
+    else:
+        offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :],
+                    mask=n_mask[:, None] & (offs_b < K // 4)[None, :], other=0)
+        s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
+        v0 = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
+        v1 = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+    return v0, v1, i0, i1
+
+
+@triton.jit
+def expand_24(v0, v1, i0, i1, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Dense ``[BLOCK_N, BLOCK_K]`` tile from the kept pairs: a rank-3 select (triton 3.6 rejects
+    the rank-4 join/reshape as a wgmma operand)."""
+    j = tl.arange(0, 4)[None, None, :]
+    d = tl.where(j == i0[:, :, None], v0[:, :, None], tl.where(j == i1[:, :, None], v1[:, :, None], 0.0))
+    return tl.reshape(d, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def _raw_tile(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
+              stride_wn, stride_mn, stride_sn, GROUP_SIZE: tl.constexpr, XDT: tl.constexpr,
+              DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    if FORMAT == S24 or FORMAT == S24I4:
+        v0, v1, i0, i1 = sparse_parts(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
+                                      stride_wn, stride_mn, stride_sn, GROUP_SIZE, XDT, DQ, BLOCK_N, BLOCK_K)
+        w = expand_24(v0, v1, i0, i1, BLOCK_N, BLOCK_K)
+    else:
+        w = dense_tile(FORMAT, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+                       GROUP_SIZE, DQ, BLOCK_N, BLOCK_K)
+    return w
+
+
+@triton.jit
+def weight_tile(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
+                stride_wn, stride_mn, stride_sn, GROUP_SIZE: tl.constexpr, XDT: tl.constexpr,
+                F32: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[BLOCK_N, BLOCK_K]`` dot operand: in XDT (fp16: dequantised in fp16; bf16: in fp32,
+    then cast), or, when ``F32``, rounded to XDT (as the reference) and held in fp32."""
+    if F32:
+        w = _raw_tile(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_mn,
+                      stride_sn, GROUP_SIZE, XDT, tl.float32, BLOCK_N, BLOCK_K)
+        return w.to(XDT).to(tl.float32)
+    elif XDT == tl.float16:
+        return _raw_tile(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_mn,
+                         stride_sn, GROUP_SIZE, XDT, tl.float16, BLOCK_N, BLOCK_K)
+    else:
+        w = _raw_tile(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_mn,
+                      stride_sn, GROUP_SIZE, XDT, tl.float32, BLOCK_N, BLOCK_K)
+        return w.to(XDT)
+
+
+@triton.jit
+def mma(a, b, acc, F32: tl.constexpr):
+    """``acc + a @ b``: tensor cores in ``a``'s dtype, or an exact IEEE fp32 dot when ``F32``."""
+    if F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b.to(a.dtype), acc)
+
+
+@triton.jit
+def epilogue(acc, y_ptr, s_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, first,
+             SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, ATOMIC: tl.constexpr):
+    """Per-channel scale, bias (added by the ``first`` split only) and the store; with ``ATOMIC`` an
+    fp32 ``atomic_add`` of this split's partial into a zeroed buffer."""
+    n_mask = offs_n < N
+    if SCALE:
+        acc = acc * tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        b = tl.load(b_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+        if ATOMIC:
+            b = tl.where(first, b, 0.0)
+        acc = acc + b[None, :]
+    ptrs = y_ptr + row_offsets(offs_m, stride_ym)[:, None] + offs_n[None, :]
+    mask = (offs_m < M)[:, None] & n_mask[None, :]
+    if ATOMIC:
+        tl.atomic_add(ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# ============================================================================ kernels
+@triton.jit
+def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPLIT,
+                stride_xm, stride_wn, stride_mn, stride_sn, stride_ym,
+                FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Small-M forward: fp32 partial products in registers, one reduction after the K loop."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < N
+    offs_m = tl.arange(0, BLOCK_M)
+    x_rows = row_offsets(offs_m, stride_xm)
+    m_mask = offs_m < M
+    k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
+    if FORMAT == S24 or FORMAT == S24I4:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        if FORMAT == S24 or FORMAT == S24I4:
+            v0, v1, i0, i1 = sparse_parts(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
+                                          stride_wn, stride_mn, stride_sn, GROUP_SIZE, x_ptr.dtype.element_ty,
+                                          tl.float32, BLOCK_N, BLOCK_K)
+            # [M, G, 2, 2][m, g, j, i] = x[m, 4g + 2j + i]
+            xe, xo = tl.split(tl.reshape(x, (BLOCK_M, BLOCK_K // 4, 2, 2)))
+            x0, x2 = tl.split(xe)
+            x1, x3 = tl.split(xo)
+            # idx0 is in {0, 1, 2} and idx1 in {1, 2, 3} for every valid 2:4 nibble
+            a0 = tl.where((i0 == 0)[None], x0[:, None, :], tl.where((i0 == 1)[None], x1[:, None, :], x2[:, None, :]))
+            a1 = tl.where((i1 == 3)[None], x3[:, None, :], tl.where((i1 == 2)[None], x2[:, None, :], x1[:, None, :]))
+            acc += v0[None] * a0 + v1[None] * a1
+        else:
+            w = dense_tile(FORMAT, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
+                           GROUP_SIZE, tl.float32, BLOCK_N, BLOCK_K)
+            acc += x[:, None, :] * w[None, :, :]
+    y = tl.sum(acc, axis=2)
+    epilogue(y, y_ptr, s_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_s == 0,
+             FORMAT == INT8 or FORMAT == FP8, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def gemm_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPLIT, M_BUCKET,
+                stride_xm, stride_wn, stride_mn, stride_sn, stride_ym,
+                FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_BIAS: tl.constexpr, F32: tl.constexpr,
+                ATOMIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                GROUP_M: tl.constexpr):
+    """Tiled forward: the weight tile dequantised in registers feeds ``tl.dot``."""
+    pid_m, pid_n = tile_ids(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = offs_m < M
+    n_mask = offs_n < N
+    x_rows = row_offsets(offs_m, stride_xm)
+    k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
+                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0)
+        w = weight_tile(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_mn,
+                        stride_sn, GROUP_SIZE, x_ptr.dtype.element_ty, F32, BLOCK_N, BLOCK_K)
+        acc = mma(x, tl.trans(w), acc, F32)
+    epilogue(acc, y_ptr, s_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_s == 0,
+             FORMAT == INT8 or FORMAT == FP8, HAS_BIAS, ATOMIC)
+
+
+@triton.jit
+def dx_kernel(dy_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, dx_ptr, M, N, K, SPLIT, M_BUCKET,
+              stride_dym, stride_wn, stride_mn, stride_sn, stride_dxm,
+              FORMAT: tl.constexpr, GROUP_SIZE: tl.constexpr, F32: tl.constexpr, ATOMIC: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """Input gradient ``dX[M, K] = dY[M, N] @ dequant(W)[N, K]``; loop (and split) over N."""
+    pid_m, pid_k = tile_ids(tl.program_id(0), M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    pid_s = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    m_mask = offs_m < M
+    dy_rows = row_offsets(offs_m, stride_dym)
+    n_lo, n_hi = split_range(pid_s, SPLIT, N, BLOCK_N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < N
+        g = tl.load(dy_ptr + dy_rows[:, None] + offs_n[None, :], mask=m_mask[:, None] & n_mask[None, :], other=0.0)
+        if FORMAT == INT8 or FORMAT == FP8:  # dY * scale[n] against the raw codes
+            s = tl.load(s_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            g = (g.to(tl.float32) * s[None, :]).to(dy_ptr.dtype.element_ty)
+        w = weight_tile(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_mn,
+                        stride_sn, GROUP_SIZE, dy_ptr.dtype.element_ty, F32, BLOCK_N, BLOCK_K)
+        acc = mma(g, w, acc, F32)
+    epilogue(acc, dx_ptr, s_ptr, s_ptr, offs_m, offs_k, M, K, stride_dxm, pid_s == 0, False, False, ATOMIC)
+
+
+# ============================================================================ configs
+def cfg(bm, bn, bk, warps, stages, gm=8) -> triton.Config:
+    kw = {"BLOCK_N": bn, "BLOCK_K": bk} if bm is None else {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": gm}
+    return triton.Config(kw, num_warps=warps, num_stages=stages)
+
+
+#: GEMV register budget: BLOCK_M * BLOCK_N * (BLOCK_K, or BLOCK_K/4 for 2:4) fp32 partials,
+#: 32 per thread at 8 warps (2:4: 16; its per-pair selects and operands take the rest)
+GEMV_ELEMS = {"dense": 8192, "sparse": 4096}
+GEMV_WARPS = 8
+GEMV_BLOCK_MS = (1, 2, 4)
+
+#: narrow tiles for SMALL_M < M <= MEDIUM_M: BLOCK_M = 16/32/64 by M, split-K fills the GPU;
+#: 2:4 formats use 8 warps (their select tile is 4x the weight tile)
+GEMM_MEDIUM_BLOCK_MS = (16, 32, 64)
+#: large M, autotuned (fp16 / bf16): dense formats and 2:4 formats; BLOCK_K 32 serves int4 group 32
+GEMM_LARGE = {
+    "dense": [cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
+    "sparse": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3)],
+}
+DX_LARGE = {
+    "dense": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
+    "sparse": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 8, 3)],
+}
+#: fp32 activations: IEEE fp32 dots on the FMA units; tensor-core tiles spill there
+F32_TILE = cfg(32, 32, 32, 8, 2)
+INTERP_TILE = cfg(32, 32, 32, 4, 1)
+
+
+def family(fmt: int) -> str:
+    return "sparse" if fmt in SPARSE else "dense"
+
+
+def _bk_cap(fmt: int, group: Optional[int], cap: int) -> int:
+    return min(cap, group) if fmt in GROUPED else cap
+
+
+def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> triton.Config:
+    """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
+    columns = 64 kept pairs), BLOCK_N filling the register budget."""
+    bk = _bk_cap(fmt, group, 256 if fmt in SPARSE else 128)
+    acc_k = bk // 4 if fmt in SPARSE else bk
+    bn = max(16, min(128, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
+    if interpreting() if interp is None else interp:
+        bn = min(bn, 32)
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=GEMV_WARPS, num_stages=1)
+
+
+def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Optional[bool] = None) -> triton.Config:
+    if f32:
+        return F32_TILE
+    if interpreting() if interp is None else interp:
+        return cfg(16, 32, _bk_cap(fmt, group, 32), 4, 1)
+    bm = next(b for b in GEMM_MEDIUM_BLOCK_MS if m <= b or b == GEMM_MEDIUM_BLOCK_MS[-1])
+    warps = 8 if fmt in SPARSE and bm >= 32 else 4
+    return cfg(bm, 64, _bk_cap(fmt, group, 64), warps, 4 if fmt not in SPARSE else 3)
+
+
+def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:
+    pool = table[family(fmt)]
+    return [c for c in pool if group is None or fmt not in GROUPED or group % c.kwargs["BLOCK_K"] == 0]
+
+
+def _prune(configs, named_args, **kwargs):
+    a = {**named_args, **kwargs}
+    fmt, group = a.get("FORMAT"), a.get("GROUP_SIZE")
+    kept = [c for c in configs if fmt not in GROUPED or group % c.kwargs["BLOCK_K"] == 0]
+    return kept or configs[-1:]
+
+
+_KEY = ["M_BUCKET", "N", "K", "FORMAT", "GROUP_SIZE"]
+_gemm_large = {f: triton.autotune(tuning_configs(GEMM_LARGE[f], INTERP_TILE), key=_KEY,
+                                  prune_configs_by={"early_config_prune": _prune})(gemm_kernel)
+               for f in GEMM_LARGE}
+_dx_large = {f: triton.autotune(tuning_configs(DX_LARGE[f], INTERP_TILE), key=_KEY,
+                                prune_configs_by={"early_config_prune": _prune})(dx_kernel)
+             for f in DX_LARGE}
+
+
+def m_bucket(m: int) -> int:
+    return min(triton.next_power_of_2(max(m, 1)), 4096)
+
+
+def sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def choose_split(tiles: int, length: int, block: int, sms: int, min_iters: int = 4) -> int:
+    """Power-of-two split of the reduction so that ``tiles * split`` reaches two waves of ``sms``,
+    each split keeping at least ``min_iters`` tiles of ``block``."""
+    split = 1
+    while tiles * split < 2 * sms and length // (split * 2) >= min_iters * block:
+        split *= 2
+    return split
+
+
+def f32_dot(dtype: torch.dtype) -> bool:
+    """Exact fp32 dots: fp32 activations (no TF32, as F.linear), and bf16 under the interpreter,
+    whose bf16 ``tl.dot`` is wrong (upcasting is exact: bf16 products fit in fp32)."""
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and interpreting())
+
+
+# ============================================================================ launch plans
+@dataclass(frozen=True)
+class Plan:
+    """What a launcher runs for one call: kernel, regime, config (None: autotuned), split, grid."""
+    kernel: str            # "gemv" | "gemm" | "dx"
+    regime: str            # "small" | "medium" | "large"
+    config: Optional[triton.Config]
+    split: int
+    block_m: int = 0       # gemv only
+    atomic: bool = False   # fp32 atomic_add into a zeroed buffer (GEMV with split > 1; every M <= MEDIUM_M tile)
+
+
+def plan_forward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: torch.dtype, sms: int,
+                 interp: Optional[bool] = None) -> Plan:
+    """The kernel, config and split the forward launcher runs (``interp=False``: the GPU's plan
+    even under the interpreter, for the AOT registry and the static model)."""
+    interp = interpreting() if interp is None else interp
+    f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
+    if m <= SMALL_M:
+        bm = triton.next_power_of_2(m)
+        c = gemv_config(fmt, bm, group, interp)
+        split = choose_split(triton.cdiv(n, c.kwargs["BLOCK_N"]), k, c.kwargs["BLOCK_K"], sms)
+        return Plan("gemv", "small", c, split, bm, split > 1)
+    if m <= MEDIUM_M or f32:
+        c = medium_config(fmt, m, group, f32, interp)
+        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
+        split = choose_split(tiles, k, c.kwargs["BLOCK_K"], sms) if m <= MEDIUM_M else 1
+        return Plan("gemm", "medium", c, split, 0, m <= MEDIUM_M)
+    return Plan("gemm", "large", None, 1)
+
+
+def plan_backward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: torch.dtype, sms: int,
+                  interp: Optional[bool] = None) -> Plan:
+    interp = interpreting() if interp is None else interp
+    f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
+    if m <= MEDIUM_M or f32:
+        c = medium_config(fmt, max(m, 16), group, f32, interp)
+        c = cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _bk_cap(fmt, group, c.kwargs["BLOCK_K"]),
+                c.num_warps, c.num_stages)
+        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])
+        split = choose_split(tiles, n, c.kwargs["BLOCK_N"], sms) if m <= MEDIUM_M else 1
+        return Plan("dx", "medium", c, split, 0, m <= MEDIUM_M)
+    return Plan("dx", "large", None, 1)
+
+
+def _out(m, n, dtype, device, atomic, out=None):
+    """The output buffer (``out`` if given); for atomics a zeroed fp32 buffer the kernel adds into."""
+    if not atomic:
+        return out if out is not None else torch.empty(m, n, device=device, dtype=dtype), None
+    if dtype == torch.float32 and out is not None:
+        return out.zero_(), None
+    acc = torch.zeros(m, n, device=device, dtype=torch.float32)
+    return acc, acc
+
+
+def _finish(y, acc, dtype, out):
+    if acc is None:
+        return y
+    if out is not None:
+        return out.copy_(acc)
+    return acc if dtype == torch.float32 else acc.to(dtype)
+
+
+def run_forward(fmt: int, x2: torch.Tensor, w, meta, s, z, bias, n: int, k: int, group: Optional[int],
+                strides: tuple, out: Optional[torch.Tensor] = None, split_k: Optional[int] = None) -> torch.Tensor:
+    """``y [M, N] = x2 @ dequant(W).T + bias`` through the plan for this shape. ``strides`` =
+    ``(stride_wn, stride_mn, stride_sn)``; unused pointers may be any tensor. ``split_k``
+    overrides the plan's split (small and medium M)."""
+    m = x2.shape[0]
+    p = plan_forward(fmt, m, n, k, group, x2.dtype, sm_count(x2.device))
+    if split_k is not None:
+        if not isinstance(split_k, int) or split_k < 1:
+            raise ValueError(f"split_k must be an integer >= 1, got {split_k!r}")
+        if p.regime != "large":
+            p = Plan(p.kernel, p.regime, p.config, split_k, p.block_m, p.atomic or split_k > 1)
+    y, acc = _out(m, n, x2.dtype, x2.device, p.atomic, out)
+    b = bias if bias is not None else s
+    meta = meta if meta is not None else w
+    z = z if z is not None else s
+    g = group or 1
+    if p.kernel == "gemv":
+        c = p.config
+        grid = (triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
+        gemv_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, x2.stride(0), *strides, y.stride(0),
+                          FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None, ATOMIC=p.atomic,
+                          BLOCK_M=p.block_m, num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs)
+    elif p.regime == "medium":
+        c = p.config
+        grid = (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
+        gemm_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, m_bucket(m), x2.stride(0), *strides,
+                          y.stride(0), FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None,
+                          F32=f32_dot(x2.dtype), ATOMIC=p.atomic, num_warps=c.num_warps,
+                          num_stages=c.num_stages, **c.kwargs)
+    else:
+        grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]), 1)  # noqa: E731
+        _gemm_large[family(fmt)][grid](x2, w, meta, s, z, b, y, m, n, k, 1, m_bucket(m), x2.stride(0), *strides,
+                                       y.stride(0), FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None,
+                                       F32=f32_dot(x2.dtype), ATOMIC=False)
+    return _finish(y, acc, x2.dtype, out)
+
+
+def run_backward_input(fmt: int, g2: torch.Tensor, w, meta, s, z, n: int, k: int, group: Optional[int],
+                       strides: tuple, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``dX [M, K] = g2 @ dequant(W)`` through the plan for this shape."""
+    m = g2.shape[0]
+    p = plan_backward(fmt, m, n, k, group, g2.dtype, sm_count(g2.device))
+    dx, acc = _out(m, k, g2.dtype, g2.device, p.atomic, out)
+    meta = meta if meta is not None else w
+    z = z if z is not None else s
+    gs = group or 1
+    args = (g2, w, meta, s, z, dx, m, n, k, p.split, m_bucket(m), g2.stride(0), *strides, dx.stride(0))
+    if p.regime == "medium":
+        c = p.config
+        grid = (triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"]), p.split)
+        dx_kernel[grid](*args, FORMAT=fmt, GROUP_SIZE=gs, F32=f32_dot(g2.dtype), ATOMIC=p.atomic,
+                        num_warps=c.num_warps, num_stages=c.num_stages, **c.kwargs)
+    else:
+        grid = lambda meta_: (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(k, meta_["BLOCK_K"]), 1)  # noqa: E731
+        _dx_large[family(fmt)][grid](*args, FORMAT=fmt, GROUP_SIZE=gs, F32=f32_dot(g2.dtype), ATOMIC=False)
+    return _finish(dx, acc, g2.dtype, out)
