@@ -399,7 +399,7 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
     columns = 64 kept pairs), BLOCK_N filling the register budget."""
     bk = _bk_cap(fmt, group, 256 if fmt in SPARSE else 128)
     acc_k = bk // 4 if fmt in SPARSE else bk
-    bn = max(16, min(128, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
+    bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
     if interpreting() if interp is None else interp:
         bn = min(bn, 32)
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=GEMV_WARPS, num_stages=1)
@@ -411,8 +411,9 @@ def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Opt
     if interpreting() if interp is None else interp:
         return cfg(16, 32, _bk_cap(fmt, group, 32), 4, 1)
     bm = next(b for b in GEMM_MEDIUM_BLOCK_MS if m <= b or b == GEMM_MEDIUM_BLOCK_MS[-1])
-    warps = 8 if fmt in SPARSE and bm >= 32 else 4
-    return cfg(bm, 64, _bk_cap(fmt, group, 64), warps, 4 if fmt not in SPARSE else 3)
+    if fmt in SPARSE:  # the select tile is 4x the weight tile: more warps, fewer stages
+        return cfg(bm, 64, _bk_cap(fmt, group, 64), 8 if bm >= 32 else 4, 2 if bm == 32 else 3)
+    return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 4)
 
 
 def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:

@@ -13,19 +13,18 @@ weights along K two are kept.
   contiguous ``BLOCK_K/8``-byte run per row. Metadata costs 2 bits per kept value, so a 2:4 fp16
   weight moves 9/16 of the dense bytes (the 16/9 = 1.78x ceiling of a memory-bound matmul).
 
-We kept the reference layout: both arrays are already contiguous along K, which is the direction
-every kernel walks, so a wider word (int16/int32 per row chunk) would not widen the loads of a
-tile that already spans several 16-byte sectors per row.
+We kept the reference layout: both arrays are contiguous along K, the direction every kernel
+walks; a tile reads ``BLOCK_K/2`` values and ``BLOCK_K/8`` metadata bytes per row as contiguous runs.
 
 Kernels (one kernel, four layers, as in DESIGN.md)
 --------------------------------------------------
-1. ``_sparse24_gemv_kernel``: small M (``M <= GEMV_MAX_M``). Works in the compressed domain: for
-   each kept value it selects the matching activation from the 4 of its group (register selects,
-   no gather loads, no multiplications by the zeros), fp32 FMA accumulation, fused bias.
-   ``_sparse24_gemm_kernel``: tiled, expands ``values + meta`` to a dense ``[BLOCK_N, BLOCK_K]``
-   tile in registers and feeds ``tl.dot`` (tensor cores), fp32 accumulation, fused bias.
-   ``_sparse24_bwd_input_kernel``: ``dX = dY · W`` from the same packed weight (same expansion,
-   no dense or transposed copy).
+1. The shared skeleton (``_skeleton``, ``FORMAT = S24``). ``gemv_kernel`` for ``M <= GEMV_MAX_M``
+   works in the compressed domain: each kept value selects its activation among the 4 of its
+   group (register selects, no gather loads, no multiplications by the zeros); fp32 partials are
+   reduced once after the K loop; split-K with fp32 atomics fills the GPU. ``gemm_kernel``
+   expands ``values + meta`` to a dense ``[BLOCK_N, BLOCK_K]`` tile in registers (a rank-3
+   select, which triton 3.6 accepts as a wgmma operand) and feeds ``tl.dot``. ``dx_kernel``:
+   ``dX = dY · W`` from the same packed weight (same expansion, no dense or transposed copy).
 2. ``sparse24_forward`` / ``sparse24_backward_input``: host launchers (validation, grid, config).
 3. ``torch.ops.robcomp.sparse24_linear`` (+ ``sparse24_linear_backward_input``): torch.library
    custom ops with fake implementations and a registered autograd formula, so that

@@ -1,0 +1,125 @@
+"""The shared weight-streaming skeleton: its jit helpers (int64 offsets, split ranges, integer to
+float bit tricks) in the interpreter, the launch plans, the frozen-weight rule and the
+``perf_cases`` contract of every kernel module."""
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+
+from robcomp.kernels import _skeleton as sk
+from robcomp.kernels import lowbit as L
+from robcomp.kernels import reference as R
+from robcomp.kernels import sparse24 as S
+from robcomp.kernels import sparse24_lowbit as SL
+from robcomp.kernels._ops import FrozenWeightError
+
+
+@triton.jit
+def _offsets_kernel(offs_ptr, out_ptr, stride, N: tl.constexpr):
+    offs = tl.load(offs_ptr + tl.arange(0, N))
+    tl.store(out_ptr + tl.arange(0, N), sk.row_offsets(offs, stride))
+
+
+def test_row_offsets_do_not_wrap_past_2_31():
+    offs = torch.tensor([0, 1, 70_000, 600_000, 2**20 + 3, 2**21 - 1, 5, 9], dtype=torch.int32)
+    out = torch.empty(8, dtype=torch.int64)
+    _offsets_kernel[(1,)](offs, out, 4096, N=8)
+    assert torch.equal(out, offs.to(torch.int64) * 4096)
+    assert out.max() > 2**31  # the int32 product would have wrapped
+
+
+@triton.jit
+def _split_kernel(out_ptr, SPLIT, L, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    lo, hi = sk.split_range(pid, SPLIT, L, BLOCK)
+    tl.store(out_ptr + 2 * pid, lo)
+    tl.store(out_ptr + 2 * pid + 1, hi)
+
+
+@pytest.mark.parametrize("length,split,block", [(1100, 3, 32), (4096, 8, 128), (200, 4, 64), (96, 2, 64)])
+def test_split_ranges_tile_the_reduction(length, split, block):
+    out = torch.empty(2 * split, dtype=torch.int32)
+    _split_kernel[(split,)](out, split, length, BLOCK=block)
+    covered = []
+    for lo, hi in out.reshape(split, 2).tolist():
+        assert lo % block == 0
+        covered += range(lo, max(lo, hi))
+    assert covered == list(range(length))  # each column in exactly one split, in order
+
+
+@triton.jit
+def _codes_kernel(q8_ptr, u_ptr, o8h_ptr, o8f_ptr, ouh_ptr, ouf_ptr):
+    offs = tl.arange(0, 256)
+    q = tl.load(q8_ptr + offs)
+    u = tl.load(u_ptr + offs)
+    tl.store(o8h_ptr + offs, sk._int8_codes(q, tl.float16))
+    tl.store(o8f_ptr + offs, sk._int8_codes(q, tl.float32))
+    tl.store(ouh_ptr + offs, sk._biased(u & 0xF, tl.float16) - sk._magic_zero(tl.zeros_like(u).to(tl.float16), tl.float16))
+    tl.store(ouf_ptr + offs, sk._biased(u, tl.float32) - sk._magic_zero(tl.zeros_like(u).to(tl.float32), tl.float32))
+
+
+def test_integer_codes_convert_exactly_without_i2f():
+    q8 = torch.arange(-128, 128, dtype=torch.int8)
+    u = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    outs = [torch.full((256,), float("nan"), dtype=d) for d in (torch.float16, torch.float32, torch.float16, torch.float32)]
+    _codes_kernel[(1,)](q8, u, *outs)
+    assert torch.equal(outs[0].double(), q8.double()) and torch.equal(outs[1].double(), q8.double())
+    assert torch.equal(outs[2].double(), (u & 0xF).double()) and torch.equal(outs[3].double(), u.double())
+
+
+@pytest.mark.parametrize("fmt", [sk.INT8.value, sk.INT4.value, sk.S24.value, sk.S24I4.value])
+def test_small_m_plans_cover_the_gpu(fmt):
+    """At 4096 x 4096 every M <= 64 launch has at least one CTA per SM of an H100 (132)."""
+    group = 128 if fmt in sk.GROUPED else None
+    for m in (1, 2, 4, 16, 64):
+        for plan, cols in ((sk.plan_forward(fmt, m, 4096, 4096, group, torch.float16, 132, interp=False), "n"),
+                           (sk.plan_backward(fmt, m, 4096, 4096, group, torch.float16, 132, interp=False), "k")):
+            c = plan.config.kwargs
+            per = c["BLOCK_N"] if plan.kernel != "dx" else c["BLOCK_K"]
+            rows = 1 if plan.kernel == "gemv" else triton.cdiv(m, c["BLOCK_M"])
+            assert rows * triton.cdiv(4096, per) * plan.split >= 132, (m, plan)
+
+
+def _all_spec_names():
+    names = set()
+    for mod in (L, S, SL):
+        names |= {s[0] for s in mod.aot_specs()}
+    return names | {s[0] for s in L.aot_specs_fp8()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_perf_cases_contract(dtype):
+    names = _all_spec_names()
+    for mod in (L, S, SL):
+        for m, n, k in ((1, 4096, 4096), (16, 4096, 4096), (64, 11008, 4096), (4096, 4096, 4096)):
+            cases = mod.perf_cases(m, n, k, dtype=dtype, sm_count=132)
+            ops = [c["op"] for c in cases]
+            assert len(ops) == len(set(ops)) and any(o.endswith("_backward_input") for o in ops)
+            for c in cases:
+                assert set(c) == {"op", "launches", "bytes", "flops", "candidates"}
+                assert c["flops"] == 2 * m * n * k and c["launches"] >= 1
+                assert c["bytes"] > (m * k + m * n) * dtype.itemsize
+                assert c["candidates"], c["op"]
+                for cand in c["candidates"]:
+                    assert set(cand) == {"spec", "ctas", "weights_per_iter", "num_warps"}
+                    assert cand["spec"] in names, cand["spec"]
+                    assert cand["ctas"] >= 1 and cand["weights_per_iter"] >= 256 and cand["num_warps"] in (2, 4, 8)
+
+
+def test_frozen_weights_raise_one_error_type_everywhere():
+    w = torch.randn(8, 128)
+    x = torch.randn(2, 128, requires_grad=True)
+    q8, s8 = R.int8_weight_pack(w)
+    q4, s4, z4 = R.int4_pack(w, 32)
+    v, meta = R.sparse24_pack(w)
+    qi, si, zi, mi = R.sparse24_int4_pack(w, 32)
+    calls = [lambda: L.int8_weight_linear(x, q8, s8.requires_grad_()),
+             lambda: L.int4_linear(x, q4, s4, z4.requires_grad_(), 32),
+             lambda: L.int8_dynamic_linear(x, *R.int8_dynamic_pack(w)[:1], R.int8_dynamic_pack(w)[1].requires_grad_()),
+             lambda: S.sparse24_linear(x, v.requires_grad_(), meta),
+             lambda: SL.sparse24_int4_linear(x, qi, si.requires_grad_(), zi, mi, 32)]
+    for call in calls:
+        with pytest.raises(FrozenWeightError, match="frozen"):
+            call()
+    assert issubclass(FrozenWeightError, ValueError)
