@@ -988,3 +988,93 @@ def aot_specs_fp8(dtypes=(torch.float16, torch.bfloat16)):
                              {"dy_ptr": f"*{t}", "dx_ptr": f"*{t}", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"},
                              {"F32": False}, c, True))
     return out
+
+
+# ============================================================================ static-model cases
+# TEMPORARY (branch k-static): the interface bench/static_model.py consumes, written for the
+# current kernels; the kernel skeleton (branch k-skeleton) replaces this whole section.
+def _perf_label(base: str, config) -> str:
+    """The ``aot_specs`` name of ``base`` compiled with ``config`` (as ``_spec`` labels it)."""
+    kw = "_".join(f"{k}{v}" for k, v in config.kwargs.items())
+    return f"{base}_{kw}_w{config.num_warps}s{config.num_stages}"
+
+
+def _perf_split_k(n: int, k: int, sm_count: int, quantum: int) -> int:
+    """``_choose_split_k`` for a GPU with ``sm_count`` SMs (the launcher asks the device)."""
+    tiles, split = triton.cdiv(n, 64), 1
+    while tiles * split < 2 * sm_count and k // (split * 2) >= max(quantum, 512):
+        split *= 2
+    k_per = triton.cdiv(triton.cdiv(k, split), quantum) * quantum
+    return triton.cdiv(k, k_per)
+
+
+def _perf_gemv(base, m, n, k, group, sm_count, quantum):
+    split = _perf_split_k(n, k, sm_count, quantum)
+    bm = triton.next_power_of_2(m)
+    extra = {} if group is None else {"GROUP_SIZE": group}
+    cands = [{"spec": _perf_label(f"{base}_m{bm}", c), "ctas": triton.cdiv(n, c.kwargs["BLOCK_N"]) * split,
+              "weights_per_iter": c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"], "num_warps": c.num_warps}
+             for c in _prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": bm, **extra})]
+    return cands, (3 if split > 1 else 1)  # split-K: + the host sum and the cast
+
+
+def _perf_tiled(base, configs, m, rows, cols, group=None):
+    """Candidates of a tiled kernel whose grid is ``cdiv(m, BLOCK_M) * cdiv(cols, BLOCK_<cols>)``
+    and whose loop walks ``rows``; ``cols`` is N (forward) or K (input gradient)."""
+    extra = {} if group is None else {"GROUP_SIZE": group}
+    fwd = rows is None
+    out = []
+    for c in _prune_tiled(configs, {}, M_BUCKET=_m_bucket(m), F32=False, **extra):
+        tile = c.kwargs["BLOCK_N"] if fwd else c.kwargs["BLOCK_K"]
+        out.append({"spec": _perf_label(base, c), "ctas": triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(cols, tile),
+                    "weights_per_iter": c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"], "num_warps": c.num_warps})
+    return out
+
+
+def perf_cases(m: int, n: int, k: int, dtype=torch.float16, sm_count: int = 132) -> list[dict]:
+    """One dict per op the launchers run for ``x [m, k]``, weight ``[n, k]`` (see bench/static_model.py)."""
+    t, e = _TL[dtype], torch.tensor([], dtype=dtype).element_size()
+    act_fwd, act_bwd, flops = e * m * k + e * m * n, e * m * n + e * m * k, 2 * m * n * k
+    g = 128
+    cases = []
+    if m <= SMALL_M:
+        c8, l8 = _perf_gemv(f"w8a16_gemv_{t}", m, n, k, None, sm_count, 256)
+        c4, l4 = _perf_gemv(f"w4a16_gemv_{t}_g{g}", m, n, k, g, sm_count, 256)
+    else:
+        c8, l8 = _perf_tiled(f"w8a16_gemm_{t}", _GEMM_TUNE, m, None, n), 1
+        c4, l4 = _perf_tiled(f"w4a16_gemm_{t}_g{g}", _GEMM_TUNE, m, None, n, g), 1
+    w8, w4 = n * k + e * n, n * k // 2 + 2 * e * n * (k // g)
+    cases.append({"op": "int8_weight.forward", "launches": l8, "bytes": w8 + act_fwd, "flops": flops, "candidates": c8})
+    cases.append({"op": "int8_weight.backward_input", "launches": 1, "bytes": w8 + act_bwd, "flops": flops,
+                  "candidates": _perf_tiled(f"per_channel_bwd_{t}", _BWD_TUNE, m, n, k)})
+    cases.append({"op": f"int4_g{g}.forward", "launches": l4, "bytes": w4 + act_fwd, "flops": flops, "candidates": c4})
+    cases.append({"op": f"int4_g{g}.backward_input", "launches": 1, "bytes": w4 + act_bwd, "flops": flops,
+                  "candidates": _perf_tiled(f"w4_bwd_{t}_g{g}", _BWD_TUNE, m, n, k, g)})
+    # dynamic: the per-token quantiser (x read, codes written and read back), then the int8/fp8 dot
+    dyn = n * k + 4 * n + e * m * k + 2 * m * k + 8 * m + e * m * n
+    cases.append({"op": "int8_dynamic.forward", "launches": 2, "bytes": dyn, "flops": flops,
+                  "candidates": _perf_tiled(f"w8a8_gemm_{t}", _GEMM_CONFIGS, m, None, n)})
+    cases.append({"op": "fp8_dynamic.forward", "launches": 2, "bytes": dyn, "flops": flops,
+                  "candidates": _perf_tiled(f"fp8_gemm_{t}", _GEMM_CONFIGS, m, None, n)})
+    cases.append({"op": "fp8_dynamic.backward_input", "launches": 1, "bytes": n * k + 4 * n + act_bwd, "flops": flops,
+                  "candidates": _perf_tiled(f"fp8_bwd_{t}", _BWD_TUNE, m, n, k)})
+    return cases
+
+
+_aot_specs_of_configs = aot_specs
+
+
+def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):  # noqa: F811
+    """The configs' specs plus the fp16 matrix-vector kernels at BLOCK_M = 1 (what M = 1 runs;
+    the configs' own specs are compiled at the largest BLOCK_M each runs with)."""
+    out = _aot_specs_of_configs(dtypes)
+    if torch.float16 in dtypes:
+        i8 = {**_act_types("fp16"), "w_ptr": "*i8", "s_ptr": "*fp16"}
+        i4 = {**_act_types("fp16"), "q_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16"}
+        for c in _prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": 1}):
+            out.append(_spec("w8a16_gemv_fp16_m1", _w8a16_gemv_kernel, i8,
+                             {"HAS_BIAS": True, "SPLIT_K": 1, "BLOCK_M": 1}, c, False))
+        for c in _prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": 1, "GROUP_SIZE": 128}):
+            out.append(_spec("w4a16_gemv_fp16_g128_m1", _w4a16_gemv_kernel, i4,
+                             {"GROUP_SIZE": 128, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": 1}, c, False))
+    return out

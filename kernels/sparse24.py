@@ -512,3 +512,28 @@ def aot_specs() -> list:
                           {"num_warps": c.num_warps, "num_stages": c.num_stages, "expect_mma": not ieee,
                            "divisible_by_16": [a for a in _ALIGNED if a in bwd_sig]}))
     return specs
+
+
+# ====================================================================== static-model cases
+# TEMPORARY (branch k-static): the interface bench/static_model.py consumes, written for the
+# current kernels; the kernel skeleton (branch k-skeleton) replaces this whole section.
+def perf_cases(m: int, n: int, k: int, dtype=torch.float16, sm_count: int = 132) -> list[dict]:
+    """One dict per op the launchers run for ``x [m, k]``, weight ``[n, k]`` (see bench/static_model.py)."""
+    t, e = _TL_NAMES[dtype], torch.tensor([], dtype=dtype).element_size()
+    weight = e * n * (k // 2) + n * triton.cdiv(k, 8)
+    if m <= GEMV_MAX_M:
+        bm = triton.next_power_of_2(m)
+        fwd = [{"spec": f"sparse24_gemv_{t}_c{i}_m{bm}", "num_warps": c.num_warps,
+                "ctas": triton.cdiv(n, c.kwargs["BLOCK_N"]) * triton.cdiv(m, bm),
+                "weights_per_iter": c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]} for i, c in enumerate(_GEMV_CONFIGS)]
+    else:
+        fwd = [{"spec": f"sparse24_gemm_{t}_c{i}", "num_warps": c.num_warps,
+                "ctas": triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"]),
+                "weights_per_iter": c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]} for i, c in enumerate(_GEMM_CONFIGS)]
+    bwd = [{"spec": f"sparse24_bwd_input_{t}_c{i}", "num_warps": c.num_warps,
+            "ctas": triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"]),
+            "weights_per_iter": c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_K"]} for i, c in enumerate(_BWD_CONFIGS)]
+    act = e * (m * k + m * n)
+    return [{"op": "sparse24.forward", "launches": 1, "bytes": weight + act, "flops": 2 * m * n * k, "candidates": fwd},
+            {"op": "sparse24.backward_input", "launches": 1, "bytes": weight + act, "flops": 2 * m * n * k,
+             "candidates": bwd}]

@@ -281,3 +281,36 @@ def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):
                 out.append(_lb._spec(f"s24i4_bwd_{t}_g{g}", _s24i4_bwd_kernel, types,
                                      {"GROUP_SIZE": g, "F32": f32}, c, not f32))
     return out
+
+
+# ============================================================================ static-model cases
+# TEMPORARY (branch k-static): the interface bench/static_model.py consumes, written for the
+# current kernels; the kernel skeleton (branch k-skeleton) replaces this whole section.
+def perf_cases(m: int, n: int, k: int, dtype=torch.float16, sm_count: int = 132) -> list[dict]:
+    """One dict per op the launchers run for ``x [m, k]``, weight ``[n, k]`` (see bench/static_model.py)."""
+    t, e, g = _lb._TL[dtype], torch.tensor([], dtype=dtype).element_size(), 128
+    if m <= _lb.SMALL_M:
+        fwd, launches = _lb._perf_gemv(f"s24i4_gemv_{t}_g{g}", m, n, k, g, sm_count, 256)
+    else:
+        fwd, launches = _lb._perf_tiled(f"s24i4_gemm_{t}_g{g}", _S24_GEMM_TUNE, m, None, n, g), 1
+    weight = n * k // 4 + n * k // 8 + 2 * e * n * (k // g)
+    act = e * (m * k + m * n)
+    return [{"op": f"sparse24_int4_g{g}.forward", "launches": launches, "bytes": weight + act,
+             "flops": 2 * m * n * k, "candidates": fwd},
+            {"op": f"sparse24_int4_g{g}.backward_input", "launches": 1, "bytes": weight + act, "flops": 2 * m * n * k,
+             "candidates": _lb._perf_tiled(f"s24i4_bwd_{t}_g{g}", _BWD_TUNE, m, n, k, g)}]
+
+
+_aot_specs_of_configs = aot_specs
+
+
+def aot_specs(dtypes=(torch.float16, torch.bfloat16, torch.float32)):  # noqa: F811
+    """The configs' specs plus the fp16 matrix-vector kernel at BLOCK_M = 1 (what M = 1 runs)."""
+    out = _aot_specs_of_configs(dtypes)
+    if torch.float16 in dtypes:
+        types = {"x_ptr": "*fp16", "y_ptr": "*fp16", "b_ptr": "*fp16", "dy_ptr": "*fp16", "dx_ptr": "*fp16",
+                 "q_ptr": "*u8", "m_ptr": "*u8", "s_ptr": "*fp16", "z_ptr": "*fp16"}
+        for c in _prune_gemv(_GEMV_CONFIGS, {"BLOCK_M": 1, "GROUP_SIZE": 128}):
+            out.append(_lb._spec("s24i4_gemv_fp16_g128_m1", _s24i4_gemv_kernel, types,
+                                 {"GROUP_SIZE": 128, "HAS_BIAS": True, "SPLIT_K": 2, "BLOCK_M": 1}, c, False))
+    return out
