@@ -73,8 +73,10 @@ TINY = {"shapes": [(128, 48)], "ms": [1, 17], "check_shapes": [(128, 48)], "chec
         "launch": (1, 128, 48), "e2e_batches": [1, 3], "static_ms": [1]}
 ROTATE = 4  # activation sets cycled through by a timed call
 #: (phase, fraction of the budget promised to it); a phase also gets what earlier phases left unused
-PLAN = [("ceilings", 0.025), ("correctness", 0.14), ("kernels", 0.40), ("launch", 0.05), ("static", 0.05),
-        ("e2e", 0.12), ("extra", 0.215)]
+#: ("setup": wheels, imports, formats, environment; always runs)
+PLAN = [("setup", 0.04), ("ceilings", 0.025), ("correctness", 0.14), ("kernels", 0.40), ("launch", 0.05),
+        ("static", 0.05), ("e2e", 0.12), ("extra", 0.175)]
+PHASES = [name for name, _ in PLAN if name != "setup"]
 
 
 # ------------------------------------------------------------------------------ setup
@@ -117,17 +119,10 @@ def import_robcomp():
 
 
 def kernel_modules() -> list:
-    """robcomp's public kernel modules (``robcomp.kernels.<name>``, no leading underscore) that import."""
-    import pkgutil
-    from robcomp import kernels
-    mods = []
-    for info in pkgutil.iter_modules(kernels.__path__):
-        if not info.name.startswith("_"):
-            try:
-                mods.append(importlib.import_module(f"robcomp.kernels.{info.name}"))
-            except Exception:  # a module this machine cannot import holds no kernel the suite runs
-                continue
-    return mods
+    """The robcomp kernel modules loaded so far (``robcomp.kernels.*``; the suite's formats import
+    every module whose kernels it runs, and what those import)."""
+    return [mod for name, mod in sorted(sys.modules.items())
+            if name.startswith("robcomp.kernels.") and mod is not None]
 
 
 def fast_autotune(rep_ms: float) -> None:
@@ -342,11 +337,13 @@ class Suite:
                 if isinstance(model, Exception):
                     failed(lay, model)
                     continue
+                t0 = time.perf_counter()
                 tuned = I.tune(model, (x(),))
+                tune_s = round(time.perf_counter() - t0, 3)
                 layer = model[0]
                 mm = self.time("kernels", cf, f.name + "_layer", dt, shape, lambda layer=layer: layer(x()),
                                (wb or 0) + act, flops, f.compute_dtype, target=lay, kind="layer", format=f.name,
-                               tune=tuned)
+                               tune=tuned, tune_s=tune_s)
                 lay["path"], lay["tune"] = I.path_taken(layer), tuned
                 if mm is not None:
                     mm.extra["path"] = lay["path"]
@@ -562,6 +559,18 @@ def print_table(res: dict) -> None:
         for r in e2e:
             print(f"{r['case']:<22}{r['impl']:<20}{r['ms']:>10.3f}{r.get('throughput_samples_per_s', 0):>12.1f}"
                   f"{f2(r.get('speedup_vs_dense', 1.0)):>9}")
+    cases = [c for c in res["cases"] if c["op"] == "forward" and c["dtype"] == res["config"]["dtypes"].split(",")[0]]
+    if cases:  # raw kernel / dispatched layer ratio vs dense, per M, on the first shape
+        k, n = cases[0]["K"], cases[0]["N"]
+        ms = sorted({c["M"] for c in cases if (c["K"], c["N"]) == (k, n)})
+        print(f"\nraw/layer vs dense, K={k} N={n} {cases[0]['dtype']}")
+        print(f"{'format':<20}" + "".join(f"{'M=' + str(m):>13}" for m in ms))
+        for fmt in dict.fromkeys(c["format"] for c in cases):
+            def cell(m):
+                got = {c["kind"]: c for c in cases if c["format"] == fmt and (c["M"], c["K"], c["N"]) == (m, k, n)}
+                return "/".join("ERR" if got.get(kd, {}).get("status") == "error" else f2(got.get(kd, {}).get("speedup"))
+                                for kd in ("raw", "layer"))
+            print(f"{fmt:<20}" + "".join(f"{cell(m):>13}" for m in ms))
     print(f"\n{'target (fp16, issue shapes)':<44}{'need':>5}{'worst':>7}{'raw':>7}{'layer':>7}{'n':>4}  status; layer paths")
     for t in res["targets"]:
         paths = ",".join(f"{p}:{c}" for p, c in t["layer_paths"].items())
@@ -589,7 +598,7 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=420.0, help="the whole suite's wall-clock budget")
     p.add_argument("--wheels", default=str(ROOT / ".whl"), help="directory of optional wheels to install first")
     p.add_argument("--dtypes", default="float16,bfloat16", help="the first is the targets' dtype")
-    p.add_argument("--phases", default=",".join(name for name, _ in PLAN))
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (setup always runs)")
     p.add_argument("--shapes", default="main,models", help="extra phase's shape sets: main (issue), models (built-in)")
     p.add_argument("--ms", default=None, help="comma-separated M values (default: the issue's)")
     p.add_argument("--warmup-ms", type=float, default=10.0)
@@ -599,9 +608,9 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.max_seconds < 0:
         p.error("--max-seconds must be >= 0")
-    unknown = set(args.phases.split(",")) - {name for name, _ in PLAN}
+    unknown = set(args.phases.split(",")) - set(PHASES)
     if unknown:
-        p.error(f"--phases: unknown {sorted(unknown)}; choose from {[n for n, _ in PLAN]}")
+        p.error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
     return args
 
 
@@ -628,24 +637,27 @@ def model_linear_shapes(tiny: bool) -> list[tuple[int, int]]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    wheels = install_wheels(args.wheels)
-    import_robcomp()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        print("no CUDA device: run with --tiny (Triton interpreter) on CPU", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and args.tune_rep_ms > 0:
-        fast_autotune(args.tune_rep_ms)
-    budget = Budget(args.max_seconds, [(name, share * args.max_seconds) for name, share in PLAN])
-    suite = Suite(args, device, budget)
-    suite.baselines["wheels"] = wheels
-    try:
-        import bitsandbytes
-        suite.baselines["bitsandbytes"] = f"bitsandbytes {bitsandbytes.__version__}"
-    except Exception as e:
-        suite.baselines["bitsandbytes"] = "not installed" if isinstance(e, ImportError) else f"import failed: {e}"[:200]
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     phases = set(args.phases.split(","))
+    budget = Budget(args.max_seconds, [(name, share * args.max_seconds) for name, share in PLAN
+                                       if name == "setup" or name in phases])
+    with budget.phase("setup"):
+        wheels = install_wheels(args.wheels)
+        import_robcomp()
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("no CUDA device: run with --tiny (Triton interpreter) on CPU", file=sys.stderr)
+            return 2
+        suite = Suite(args, device, budget)  # imports the kernel modules
+        if device.type == "cuda" and args.tune_rep_ms > 0:
+            fast_autotune(args.tune_rep_ms)
+        suite.baselines["wheels"] = wheels
+        try:
+            import bitsandbytes
+            suite.baselines["bitsandbytes"] = f"bitsandbytes {bitsandbytes.__version__}"
+        except Exception as e:
+            suite.baselines["bitsandbytes"] = "not installed" if isinstance(e, ImportError) else f"import failed: {e}"[:200]
+    print(f"[{budget.elapsed():6.1f} s] setup done", flush=True)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     ms = [int(v) for v in args.ms.split(",")] if args.ms else (TINY["ms"] if args.tiny else MS)
     main_shapes = TINY["shapes"] if args.tiny else MAIN_SHAPES
     out = Path(args.out) if args.out else None
@@ -680,7 +692,7 @@ def main(argv=None) -> int:
     }
     res = None
     try:
-        for name, _ in PLAN:
+        for name in PHASES:
             if name not in phases:
                 continue
             with budget.phase(name) as phase:

@@ -69,7 +69,8 @@ def test_tiny_suite_json(tmp_path):
     assert {t["format"] for t in res["targets"]} == FORMATS
     assert any(s["what"] == "measured ceilings" for s in res["skipped"])
     phases = [p["phase"] for p in res["budget"]["phases"]]
-    assert phases == ["ceilings", "correctness", "kernels", "launch", "static", "e2e"]
+    assert phases == ["setup", "ceilings", "correctness", "kernels", "launch", "static", "e2e"]
+    assert all(p["granted_s"] > 0 for p in res["budget"]["phases"])  # setup time does not eat a phase's share
     e2e = [r for r in res["results"] if r["suite"] == "e2e"]
     assert {r["shape"]["model"] for r in e2e} == {"tiny_vit", "mlp128"}
     assert "target (fp16" in proc.stdout and "mean nothing" in proc.stdout
