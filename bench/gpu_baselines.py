@@ -96,10 +96,11 @@ def int_mm(w, dtype, device):
 
     def run(x):
         m = x.shape[0]
-        xs = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
-        xq = (x.float() / xs).round().clamp(-127, 127).to(torch.int8)
-        acc = torch._int_mm(_pad_rows(xq, INT_MM_MIN_ROWS), qt)[:m]
-        return (acc.float() * xs * s[None, :]).to(dtype)
+        xf = _pad_rows(x.float(), INT_MM_MIN_ROWS)  # padded before quantising: zero rows stay zero
+        xs = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / 127
+        xq = (xf / xs).round().clamp(-127, 127).to(torch.int8)
+        acc = torch._int_mm(xq, qt)[:m]
+        return (acc.float() * xs[:m] * s[None, :]).to(dtype)
     return Baseline("int_mm", "int8_dynamic", run, H.nbytes(qt, s), 30.0, compute_dtype="int8",
                     note=f"rows padded to {INT_MM_MIN_ROWS} at M <= 16 (_int_mm needs M > 16 on CUDA)")
 
@@ -111,11 +112,11 @@ def scaled_mm_fp8(w, dtype, device):
     qt = (w.float() / sw).to(f8).t()
     sb = sw.reshape(1, -1).contiguous()
 
-    def quantize(x):
+    def quantize(x):  # rows padded in float before the cast (no padding op on an fp8 tensor)
         m = x.shape[0]
-        xs = x.float().abs().amax(1, keepdim=True).clamp_min(1e-12) / fmax
-        rows = -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE
-        return _pad_rows((x.float() / xs).to(f8), rows), _pad_rows(xs, rows), m
+        xf = _pad_rows(x.float(), -(-m // SCALED_MM_ROW_MULTIPLE) * SCALED_MM_ROW_MULTIPLE)
+        xs = xf.abs().amax(1, keepdim=True).clamp_min(1e-12) / fmax
+        return (xf / xs).to(f8), xs, m
 
     out_dtype, note = dtype, f"rows padded to a multiple of {SCALED_MM_ROW_MULTIPLE}"
     xq, xs, _ = quantize(torch.randn(1, w.shape[1], device=device, dtype=dtype))
