@@ -158,7 +158,6 @@ class Suite:
         self.launch: list[dict] = []
         self.static: dict = {"status": "not run", "predictions": []}
         self.baselines: dict = {}
-        self.e2e_paths: list[dict] = []
         self.timing_kw = ({"warmup": args.warmup_ms, "rep": args.rep_ms} if device.type == "cuda"
                           else {"cpu_repeats": 1, "cpu_warmup": 1})
         self.sm_count = self.rec.env.get("sm_count", 132)  # the H100/H200's count where there is no GPU
@@ -166,7 +165,7 @@ class Suite:
     # -------------------------------------------------------------------------- one timing
     def time(self, suite, case, impl, dt, shape, fn, nbytes=0, flops=0, compute_dtype="", target=None, **extra):
         """Time ``fn`` and record it; a failure is recorded (and marks its target case), not raised.
-        ``target``: the planned case this timing fills (``status``, ``path`` are set here)."""
+        ``target``: the planned case this timing fills (its ``status`` is set here)."""
         try:
             ms = H.time_ms(fn, self.device, **self.timing_kw)
         except Exception as e:
@@ -209,7 +208,7 @@ class Suite:
     def run_checks(self, phase, dtypes):
         shapes = TINY["check_shapes"] if self.tiny else CHECK_SHAPES
         ms = TINY["check_ms"] if self.tiny else CHECK_MS
-        cases = [(fmt, dt, k, n, m) for mi, m in enumerate(ms) for dt in dtypes for si, (k, n) in enumerate(shapes)
+        cases = [(fmt, dt, k, n, m) for m in ms for dt in dtypes for k, n in shapes
                  for fmt in self.formats if not fmt.incompatible(k)]
         # breadth first: every format and dtype at the first M before any at the next
         cases.sort(key=lambda c: (ms.index(c[4]), dtypes.index(c[1])))
@@ -323,7 +322,7 @@ class Suite:
                                 "dtype": dt, "error": err})
 
         with torch.no_grad():
-            self.time("kernels", cf, "dense", dt, shape, lambda: F.linear(x(), w), H.nbytes(w) + act, flops)
+            dense_f = self.time("kernels", cf, "dense", dt, shape, lambda: F.linear(x(), w), H.nbytes(w) + act, flops)
             for f in self._compatible(k):
                 p, wb = state["packs"][f.name], None
                 raw, lay = planned[(f.name, "raw", "forward")], planned[(f.name, "layer", "forward")]
@@ -350,7 +349,7 @@ class Suite:
             for b in state["baselines"]:
                 self.time("kernels", cf, b.name, dt, shape, lambda b=b: b.run(x()), b.weight_bytes + act, flops,
                           b.compute_dtype, kind="baseline", peer_of=b.peer_of, note=b.note or None)
-            self.time("kernels", cb, "dense", dt, shape, lambda: dy() @ w, H.nbytes(w) + act, flops)
+            dense_b = self.time("kernels", cb, "dense", dt, shape, lambda: dy() @ w, H.nbytes(w) + act, flops)
             for kernel, fs in self._grad_groups(k).items():
                 f, case = fs[0], planned[(fs[0].name, "raw", "input_grad")]
                 p = state["packs"][f.name]
@@ -360,6 +359,11 @@ class Suite:
                 self.time("kernels", cb, kernel, dt, shape, lambda f=f, p=p: f.backward(dy(), *p),
                           f.weight_bytes(p) + act, flops, f.compute_dtype, target=case, kind="raw",
                           formats=[g.name for g in fs])
+        for dense, op in ((dense_f, "forward"), (dense_b, "input_grad")):
+            if dense is None:  # no same-run baseline, no ratio: the cases count as errored, not as missing
+                for c in cases:
+                    if c["op"] == op and c["status"] == "ok":
+                        c.update(status="error", error="the dense baseline of this case failed")
 
     def run_launch(self, phase, dtype):
         """Host cost per call at a tiny shape: dense, each raw launcher, each dispatched layer."""
