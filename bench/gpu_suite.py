@@ -1,88 +1,90 @@
 #!/usr/bin/env python
-"""One-command GPU suite (issue 8): correctness, kernel timings, baselines and end to end, one JSON.
+"""One-command GPU suite (issues 11 and 16): what a user of each compressed format pays, in one JSON.
 
-On a GPU (H100/H200), in this order, within ``--max-seconds`` (default 540 s: the device allows
-10 minutes a command):
+Phases, in priority order, inside one wall-clock budget (``--max-seconds``, default 420 s, so that
+one 10-minute device call holds it with room to spare; bench/gpu_budget.py): each phase gets a
+share and may use what earlier phases left, never the shares of later ones, and every planned case
+it did not reach is listed under ``skipped``.
 
-1. optional: ``pip install --no-index --no-deps`` the wheels in ``--wheels DIR`` (default ``.whl``)
-   into a temporary target (bitsandbytes baselines; absent wheels are reported "not installed");
-2. correctness of every format's Triton path against the plain-PyTorch reference on fresh random
-   inputs (outputs poisoned with NaN before each run), fp16 and bf16, forward and input gradient
-   (through the autograd functional forms, i.e. the custom ops): relative error and SQNR bounds as
-   in tests/test_lowbit.py and tests/test_sparse24_lowbit.py;
-3. kernel timings with bench/harness.py (``triton.testing.do_bench`` median after warm-up; it
-   flushes the L2 before every repetition, and activations rotate among fresh random sets) for
-   K x N in the issue's shapes plus the built-in models' Linear shapes, M in 1..4096: dense
-   ``F.linear``/``dY @ W`` (cuBLAS), every format's forward and input-gradient launcher, the 2:4
-   layer with its dispatch, torch semi-structured sparse, ``torch._int_mm`` (W8A8),
-   ``torch._scaled_mm`` (FP8, where it runs), bitsandbytes 8-bit and nf4 where installed;
-4. end to end: the built-in TinyViT at ViT-B/16 shapes (width 768, depth 12, 12 heads, MLP 3072,
-   224x224x3, patch 16) and an MLP of 4096-wide layers, batch 1/16/256, dense vs each recipe.
+1. ``ceilings``: measured device-to-device copy GB/s, bf16 and int8 matmul rates (next to the
+   datasheet peaks per dtype of bench/harness.peaks_by_dtype);
+2. ``correctness`` (hard cap: a case still running at the cap is interrupted): every format's custom
+   op, forward and input gradient, fp16 and bf16, against kernels/reference.py in float64 on fresh
+   random inputs with poisoned outputs, and the dispatched layer's forward (after ``robcomp.tune``);
+3. ``kernels`` (fp16, the issue's shapes): per M, dense cuBLAS ``F.linear`` and ``dY @ W``, each
+   format's raw Triton launcher (forward and input gradient), the dispatched layer (``rc.compress``
+   with the default backend, ``robcomp.tune`` at that input first; the path it took from
+   ``layer.last_path``), and the peers of bench/gpu_baselines.py (semi-structured sparse,
+   ``_weight_int8pack_mm``, tinygemm int4, ``_int_mm`` at every M, ``_scaled_mm`` fp8, bitsandbytes
+   where installed); ``do_bench`` medians (L2 flushed, inputs rotating), GB/s, TFLOP/s, roofline %;
+4. ``launch``: host cost per call at a tiny shape, eager (wall clock over many calls) and replayed
+   from a ``torch.cuda.CUDAGraph``, for dense, each raw launcher and each dispatched layer;
+5. ``static``: bench/static_model.py's predictions for each kernel module's ``perf_cases``, put
+   beside the measured raw kernels ("static model unavailable" when the module is absent);
+6. ``e2e``: TinyViT at ViT-B/16 shapes and a 4096-wide MLP, batch 1/16/256, dense vs each recipe
+   (tuned, with the paths the layers took);
+7. ``extra``: whatever time is left: bf16 on the issue's shapes, then the built-in models' shapes.
 
-Work is ordered by priority (fp16 issue shapes, end to end, bf16, model shapes); once the time
-budget is spent no new shape is started, what was measured is written and the rest is listed under
-``skipped``. The JSON (``--out``, default ``bench/results/gpu_suite-<device>-<date>.json``) holds
-the environment (device, driver, torch/triton versions, date), every figure with GB/s, TFLOP/s,
-roofline %, the speedup vs dense measured in the same run, and the issue's targets met/missed.
-A short table is printed last.
+Targets (bench/gpu_targets.py) are judged on the fp16 issue shapes: a target is unmet when any of
+its cases errored or its format failed a correctness check, incomplete when cases were skipped.
+The JSON (``--out``, or ``--out-dir``/``<date>-<device>.json``, default bench/results/) carries the
+device, driver, torch/triton versions, date, and every figure's dtype and shape; it is rewritten
+atomically after every phase and shape, and on SIGTERM. A short table is printed last.
 
-``--tiny``: the same suite on CPU with Triton's interpreter (TRITON_INTERPRET=1, set here),
-``backend="triton"`` on CPU tensors and tiny shapes; timings are perf_counter over interpreted
-kernels and MEAN NOTHING for performance (``timings_meaningful: false``). tests/test_gpu_suite.py
-runs it.
-
-Run: ``python bench/gpu_suite.py --max-seconds 540 --out $OUT/gpu_suite.json`` (see bench/RESULTS.md).
+``--tiny``: the same phases on CPU with Triton's interpreter (TRITON_INTERPRET=1, set here) and tiny
+shapes; its timings MEAN NOTHING for performance (``timings_meaningful: false``). tests/test_gpu_suite.py
+runs it. The device command is in bench/RESULTS.md.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import importlib.util
-import json
-import math
 import os
-import re
 import signal
-import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import dataclass
+from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(Path(__file__).resolve().parent) not in sys.path:  # run through runpy or imported: its siblings still import
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
 if "--tiny" in sys.argv[1:]:
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
 
-MAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N)
-MS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024, 4096]
-CHECK_SHAPES, CHECK_MS = [(4096, 4096), (1024, 1000)], [1, 3, 16, 40, 256]  # odd sizes test the masks
-TINY_SHAPES, TINY_MS = [(128, 48)], [1, 3, 17]
-E2E_BATCHES, TINY_E2E_BATCHES = [1, 16, 256], [1, 3]
-GROUP = 128
-ROTATE = 4  # activation sets cycled through by a timed call
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
-# issue 8's targets: speedup vs dense fp16 cuBLAS in the same run, on MAIN_SHAPES
-TARGETS = {
-    "sparse24": {"M<=16": 1.5, "M=64": 1.2, "M>=2048": 0.98},
-    "int8_weight": {"M<=16": 1.8, "M=64": 1.4, "M>=2048": 0.98},
-    "int4_g128": {"M<=16": 3.0, "M=64": 1.5, "M>=2048": 0.98},
-    "sparse24_int4_g128": {"M<=16": 4.0, "M=64": 2.0, "M>=2048": 0.98},
-    "int8_dynamic": {"M>=2048": 1.5},
-    "fp8_dynamic": {"M>=2048": 1.5},
-}
-REGIMES = {"M<=16": lambda m: m <= 16, "M=64": lambda m: m == 64, "M>=2048": lambda m: m >= 2048}
-GRAD_TARGET = 0.8  # input-gradient speedup >= 0.8x the forward's, M <= 16
-TOL = {"float16": 2e-3, "bfloat16": 1.6e-2}  # max-abs relative error, as in tests/test_lowbit.py
+import gpu_baselines  # noqa: E402  (bench/, this script's directory)
+import gpu_formats  # noqa: E402
+import gpu_interfaces as I  # noqa: E402
+import gpu_targets  # noqa: E402
+import harness as H  # noqa: E402
+from gpu_budget import Budget  # noqa: E402
+
+MAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N), the issue's
+MS = [1, 4, 16, 64, 256, 1024, 4096]
+CHECK_SHAPES, CHECK_MS = [(4096, 4096), (1024, 1000)], [1, 3, 16, 40, 256]  # odd sizes test the masks
+STATIC_MS = [1, 16, 64, 4096]
+LAUNCH_SHAPE = (1, 256, 256)  # (M, K, N): device work far shorter than a launch
+E2E_BATCHES = [1, 16, 256]
+TINY = {"shapes": [(128, 48)], "ms": [1, 17], "check_shapes": [(128, 48)], "check_ms": [3],
+        "launch": (1, 128, 48), "e2e_batches": [2], "static_ms": [1]}
+ROTATE = 4  # activation sets cycled through by a timed call
+#: (phase, fraction of the budget promised to it); a phase also gets what earlier phases left unused
+#: ("setup": wheels, imports, formats, environment; always runs)
+PLAN = [("setup", 0.04), ("ceilings", 0.025), ("correctness", 0.14), ("kernels", 0.40), ("launch", 0.05),
+        ("static", 0.05), ("e2e", 0.12), ("extra", 0.175)]
+PHASES = [name for name, _ in PLAN if name != "setup"]
 
 
 # ------------------------------------------------------------------------------ setup
 def install_wheels(directory: str | None) -> dict:
-    """``pip install --no-index --no-deps`` every wheel in ``directory`` into a temporary target
-    that is put first on sys.path; an absent or empty directory is fine."""
+    """``pip install --no-index --no-deps`` every wheel in ``directory`` into a temporary target put
+    first on sys.path (optional baselines such as bitsandbytes); an absent or empty directory is fine."""
+    import subprocess
+    import tempfile
     d = Path(directory) if directory else None
     wheels = sorted(d.glob("*.whl")) if d is not None and d.is_dir() else []
     info = {"dir": str(d) if d else None, "wheels": [w.name for w in wheels]}
@@ -116,403 +118,504 @@ def import_robcomp():
     return sys.modules["robcomp"]
 
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import harness as H  # noqa: E402  (bench/harness.py: this script's directory is sys.path[0])
-
-
-class Budget:
-    def __init__(self, seconds: float):
-        self.t0, self.seconds = time.monotonic(), seconds
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.t0
-
-    def spent(self) -> bool:
-        return self.elapsed() >= self.seconds
+def kernel_modules() -> list:
+    """The robcomp kernel modules loaded so far (``robcomp.kernels.*``; the suite's formats import
+    every module whose kernels it runs, and what those import)."""
+    return [mod for name, mod in sorted(sys.modules.items())
+            if name.startswith("robcomp.kernels.") and mod is not None]
 
 
-def rotating(items: list) -> Callable[[], object]:
-    """A zero-argument callable returning ``items`` in turn."""
-    state = [0]
+def fast_autotune(rep_ms: float) -> None:
+    """Shorter benchmarking inside robcomp's Triton autotuners (Triton's default is warm-up 25 ms,
+    rep 100 ms per config and key), so that tuning every shape fits in the budget."""
+    import triton.testing
+    from triton.runtime.autotuner import Autotuner
 
-    def nxt():
-        state[0] = (state[0] + 1) % len(items)
-        return items[state[0]]
-    return nxt
-
-
-def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
-def sqnr_db(y: torch.Tensor, ref: torch.Tensor) -> float:
-    y, ref = y.double(), ref.double()
-    return 10 * math.log10(ref.pow(2).sum().item() / max((y - ref).pow(2).sum().item(), 1e-300))
+    def bench(kernel_call, quantiles=None):
+        return triton.testing.do_bench(kernel_call, warmup=2, rep=rep_ms, quantiles=quantiles)
+    for mod in kernel_modules():
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner):
+                obj._do_bench = bench
+                obj.__dict__.pop("do_bench", None)  # a cached_property (triton 3.6) re-reads _do_bench
 
 
-@contextlib.contextmanager
-def poisoned_empty():
-    """``torch.empty`` returns NaN (floats) / 77 (integers): an output element the kernel does not
-    write shows up in the error."""
-    real = torch.empty
-
-    def empty(*shape, **kw):
-        t = real(*shape, **kw)
-        return t.fill_(float("nan")) if t.is_floating_point() else t.fill_(77)
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
-def atomic_write_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".gpu_suite-", suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-    os.replace(tmp, path)
-
-
-# ------------------------------------------------------------------------------ formats
-@dataclass
-class Format:
-    """One compressed format: how to pack, run (launchers and autograd form) and check it."""
-    name: str
-    pack: Callable            # w [N, K] (dtype) -> tuple of packed tensors (+ group size)
-    forward: Callable         # (x, *packed) -> y            forward launcher
-    linear: Callable          # (x, *packed, bias) -> y      autograd functional form
-    backward: Callable        # (dy, *packed) -> dx          input-gradient launcher
-    dequant: Callable         # packed -> dense float64 [N, K]
-    sqnr_min: float           # dB against the original (2:4-masked) weight, as in the tests
-    sparse: bool = False
-    grad_kernel: str = ""     # input-gradient kernel, when shared with another format
-    expected: Callable | None = None  # (x, packed, bias, deq) -> float64 y; default x @ deq.T + b
-
-    def incompatible(self, k: int) -> str | None:
-        if ("int4" in self.name) and k % GROUP:
-            return f"group_size {GROUP} does not divide K={k}"
-        return None
-
-
-def formats(device: torch.device) -> list[Format]:
-    from robcomp.kernels import lowbit as L
-    from robcomp.kernels import reference as R
-    from robcomp.kernels import sparse24 as S
-    from robcomp.kernels import sparse24_lowbit as SL
-
-    def fp8_expected(x, packed, bias, deq):  # exact GEMM of the kernel's own e4m3 activations (as the tests)
-        q, s = packed
-        xq, xs = L.quantize_rows(x.reshape(-1, x.shape[-1]).contiguous(), fp8=True)
-        y = (xq.double() @ q.double().T) * xs.double()[:, None] * s.double()[None, :]
-        return y + bias.double()
-
-    fmts = [
-        Format("sparse24", R.sparse24_pack, S.sparse24_forward, S.sparse24_linear, S.sparse24_backward_input,
-               lambda p: R.sparse24_unpack(p[0], p[1], p[0].shape[1] * 2).double(), 40.0, sparse=True),
-        Format("int8_weight", R.int8_weight_pack, L.int8_weight_forward, L.int8_weight_linear,
-               L.per_channel_backward_input, lambda p: R.int8_weight_unpack(*p, torch.float64), 35.0,
-               grad_kernel="per_channel_int8"),
-        Format("int4_g128", lambda w: (*R.int4_pack(w, GROUP), GROUP), L.int4_forward, L.int4_linear,
-               L.int4_backward_input, lambda p: R.int4_unpack(*p, torch.float64), 17.0),
-        Format("sparse24_int4_g128", lambda w: (*R.sparse24_int4_pack(w, GROUP), GROUP), SL.sparse24_int4_forward,
-               SL.sparse24_int4_linear, SL.sparse24_int4_backward_input,
-               lambda p: R.sparse24_int4_unpack(*p, torch.float64), 17.0, sparse=True),
-        Format("int8_dynamic", R.int8_dynamic_pack, L.int8_dynamic_forward, L.int8_dynamic_linear,
-               L.per_channel_backward_input, lambda p: R.int8_dynamic_unpack(*p, torch.float64), 30.0,
-               grad_kernel="per_channel_int8",
-               expected=lambda x, p, b, deq: R.int8_dynamic_linear(x, *p, b).double()),
-        Format("fp8_dynamic", R.fp8_dynamic_pack, L.fp8_dynamic_forward, L.fp8_dynamic_linear,
-               L.per_channel_backward_input, lambda p: R.fp8_dynamic_unpack(*p, torch.float64), 15.0,
-               expected=fp8_expected),
-    ]
-    if device.type == "cpu":
-        L._FP8_INTERPRETER_OK = True  # the kernels' own interpreter hook (the public path refuses CPU)
-    elif not L.fp8_supported(device):
-        fmts = [f for f in fmts if f.name != "fp8_dynamic"]
-    return fmts
-
-
-# ------------------------------------------------------------------------------ correctness
-def check(fmt: Format, k: int, n: int, m: int, dtype: torch.dtype, device) -> list[dict]:
-    """Forward and input gradient of ``fmt.linear`` vs the reference on fresh random inputs."""
-    from robcomp.kernels import reference as R
-    dt = str(dtype).replace("torch.", "")
-    base = {"format": fmt.name, "dtype": dt, "M": m, "K": k, "N": n}
-    w = torch.randn(n, k, device=device).to(dtype)  # the weight as the model holds it
-    packed = fmt.pack(w)
-    x = H.randn(m, k, dtype=dtype, device=device).requires_grad_()
-    b = H.randn(n, dtype=dtype, device=device)
-    gy = H.randn(m, n, dtype=dtype, device=device)
-    try:
-        with poisoned_empty():
-            y = fmt.linear(x, *packed, b)
-            y.backward(gy)
-    except Exception as e:  # a crash is a failed check, not a crashed suite
-        return [dict(base, direction=d, passed=False, error=f"{type(e).__name__}: {e}"[:300])
-                for d in ("forward", "input_grad")]
-    xd = x.detach()
-    deq = fmt.dequant(packed)
-    expected = fmt.expected(xd, packed, b, deq) if fmt.expected else xd.double() @ deq.T + b.double()
-    w_true = w * R.sparse24_mask(w) if fmt.sparse else w
-    tol = TOL[dt]
-    fwd_err, sqnr = rel_err(y, expected), sqnr_db(y, xd.double() @ w_true.double().T + b.double())
-    grad_err = rel_err(x.grad, gy.double() @ deq)
-    finite = bool(torch.isfinite(y).all() and torch.isfinite(x.grad).all())
-    return [dict(base, direction="forward", rel_err=fwd_err, tol=tol, sqnr_db=round(sqnr, 2), sqnr_min=fmt.sqnr_min,
-                 passed=finite and fwd_err < tol and sqnr > fmt.sqnr_min),
-            dict(base, direction="input_grad", rel_err=grad_err, tol=4 * tol,
-                 passed=finite and grad_err < 4 * tol)]
-
-
-# ------------------------------------------------------------------------------ kernel timings
+# ------------------------------------------------------------------------------ the suite
 class Suite:
-    def __init__(self, args, device: torch.device):
-        self.args, self.device = args, device
+    def __init__(self, args, device: torch.device, budget: Budget, fmts=None):
+        self.args, self.device, self.budget = args, device, budget
+        self.tiny = bool(getattr(args, "tiny", False))
         self.rec = H.Recorder(device)
-        self.budget = Budget(args.max_seconds)
+        self.formats = fmts if fmts is not None else gpu_formats.formats(device)
+        self.cases: list[dict] = []        # every planned timing that a target may judge
+        self.case_rows: dict[int, H.Measurement] = {}
         self.correctness: list[dict] = []
-        self.skipped: list[dict] = []
         self.errors: list[dict] = []
+        self.launch: list[dict] = []
+        self.static: dict = {"status": "not run", "predictions": []}
         self.baselines: dict = {}
-        self.formats = formats(device)
         self.timing_kw = ({"warmup": args.warmup_ms, "rep": args.rep_ms} if device.type == "cuda"
-                          else {"cpu_repeats": 1})
+                          else {"cpu_repeats": 1, "cpu_warmup": 1})
+        self.sm_count = self.rec.env.get("sm_count", 132)  # the H100/H200's count where there is no GPU
 
-    def time(self, suite, case, impl, dtype, shape, fn, nbytes=0, flops=0):
-        """Time ``fn`` with the harness and record it; a failure is recorded, not raised."""
+    # -------------------------------------------------------------------------- one timing
+    def time(self, suite, case, impl, dt, shape, fn, nbytes=0, flops=0, compute_dtype="", target=None, **extra):
+        """Time ``fn`` and record it; a failure is recorded (and marks its target case), not raised.
+        ``target``: the planned case this timing fills (its ``status`` is set here)."""
         try:
             ms = H.time_ms(fn, self.device, **self.timing_kw)
         except Exception as e:
-            self.errors.append({"suite": suite, "case": case, "impl": impl, "dtype": dtype,
-                                "error": f"{type(e).__name__}: {e}"[:300]})
+            err = f"{type(e).__name__}: {e}"[:300]
+            self.errors.append({"suite": suite, "case": case, "impl": impl, "dtype": dt, "error": err})
+            if target is not None:
+                target.update(status="error", error=err)
             return None
-        return self.rec.add(H.Measurement(suite, case, impl, dtype, shape, ms, int(nbytes), int(flops)))
+        m = self.rec.add(H.Measurement(suite, case, impl, dt, shape, ms, int(nbytes), int(flops), compute_dtype,
+                                       {k: v for k, v in extra.items() if v is not None}))
+        if target is not None:
+            target["status"] = "ok"
+            self.case_rows[id(target)] = m
+        return m
 
-    def run_checks(self, dtypes):
-        shapes, ms = (TINY_SHAPES, TINY_MS) if self.args.tiny else (CHECK_SHAPES, CHECK_MS)
-        for dtype in dtypes:
-            for fmt in self.formats:
-                for k, n in shapes:
-                    if fmt.incompatible(k):
-                        continue
-                    for m in ms:
-                        torch.manual_seed(len(self.correctness))
-                        self.correctness.extend(check(fmt, k, n, m, dtype, self.device))
+    def error(self, suite: str, what, e: Exception, cases=()) -> None:
+        """Record an exception of ``what``; the planned ``cases`` it left unfilled become errors."""
+        err = f"{type(e).__name__}: {e}"[:300]
+        self.errors.append({"suite": suite, "case": str(what), "error": err})
+        for c in cases:
+            if c["status"] == "planned":
+                c.update(status="error", error=err)
 
-    def _baselines(self, w, packs, k, n, dtype):
-        """Peer implementations for one weight: name -> (make(x) -> callable, weight bytes)."""
-        from robcomp.kernels import lowbit as L
-        from robcomp.kernels import reference as R
-        out = {}
-        if "sparse24" in packs:
-            try:
-                from torch.sparse import to_sparse_semi_structured
-                ws = to_sparse_semi_structured(R.sparse24_unpack(*packs["sparse24"], k))
-                out["semi_structured"] = ((lambda x: lambda: F.linear(x(), ws)), H.nbytes(*packs["sparse24"]))
-            except Exception as e:
-                self.baselines.setdefault("semi_structured", f"unavailable: {type(e).__name__}: {e}"[:200])
-        if "int8_dynamic" in packs:
-            q, s = packs["int8_dynamic"]
-            qt = q.t()
+    def plan_case(self, fmt_name, kind, op, dt, m, k, n, **extra) -> dict:
+        case = {"format": fmt_name, "kind": kind, "op": op, "dtype": dt, "M": m, "K": k, "N": n,
+                "status": "planned", **extra}
+        self.cases.append(case)
+        return case
 
-            def int_mm(x):  # robcomp's per-token quantiser + torch._int_mm (M > 16, K, N % 8 == 0)
-                def f():
-                    xq, xs = L.quantize_rows(x())
-                    return (torch._int_mm(xq, qt).float() * xs[:, None] * s[None, :]).to(dtype)
-                return f
-            out["int_mm"] = (int_mm, H.nbytes(q, s))
-        if "fp8_dynamic" in packs and self.device.type == "cuda":
-            q, s = packs["fp8_dynamic"]
-            qt, sw = q.t(), s[None, :].contiguous()
+    # -------------------------------------------------------------------------- phases
+    def run_ceilings(self, phase):
+        if self.device.type != "cuda":
+            phase.skip("measured ceilings", "needs a CUDA device")
+            return
+        try:
+            self.rec.env["measured_peaks"] = H.measure_ceilings(self.device)
+        except Exception as e:
+            self.errors.append({"suite": "ceilings", "error": f"{type(e).__name__}: {e}"[:300]})
 
-            def scaled_mm(x):  # row-wise scaled fp8 GEMM (cuBLASLt/CUTLASS)
-                def f():
-                    xq, xs = L.quantize_rows(x(), fp8=True)
-                    return torch._scaled_mm(xq, qt, scale_a=xs[:, None], scale_b=sw, out_dtype=dtype)
-                return f
-            out["scaled_mm_fp8"] = (scaled_mm, H.nbytes(q, s))
-        if self.baselines.get("bitsandbytes", "").startswith("bitsandbytes"):
-            import bitsandbytes as bnb
-            for name, nbytes in (("bnb_int8", k * n + 4 * n), ("bnb_nf4", k * n // 2 + 4 * (k * n // 64))):
-                try:
-                    if name == "bnb_int8":
-                        mod = bnb.nn.Linear8bitLt(k, n, bias=False, has_fp16_weights=False, threshold=0.0)
-                        mod.weight = bnb.nn.Int8Params(w.half().cpu(), requires_grad=False, has_fp16_weights=False)
-                    else:
-                        mod = bnb.nn.Linear4bit(k, n, bias=False, compute_dtype=dtype, quant_type="nf4")
-                        mod.weight = bnb.nn.Params4bit(w.cpu(), requires_grad=False, quant_type="nf4")
-                    mod = mod.to(self.device)
-                    out[name] = ((lambda x, mod=mod: lambda: mod(x())), nbytes)
-                except Exception as e:
-                    self.errors.append({"impl": name, "K": k, "N": n, "error": f"{type(e).__name__}: {e}"[:300]})
-        return out
+    def run_checks(self, phase, dtypes):
+        shapes = TINY["check_shapes"] if self.tiny else CHECK_SHAPES
+        ms = TINY["check_ms"] if self.tiny else CHECK_MS
+        cases = [(fmt, dt, k, n, m) for m in ms for dt in dtypes for k, n in shapes
+                 for fmt in self.formats if not fmt.incompatible(k)]
+        # breadth first: every format and dtype at the first M before any at the next
+        cases.sort(key=lambda c: (ms.index(c[4]), dtypes.index(c[1])))
 
-    def run_kernels(self, shapes, dtype, ms, label):
-        from robcomp.nn import Sparse24Linear
-        dt = str(dtype).replace("torch.", "")
+        def one(c):
+            fmt, dt, k, n, m = c
+            torch.manual_seed(len(self.correctness))
+            self.correctness.extend(gpu_formats.check(fmt, k, n, m, dt, self.device,
+                                                      tune=I.tune, path_taken=I.path_taken))
+        describe = lambda c: f"correctness {c[0].name} {dtype_name(c[1])} M={c[4]} K={c[2]} N={c[3]}"  # noqa: E731
+
+        def on_error(c, e):  # a check that could not even start is a failed check
+            self.correctness.append({"format": c[0].name, "dtype": dtype_name(c[1]), "M": c[4], "K": c[2], "N": c[3],
+                                     "direction": "setup", "passed": False, "error": f"{type(e).__name__}: {e}"[:300]})
+        phase.run(cases, one, hard=True, describe=describe, on_error=on_error)
+
+    def run_kernels(self, phase, shapes, dtype, ms, label):
+        """Per shape a setup item (weights, packs, layers, baselines), then one item per M."""
+        dt = dtype_name(dtype)
+        items = []
         for k, n in shapes:
-            if self.budget.spent():
-                self.skipped.append({"what": f"kernels {label} K={k} N={n} {dt}", "reason": "time budget"})
-                continue
-            torch.manual_seed(k * 7 + n)
-            w = H.randn(n, k, dtype=dtype, device=self.device, scale=0.02)
-            fmts = [f for f in self.formats if not f.incompatible(k)]
-            packs = {f.name: f.pack(w) for f in fmts}
-            for f in self.formats:
-                if f.incompatible(k):
-                    self.skipped.append({"what": f"{f.name} K={k} N={n}", "reason": f.incompatible(k)})
-            base = self._baselines(w, packs, k, n, dtype)
-            lin = torch.nn.Linear(k, n, bias=False, device=self.device, dtype=dtype)
-            with torch.no_grad():
-                lin.weight.copy_(w)
-            layer = Sparse24Linear.from_linear(lin, backend="triton")
-            del lin
-            for m in ms:
-                if self.budget.spent():
-                    self.skipped.append({"what": f"kernels {label} K={k} N={n} {dt} M={m}..", "reason": "time budget"})
-                    break
-                x = rotating([H.randn(m, k, dtype=dtype, device=self.device) for _ in range(ROTATE)])
-                dy = rotating([H.randn(m, n, dtype=dtype, device=self.device) for _ in range(ROTATE)])
-                shape = {"M": m, "K": k, "N": n, "shapes": label}
-                esz = w.element_size()
-                act_f, act_b, flops = esz * m * (k + n), esz * m * (k + n), H.matmul_flops(m, n, k)
-                case_f, case_b = f"forward M={m} K={k} N={n}", f"input_grad M={m} K={k} N={n}"
-                with torch.no_grad():
-                    self.time("kernels", case_f, "dense", dt, shape, lambda: F.linear(x(), w), H.nbytes(w) + act_f, flops)
-                    for f in fmts:
-                        p = packs[f.name]
-                        self.time("kernels", case_f, f.name, dt, shape, lambda f=f, p=p: f.forward(x(), *p),
-                                  H.nbytes(*[t for t in p if isinstance(t, torch.Tensor)]) + act_f, flops)
-                    self.time("kernels", case_f, "sparse24_layer", dt, shape, lambda: layer(x()),
-                              H.nbytes(layer.values, layer.meta) + act_f, flops)
-                    for name, (make, wbytes) in base.items():
-                        if name == "int_mm" and (m <= 16 or k % 8 or n % 8):
-                            continue
-                        self.time("kernels", case_f, name, dt, shape, make(x), wbytes + act_f, flops)
-                    self.time("kernels", case_b, "dense", dt, shape, lambda: dy() @ w, H.nbytes(w) + act_b, flops)
-                    done = set()
-                    for f in fmts:
-                        if f.grad_kernel and f.grad_kernel in done:
-                            continue  # the same kernel on the same codes: timed once
-                        done.add(f.grad_kernel)
-                        p = packs[f.name]
-                        self.time("kernels", case_b, f.grad_kernel or f.name, dt, shape,
-                                  lambda f=f, p=p: f.backward(dy(), *p),
-                                  H.nbytes(*[t for t in p if isinstance(t, torch.Tensor)]) + act_b, flops)
-            del packs, base, layer, w
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+            state: dict = {}
+            items.append(("setup", k, n, None, state))
+            items += [("m", k, n, m, state) for m in ms]
 
-    # -------------------------------------------------------------------------- end to end
-    def run_e2e(self, dtype):
+        def one(item):
+            what, k, n, m, state = item
+            if what == "setup":
+                try:
+                    self._setup_shape(state, k, n, dtype, label)
+                except Exception as e:
+                    state["error"] = e
+                return
+            cases = self._plan_m(k, n, m, dt)
+            try:
+                if "error" in state:
+                    raise state["error"]
+                self._time_m(state, cases, k, n, m, dtype, label)
+            except Exception as e:
+                self.error("kernels", f"{label} {dt} M={m} K={k} N={n}", e, cases)
+            finally:
+                if m == ms[-1]:
+                    state.clear()  # free this shape's weights before the next
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+
+        def on_skip(item):
+            what, k, n, m, state = item
+            if what == "m":
+                for c in self._plan_m(k, n, m, dt):
+                    c["status"] = "skipped"
+        phase.run(items, one, on_skip=on_skip, on_error=lambda it, e: self.error("kernels", it[:4], e),
+                  describe=lambda it: f"kernels {label} {dt} K={it[1]} N={it[2]}" + ("" if it[3] is None else f" M={it[3]}")
+                  + (" setup" if it[0] == "setup" else ""))
+
+    def _compatible(self, k):
+        return [f for f in self.formats if not f.incompatible(k)]
+
+    def _grad_groups(self, k):
+        """Input-gradient kernels, one entry per kernel (formats sharing one are timed once)."""
+        groups: dict[str, list] = {}
+        for f in self._compatible(k):
+            groups.setdefault(f.grad_kernel or f.name, []).append(f)
+        return groups
+
+    def _plan_m(self, k, n, m, dt) -> list[dict]:
+        cases = []
+        for f in self._compatible(k):
+            cases.append(self.plan_case(f.name, "raw", "forward", dt, m, k, n))
+            cases.append(self.plan_case(f.name, "layer", "forward", dt, m, k, n))
+        for kernel, fs in self._grad_groups(k).items():
+            cases.append(self.plan_case(fs[0].name, "raw", "input_grad", dt, m, k, n, kernel=kernel,
+                                        formats=[f.name for f in fs]))
+        return cases
+
+    def _setup_shape(self, state, k, n, dtype, label):
+        torch.manual_seed(k * 7 + n)
+        w = H.randn(n, k, dtype=dtype, device=self.device, scale=0.02)
+        state.update(w=w, packs={}, layers={})
+        for f in self.formats:
+            if f.incompatible(k):
+                self.budget.skipped.append({"phase": "kernels", "what": f"{f.name} K={k} N={n}",
+                                            "reason": f.incompatible(k)})
+        for f in self._compatible(k):
+            try:
+                state["packs"][f.name] = f.pack(w)
+            except Exception as e:
+                state["packs"][f.name] = e
+            try:
+                state["layers"][f.name] = gpu_formats.dispatched_layer(f, w)
+            except Exception as e:
+                state["layers"][f.name] = e
+        bnb = self.baselines.get("bitsandbytes", "").startswith("bitsandbytes")
+        state["baselines"], status = gpu_baselines.build(w, dtype, with_bitsandbytes=bnb)
+        self.baselines.setdefault("status", {})[f"{label} {dtype_name(dtype)} K={k} N={n}"] = status
+
+    def _time_m(self, state, cases, k, n, m, dtype, label):
+        dt = dtype_name(dtype)
+        planned = {(c["format"], c["kind"], c["op"]): c for c in cases}
+        w = state["w"]
+        x = H.rotating([H.randn(m, k, dtype=dtype, device=self.device) for _ in range(ROTATE)])
+        dy = H.rotating([H.randn(m, n, dtype=dtype, device=self.device) for _ in range(ROTATE)])
+        shape = {"M": m, "K": k, "N": n, "shapes": label}
+        act, flops = w.element_size() * m * (k + n), H.matmul_flops(m, n, k)
+        cf, cb = f"forward M={m} K={k} N={n}", f"input_grad M={m} K={k} N={n}"
+
+        def failed(case, e):
+            err = f"{type(e).__name__}: {e}"[:300]
+            case.update(status="error", error=err)
+            self.errors.append({"suite": "kernels", "case": cf, "impl": case["format"], "kind": case["kind"],
+                                "dtype": dt, "error": err})
+
+        with torch.no_grad():
+            dense_f = self.time("kernels", cf, "dense", dt, shape, lambda: F.linear(x(), w), H.nbytes(w) + act, flops)
+            for f in self._compatible(k):
+                p, wb = state["packs"][f.name], None
+                raw, lay = planned[(f.name, "raw", "forward")], planned[(f.name, "layer", "forward")]
+                if isinstance(p, Exception):
+                    failed(raw, p)
+                else:
+                    wb = f.weight_bytes(p)
+                    self.time("kernels", cf, f.name, dt, shape, lambda f=f, p=p: f.forward(x(), *p), wb + act, flops,
+                              f.compute_dtype, target=raw, kind="raw", format=f.name)
+                model = state["layers"][f.name]
+                if isinstance(model, Exception):
+                    failed(lay, model)
+                    continue
+                t0 = time.perf_counter()
+                tuned = I.tune(model, (x(),))
+                tune_s = round(time.perf_counter() - t0, 3)
+                layer = model[0]
+                mm = self.time("kernels", cf, f.name + "_layer", dt, shape, lambda layer=layer: layer(x()),
+                               (wb or 0) + act, flops, f.compute_dtype, target=lay, kind="layer", format=f.name,
+                               tune=tuned, tune_s=tune_s)
+                lay["path"], lay["tune"] = I.path_taken(layer), tuned
+                if mm is not None:
+                    mm.extra["path"] = lay["path"]
+            for b in state["baselines"]:
+                self.time("kernels", cf, b.name, dt, shape, lambda b=b: b.run(x()), b.weight_bytes + act, flops,
+                          b.compute_dtype, kind="baseline", peer_of=b.peer_of, note=b.note or None)
+            dense_b = self.time("kernels", cb, "dense", dt, shape, lambda: dy() @ w, H.nbytes(w) + act, flops)
+            for kernel, fs in self._grad_groups(k).items():
+                f, case = fs[0], planned[(fs[0].name, "raw", "input_grad")]
+                p = state["packs"][f.name]
+                if isinstance(p, Exception):
+                    failed(case, p)
+                    continue
+                self.time("kernels", cb, kernel, dt, shape, lambda f=f, p=p: f.backward(dy(), *p),
+                          f.weight_bytes(p) + act, flops, f.compute_dtype, target=case, kind="raw",
+                          formats=[g.name for g in fs])
+        for dense, op in ((dense_f, "forward"), (dense_b, "input_grad")):
+            if dense is None:  # no same-run baseline, no ratio: the cases count as errored, not as missing
+                for c in cases:
+                    if c["op"] == op and c["status"] == "ok":
+                        c.update(status="error", error="the dense baseline of this case failed")
+
+    def run_launch(self, phase, dtype):
+        """Host cost per call at a tiny shape: dense, each raw launcher, each dispatched layer."""
+        m, k, n = TINY["launch"] if self.tiny else LAUNCH_SHAPE
+        dt = dtype_name(dtype)
+        w = H.randn(n, k, dtype=dtype, device=self.device, scale=0.02)
+        x = H.randn(m, k, dtype=dtype, device=self.device)
+        calls = ({"calls": 1, "graph_calls": 1, "replays": 1, "warmup": 1} if self.tiny else
+                 {"calls": 200, "graph_calls": 10, "replays": 50, "warmup": 3})
+        impls = [("dense", "dense", lambda: (lambda: F.linear(x, w), None))]
+        for f in self._compatible(k):
+            def raw(f=f):
+                p = f.pack(w)
+                return (lambda: f.forward(x, *p)), None
+
+            def layer(f=f):
+                model = gpu_formats.dispatched_layer(f, w)
+                status = I.tune(model, (x,))
+                return (lambda: model[0](x)), (model[0], status)
+            impls += [(f.name, "raw", raw), (f.name + "_layer", "layer", layer)]
+
+        def one(item):
+            name, kind, make = item
+            row = {"impl": name, "kind": kind, "dtype": dt, "M": m, "K": k, "N": n}
+            try:
+                fn, layer = make()
+                with torch.no_grad():
+                    row.update(H.launch_overhead_us(fn, self.device, **calls))
+                if layer is not None:
+                    row.update(path=I.path_taken(layer[0]), tune=layer[1])
+            except Exception as e:
+                row["error"] = f"{type(e).__name__}: {e}"[:300]
+            self.launch.append(row)
+        phase.run(impls, one, describe=lambda it: f"launch {it[0]} {dt}",
+                  on_error=lambda it, e: self.error("launch", it[0], e))
+
+    def run_static(self, phase, shapes, ms, dtype):
+        model, reason = I.static_model()
+        if model is None:
+            self.static["status"] = reason
+            return
+        modules = kernel_modules()
+        dev = I.static_device(self.rec.env.get("device"))
+        self.static.update(status="ok", device=dev, modules_without_perf_cases=[])
+        items = [(mod, k, n, m) for k, n in shapes for m in ms for mod in modules]
+
+        def one(item):
+            mod, k, n, m = item
+            try:
+                cases = I.perf_cases(mod, m, n, k, dtype, self.sm_count)
+            except Exception as e:
+                self.static["predictions"].append({"module": mod.__name__, "M": m, "K": k, "N": n,
+                                                   "error": f"perf_cases: {type(e).__name__}: {e}"[:300]})
+                return
+            if cases is None:
+                if mod.__name__ not in self.static["modules_without_perf_cases"]:
+                    self.static["modules_without_perf_cases"].append(mod.__name__)
+                return
+            for case in cases:
+                row = {"module": mod.__name__, "op": case.get("op"), "M": m, "K": k, "N": n, "dtype": dtype_name(dtype)}
+                try:
+                    pred = I.predict(model, case, dev)
+                    row.update(prediction=pred, predicted_ms=I.predicted_ms(pred))
+                except Exception as e:
+                    row["error"] = f"predict: {type(e).__name__}: {e}"[:300]
+                self.static["predictions"].append(row)
+        phase.run(items, one, describe=lambda it: f"static {it[0].__name__} M={it[3]} K={it[1]} N={it[2]}",
+                  on_error=lambda it, e: self.error("static", it[0].__name__, e))
+
+    def run_e2e(self, phase, dtype):
         import robcomp as rc
         from robcomp.compress import model_bytes
         from robcomp.models import MLP, TinyViT
-        dt = str(dtype).replace("torch.", "")
-        if self.args.tiny:
+        dt = dtype_name(dtype)
+        if self.tiny:
             models = {"tiny_vit": (lambda: TinyViT(width=64, depth=1, heads=4, patch=2, image_size=8), (1, 8, 8)),
                       "mlp128": (lambda: MLP(width=128, depth=2, in_features=64), (1, 8, 8))}
-            batches = TINY_E2E_BATCHES
+            batches = TINY["e2e_batches"]
         else:
             models = {"vit_b16": (lambda: TinyViT(width=768, depth=12, heads=12, patch=16, mlp_ratio=4, in_channels=3,
                                                   num_classes=1000, image_size=224), (3, 224, 224)),
                       "mlp4096": (lambda: MLP(width=4096, depth=4, in_features=4096), (1, 64, 64))}
             batches = E2E_BATCHES
-        recipes = [rc.Sparse24(), rc.Int8WeightOnly(), rc.Int4WeightOnly(group_size=GROUP),
-                   rc.Sparse24Int4(group_size=GROUP), rc.Int8Dynamic()]
-        if any(f.name == "fp8_dynamic" for f in self.formats) and self.device.type == "cuda":
-            recipes.append(rc.FP8Dynamic())
-        else:
-            self.skipped.append({"what": "e2e fp8_dynamic", "reason": "needs a CUDA GPU with compute capability >= 8.9"})
-        for name, (build, in_shape) in models.items():
-            torch.manual_seed(0)
-            dense = build().to(self.device, dtype).eval()
-            variants = [("dense", lambda: dense)] + [
-                (r.name, lambda r=r: rc.compress(copy.deepcopy(dense), r, backend="triton").eval()) for r in recipes]
-            for impl, make in variants:
-                if self.budget.spent():
-                    self.skipped.append({"what": f"e2e {name} {impl}", "reason": "time budget"})
-                    continue
-                try:
-                    model = make()
-                except Exception as e:
-                    self.errors.append({"suite": "e2e", "case": name, "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]})
-                    continue
-                mbytes = model_bytes(model)
-                for b in batches:
-                    xb = rotating([torch.rand(b, *in_shape, device=self.device).to(dtype) for _ in range(2)])
-                    with torch.no_grad():
-                        self.time("e2e", f"{name} batch={b}", impl, dt, {"model": name, "batch": b, "input": list(in_shape)},
-                                  lambda: model(xb()), mbytes, 0)
-                del model
-            del dense, variants
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
+        recipes = [f.recipe() for f in self.formats if f.name != "fp8_dynamic" or self.device.type == "cuda"]
+        if not any(r.name == "fp8_dynamic" for r in recipes):
+            phase.skip("e2e fp8_dynamic", "needs a CUDA GPU with compute capability >= 8.9")
+        items = [(name, impl) for name in models for impl in ["dense", *recipes]]
+        state = {}
+
+        def one(item):
+            name, recipe = item
+            build, in_shape = models[name]
+            if state.get("name") != name:
+                torch.manual_seed(0)
+                state.clear()
+                state.update(name=name, dense=build().to(self.device, dtype).eval())
+            impl = "dense" if recipe == "dense" else recipe.name
+            try:
+                model = state["dense"] if recipe == "dense" else rc.compress(copy.deepcopy(state["dense"]), recipe).eval()
+            except Exception as e:
+                self.errors.append({"suite": "e2e", "case": name, "impl": impl, "error": f"{type(e).__name__}: {e}"[:300]})
+                return
+            mbytes = model_bytes(model)
+            for b in batches:
+                xb = H.rotating([torch.rand(b, *in_shape, device=self.device).to(dtype) for _ in range(2)])
+                tuned = I.tune(model, (xb(),)) if recipe != "dense" else None
+                with torch.no_grad():
+                    mm = self.time("e2e", f"{name} batch={b}", impl, dt, {"model": name, "batch": b, "input": list(in_shape)},
+                                   lambda: model(xb()), mbytes, 0, tune=tuned)
+                if mm is not None and recipe != "dense":
+                    paths = Counter(str(I.path_taken(mod)) for mod in model.modules() if hasattr(mod, "recipe"))
+                    mm.extra["layer_paths"] = dict(paths)
+        describe = lambda it: f"e2e {it[0]} {it[1] if it[1] == 'dense' else it[1].name}"  # noqa: E731
+        phase.run(items, one, describe=describe, on_error=lambda it, e: self.error("e2e", describe(it), e))
 
     # -------------------------------------------------------------------------- report
-    def targets(self, main_shapes) -> list[dict]:
-        rows = [r for r in self.rec.records() if r["suite"] == "kernels" and r["dtype"] == "float16"
-                and (r["shape"]["K"], r["shape"]["N"]) in main_shapes]
-        speed = {(r["case"], r["impl"]): r.get("speedup_vs_dense") for r in rows}
+    def filled_cases(self) -> list[dict]:
+        """The planned cases with their measured speedup vs dense (same case, same run)."""
         out = []
-
-        def summarise(fmt, regime, target, impl, pairs):
-            vals = [v for _, v in pairs if v is not None]
-            worst = min(pairs, key=lambda p: p[1]) if vals else None
-            out.append({"format": fmt, "regime": regime, "target": target, "impl": impl, "dtype": "float16",
-                        "cases": len(vals), "worst": round(worst[1], 3) if worst else None,
-                        "worst_case": worst[0] if worst else None,
-                        "median": round(statistics.median(vals), 3) if vals else None,
-                        "met": (min(vals) >= target) if vals else None})
-
-        for fmt, regimes in TARGETS.items():
-            for regime, target in regimes.items():
-                impl = "sparse24_layer" if fmt == "sparse24" and regime == "M>=2048" else fmt
-                pairs = [(r["case"], speed[(r["case"], impl)]) for r in rows
-                         if r["impl"] == impl and r["case"].startswith("forward") and REGIMES[regime](r["shape"]["M"])
-                         and speed[(r["case"], impl)] is not None]
-                summarise(fmt, regime, target, impl, pairs)
-        grad_impl = {f.name: f.grad_kernel or f.name for f in self.formats}
-        for fmt in ("sparse24", "int8_weight", "int4_g128", "sparse24_int4_g128"):
-            pairs = []
-            for r in rows:
-                if r["impl"] == grad_impl.get(fmt) and r["case"].startswith("input_grad") and r["shape"]["M"] <= 16:
-                    fwd = speed.get((r["case"].replace("input_grad", "forward"), fmt))
-                    if fwd and speed[(r["case"], r["impl"])] is not None:
-                        pairs.append((r["case"], speed[(r["case"], r["impl"])] / fwd))
-            summarise(fmt, "input_grad/forward M<=16", GRAD_TARGET, grad_impl.get(fmt), pairs)
+        for c in self.cases:
+            m = self.case_rows.get(id(c))
+            r = self.rec.ratio(m, "dense") if m is not None else None
+            out.append({**c, "speedup": round(r, 4) if r is not None else None,
+                        "ms": round(m.ms, 5) if m is not None else None})
         return out
+
+    def attach_predictions(self, records: list[dict]) -> None:
+        """Put each raw kernel's predicted time beside its measurement: a prediction matches when its
+        ``op`` is the launcher's name or the format's name."""
+        preds = {}
+        for p in self.static.get("predictions", []):
+            if p.get("predicted_ms") is not None:
+                preds.setdefault((p["op"], p["M"], p["K"], p["N"], p["dtype"]), p["predicted_ms"])
+        if not preds:
+            return
+        names = {}  # (impl, "forward" | "input_grad") -> the op names that predict it
+        for f in self.formats:
+            names[(f.name, "forward")] = {f.name, f.forward.__name__}
+            names.setdefault((f.grad_kernel or f.name, "input_grad"), set()).add(f.backward.__name__)
+        for r in records:
+            if r.get("kind") != "raw":
+                continue
+            for op in sorted(names.get((r["impl"], r["case"].split()[0]), ())):
+                key = (op, r["shape"]["M"], r["shape"]["K"], r["shape"]["N"], r["dtype"])
+                if key in preds:
+                    r["predicted_ms"] = round(preds[key], 5)
+                    r["measured_over_predicted"] = round(r["ms"] / preds[key], 3) if preds[key] > 0 else None
+                    break
 
     def result(self, main_shapes) -> dict:
         records = self.rec.records()
         for r in records:
             if r["suite"] == "e2e" and r["ms"] > 0:
                 r["throughput_samples_per_s"] = round(r["shape"]["batch"] / r["ms"] * 1e3, 2)
+        self.attach_predictions(records)
+        cases = self.filled_cases()
         env = self.rec.env
+        cuda = self.device.type == "cuda"
         return {
-            "suite": "gpu_suite", "issue": 8, "mode": "tiny" if self.args.tiny else "gpu",
-            "timings_meaningful": not self.args.tiny and self.device.type == "cuda",
-            "timing": ("perf_counter around Triton-interpreter kernels on CPU: NOT performance figures"
-                       if self.device.type != "cuda" else
-                       f"triton.testing.do_bench median, warmup {self.args.warmup_ms} ms, rep {self.args.rep_ms} ms, "
-                       f"L2 flushed before each repetition, activations rotating among {ROTATE} sets"),
+            "suite": "gpu_suite", "issues": [11, 16], "mode": "tiny" if self.tiny else "gpu",
+            "timings_meaningful": cuda and not self.tiny,
+            "timing": (f"triton.testing.do_bench median, warmup {self.args.warmup_ms} ms, rep {self.args.rep_ms} ms, "
+                       f"L2 flushed before each repetition, activations rotating among {ROTATE} sets" if cuda else
+                       "perf_counter around Triton-interpreter kernels on CPU: NOT performance figures"),
             "device": env.get("device"), "driver": env.get("driver"), "torch": env.get("torch"),
             "triton": env.get("triton"), "date": env.get("date"), "environment": env,
             "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
             "config": {k: v for k, v in vars(self.args).items()},
+            "budget": {"total_s": self.budget.total_s, "elapsed_s": round(self.budget.elapsed(), 1),
+                       "exhausted": self.budget.exhausted(), "phases": self.budget.phases},
             "baselines": self.baselines,
-            "elapsed_s": round(self.budget.elapsed(), 1), "budget_s": self.args.max_seconds,
-            "budget_exhausted": self.budget.spent(),
             "correctness_passed": all(c["passed"] for c in self.correctness),  # True when none ran
             "correctness": self.correctness,
-            "results": records,
-            "targets": self.targets(main_shapes),
-            "skipped": self.skipped, "errors": self.errors,
+            "results": records, "cases": cases,
+            "targets": gpu_targets.evaluate(cases, self.correctness, main_shapes, [f.name for f in self.formats]),
+            "launch_overhead": self.launch,
+            "static_model": self.static,
+            "skipped": self.budget.skipped, "errors": self.errors,
         }
+
+
+# ------------------------------------------------------------------------------ output
+def print_table(res: dict) -> None:
+    def f2(v):
+        return "-" if v is None else f"{v:.2f}"
+    ok = sum(c["passed"] for c in res["correctness"])
+    bad = sorted({f"{c['format']} {c['dtype']} {c['direction']}" for c in res["correctness"] if not c["passed"]})
+    print(f"\ncorrectness: {ok}/{len(res['correctness'])} checks passed" + (f"  FAILED: {', '.join(bad)}" if bad else ""))
+    if res["launch_overhead"]:
+        print(f"\n{'launch overhead (us/call)':<30}{'eager':>9}{'graph':>9}  path")
+        for r in res["launch_overhead"]:
+            print(f"{r['impl']:<30}{f2(r.get('eager_us')):>9}{f2(r.get('graph_us')):>9}  "
+                  f"{r.get('path') or ''}{' ERROR ' + r['error'][:60] if r.get('error') else ''}")
+    e2e = [r for r in res["results"] if r["suite"] == "e2e"]
+    if e2e:
+        print(f"\n{'end to end':<22}{'recipe':<20}{'ms':>10}{'samples/s':>12}{'vs dense':>9}")
+        for r in e2e:
+            print(f"{r['case']:<22}{r['impl']:<20}{r['ms']:>10.3f}{r.get('throughput_samples_per_s', 0):>12.1f}"
+                  f"{f2(r.get('speedup_vs_dense', 1.0)):>9}")
+    cases = [c for c in res["cases"] if c["op"] == "forward" and c["dtype"] == res["config"]["dtypes"].split(",")[0]]
+    if cases:  # raw kernel / dispatched layer ratio vs dense, per M, on the first shape
+        k, n = cases[0]["K"], cases[0]["N"]
+        ms = sorted({c["M"] for c in cases if (c["K"], c["N"]) == (k, n)})
+        print(f"\nraw/layer vs dense, K={k} N={n} {cases[0]['dtype']}")
+        print(f"{'format':<20}" + "".join(f"{'M=' + str(m):>13}" for m in ms))
+        for fmt in dict.fromkeys(c["format"] for c in cases):
+            def cell(m):
+                got = {c["kind"]: c for c in cases if c["format"] == fmt and (c["M"], c["K"], c["N"]) == (m, k, n)}
+                return "/".join("ERR" if got.get(kd, {}).get("status") == "error" else f2(got.get(kd, {}).get("speedup"))
+                                for kd in ("raw", "layer"))
+            print(f"{fmt:<20}" + "".join(f"{cell(m):>13}" for m in ms))
+    print(f"\n{'target (fp16, issue shapes)':<44}{'need':>5}{'worst':>7}{'raw':>7}{'layer':>7}{'n':>4}  status; layer paths")
+    for t in res["targets"]:
+        paths = ",".join(f"{p}:{c}" for p, c in t["layer_paths"].items())
+        print(f"{t['format'] + ' ' + t['regime']:<44}{t['target']:>5.2f}{f2(t['worst']):>7}{f2(t['raw_worst']):>7}"
+              f"{f2(t['layer_worst']):>7}{t['cases']:>4}  {t['status']}{'; ' + paths if paths else ''}")
+    st = res["static_model"]
+    with_pred = [r for r in res["results"] if r.get("predicted_ms") is not None]
+    print(f"\nstatic model: {st['status']}; {len(st.get('predictions', []))} predictions, "
+          f"{len(with_pred)} beside a measured kernel")
+    for r in with_pred[:12]:
+        print(f"  {r['impl']:<22}{r['case']:<34}{r['ms']:>9.4f} ms measured {r['predicted_ms']:>9.4f} predicted")
+    if not res["timings_meaningful"]:
+        print("\nNOTE: interpreter/CPU timings: they mean nothing for performance.")
+    phases = ", ".join(f"{p['phase']} {p['used_s']}/{p['granted_s']} s" for p in res["budget"]["phases"])
+    print(f"\nphases (used/granted): {phases}")
+    print(f"{len(res['results'])} figures, {len(res['skipped'])} skipped, {len(res['errors'])} errors, "
+          f"{res['budget']['elapsed_s']} s of {res['budget']['total_s']} s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tiny", action="store_true", help="CPU + Triton interpreter, tiny shapes (tests)")
+    p.add_argument("--out", default=None, help="JSON path (default: <out-dir>/<date>-<device>.json)")
+    p.add_argument("--out-dir", default=str(H.RESULTS_DIR), help="directory of the default JSON path")
+    p.add_argument("--max-seconds", type=float, default=420.0, help="the whole suite's wall-clock budget")
+    p.add_argument("--wheels", default=str(ROOT / ".whl"), help="directory of optional wheels to install first")
+    p.add_argument("--dtypes", default="float16,bfloat16", help="the first is the targets' dtype")
+    p.add_argument("--phases", default=",".join(PHASES), help="phases to run (setup always runs)")
+    p.add_argument("--shapes", default="main,models", help="extra phase's shape sets: main (issue), models (built-in)")
+    p.add_argument("--ms", default=None, help="comma-separated M values (default: the issue's)")
+    p.add_argument("--warmup-ms", type=float, default=10.0)
+    p.add_argument("--rep-ms", type=float, default=25.0)
+    p.add_argument("--tune-rep-ms", type=float, default=10.0,
+                   help="do_bench rep (ms) inside robcomp's Triton autotuners (0: Triton's default)")
+    args = p.parse_args(argv)
+    if args.max_seconds < 0:
+        p.error("--max-seconds must be >= 0")
+    unknown = set(args.phases.split(",")) - set(PHASES)
+    if unknown:
+        p.error(f"--phases: unknown {sorted(unknown)}; choose from {PHASES}")
+    return args
 
 
 def model_linear_shapes(tiny: bool) -> list[tuple[int, int]]:
@@ -532,124 +635,74 @@ def model_linear_shapes(tiny: bool) -> list[tuple[int, int]]:
                 if s not in shapes and s not in MAIN_SHAPES:
                     shapes.append(s)
     if tiny:  # one shape that every format takes, to keep the interpreter run short
-        shapes = sorted((s for s in shapes if s[0] % GROUP == 0), key=lambda s: s[0] * s[1])[:1]
+        shapes = sorted((s for s in shapes if s[0] % gpu_formats.GROUP == 0), key=lambda s: s[0] * s[1])[:1]
     return shapes
-
-
-def print_table(res: dict) -> None:
-    print()
-    ok = sum(c["passed"] for c in res["correctness"])
-    print(f"correctness: {ok}/{len(res['correctness'])} checks passed"
-          + ("" if res["correctness_passed"] else "  FAILED: " + ", ".join(
-              sorted({f"{c['format']} {c['dtype']} {c['direction']}" for c in res["correctness"] if not c["passed"]}))))
-    e2e = [r for r in res["results"] if r["suite"] == "e2e"]
-    if e2e:
-        print(f"\n{'end to end':<22}{'recipe':<20}{'ms':>10}{'samples/s':>12}{'vs dense':>10}")
-        for r in e2e:
-            print(f"{r['case']:<22}{r['impl']:<20}{r['ms']:>10.3f}{r.get('throughput_samples_per_s', 0):>12.1f}"
-                  f"{r.get('speedup_vs_dense', 1.0):>10.2f}")
-    print(f"\n{'target (fp16, issue shapes)':<44}{'need':>6}{'worst':>8}{'median':>8}{'n':>4}  met")
-    for t in res["targets"]:
-        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        met = {True: "yes", False: "MISSED", None: "no data"}[t["met"]]
-        print(f"{t['format'] + ' ' + t['regime']:<44}{t['target']:>6.2f}{fmt(t['worst']):>8}{fmt(t['median']):>8}"
-              f"{t['cases']:>4}  {met}")
-    if not res["timings_meaningful"]:
-        print("\nNOTE: interpreter/CPU timings: they mean nothing for performance.")
-    print(f"\n{len(res['results'])} figures, {len(res['skipped'])} skipped, {len(res['errors'])} errors, "
-          f"{res['elapsed_s']} s")
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--tiny", action="store_true", help="CPU + Triton interpreter, tiny shapes (tests)")
-    p.add_argument("--out", default=None, help="JSON path (default bench/results/gpu_suite-<device>-<date>.json)")
-    p.add_argument("--max-seconds", type=float, default=540.0, help="stop starting new work after this")
-    p.add_argument("--wheels", default=str(ROOT / ".whl"), help="directory of wheels to install first (optional)")
-    p.add_argument("--dtypes", default="float16,bfloat16")
-    p.add_argument("--phases", default="correctness,kernels,e2e")
-    p.add_argument("--shapes", default="main,models", help="kernel shape sets: main (issue 8), models (built-in)")
-    p.add_argument("--ms", default=None, help="comma-separated M values (default: the issue's)")
-    p.add_argument("--warmup-ms", type=float, default=10.0)
-    p.add_argument("--rep-ms", type=float, default=50.0)
-    p.add_argument("--tune-rep-ms", type=float, default=20.0,
-                   help="do_bench rep (ms) of robcomp's Triton autotuners (0: Triton's default 100)")
-    return p.parse_args(argv)
-
-
-def fast_autotune(rep_ms: float) -> None:
-    """Shorter benchmarking inside robcomp's autotuners (Triton's default is warm-up 25 ms, rep 100 ms
-    per config and key), so that tuning every shape fits in the time budget."""
-    import triton
-    import triton.testing
-    from triton.runtime.autotuner import Autotuner
-    from robcomp.kernels import lowbit, sparse24, sparse24_lowbit
-
-    def bench(kernel_call, quantiles=None):
-        return triton.testing.do_bench(kernel_call, warmup=5, rep=rep_ms, quantiles=quantiles)
-    for mod in (lowbit, sparse24, sparse24_lowbit):
-        for obj in vars(mod).values():
-            if isinstance(obj, Autotuner):
-                obj._do_bench = bench
-                obj.__dict__.pop("do_bench", None)  # a cached_property (triton 3.6) re-reads _do_bench
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    wheels = install_wheels(args.wheels)
-    import_robcomp()
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
-    if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        print("no CUDA device: run with --tiny (Triton interpreter) on CPU", file=sys.stderr)
-        return 2
-    if device.type == "cuda" and args.tune_rep_ms > 0:
-        fast_autotune(args.tune_rep_ms)
-    suite = Suite(args, device)
-    suite.baselines["wheels"] = wheels
-    try:
-        import bitsandbytes
-        suite.baselines["bitsandbytes"] = f"bitsandbytes {bitsandbytes.__version__}"
-    except Exception as e:
-        suite.baselines["bitsandbytes"] = "not installed" if isinstance(e, ImportError) else f"import failed: {e}"[:200]
-    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
     phases = set(args.phases.split(","))
-    ms = [int(v) for v in args.ms.split(",")] if args.ms else (TINY_MS if args.tiny else MS)
-    main_shapes = TINY_SHAPES if args.tiny else MAIN_SHAPES
-    main_shapes_timed = main_shapes if "main" in args.shapes else []
-    model_shapes = model_linear_shapes(args.tiny) if "models" in args.shapes else []
+    budget = Budget(args.max_seconds, [(name, share * args.max_seconds) for name, share in PLAN
+                                       if name == "setup" or name in phases])
+    with budget.phase("setup"):
+        wheels = install_wheels(args.wheels)
+        import_robcomp()
+        device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+        if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+            print("no CUDA device: run with --tiny (Triton interpreter) on CPU", file=sys.stderr)
+            return 2
+        suite = Suite(args, device, budget)  # imports the kernel modules
+        if device.type == "cuda" and args.tune_rep_ms > 0:
+            fast_autotune(args.tune_rep_ms)
+        suite.baselines["wheels"] = wheels
+        try:
+            import bitsandbytes
+            suite.baselines["bitsandbytes"] = f"bitsandbytes {bitsandbytes.__version__}"
+        except Exception as e:
+            suite.baselines["bitsandbytes"] = "not installed" if isinstance(e, ImportError) else f"import failed: {e}"[:200]
+    print(f"[{budget.elapsed():6.1f} s] setup done", flush=True)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",") if d]
+    ms = [int(v) for v in args.ms.split(",")] if args.ms else (TINY["ms"] if args.tiny else MS)
+    main_shapes = TINY["shapes"] if args.tiny else MAIN_SHAPES
     out = Path(args.out) if args.out else None
 
     def save():
         nonlocal out
         res = suite.result(main_shapes)
         if out is None:
-            slug = re.sub(r"[^A-Za-z0-9]+", "-", res["device"] or "device").strip("-").lower()
-            out = H.RESULTS_DIR / f"gpu_suite-{slug}-{res['date'].replace(':', '').replace('-', '')[:15]}.json"
-        atomic_write_json(out, res)
+            out = Path(args.out_dir) / f"{res['date'][:10]}-{H.device_slug(res)}.json"
+        H.atomic_write_json(out, res)
         return res
 
     def on_term(signum, frame):  # a killed run still writes what it has
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, on_term)
 
-    # priority order: what the issue's targets need first
-    work = []
-    if "correctness" in phases:
-        work.append(("correctness", lambda: suite.run_checks(dtypes)))
-    for i, dtype in enumerate(dtypes):
-        if "kernels" in phases and main_shapes_timed:
-            work.append((f"kernels main {dtype}", lambda d=dtype: suite.run_kernels(main_shapes_timed, d, ms, "main")))
-        if i == 0 and "e2e" in phases:
-            work.append(("e2e", lambda d=dtype: suite.run_e2e(d)))
-    for dtype in dtypes:
-        if "kernels" in phases and model_shapes:
-            work.append((f"kernels models {dtype}", lambda d=dtype: suite.run_kernels(model_shapes, d, ms, "models")))
+    def extra(phase):
+        for dtype in dtypes[1:]:
+            if "main" in args.shapes:
+                suite.run_kernels(phase, main_shapes, dtype, ms, "main")
+        if "models" in args.shapes:
+            for dtype in dtypes:
+                suite.run_kernels(phase, model_linear_shapes(args.tiny), dtype, ms, "models")
+    work = {
+        "ceilings": suite.run_ceilings,
+        "correctness": lambda ph: suite.run_checks(ph, dtypes),
+        "kernels": lambda ph: suite.run_kernels(ph, main_shapes, dtypes[0], ms, "main"),
+        "launch": lambda ph: suite.run_launch(ph, dtypes[0]),
+        "static": lambda ph: suite.run_static(ph, main_shapes, TINY["static_ms"] if args.tiny else STATIC_MS, dtypes[0]),
+        "e2e": lambda ph: suite.run_e2e(ph, dtypes[0]),
+        "extra": extra,
+    }
+    res = None
     try:
-        for name, run in work:
-            t0 = time.monotonic()
-            print(f"[{suite.budget.elapsed():6.1f} s] {name} ...", flush=True)
-            run()
-            print(f"[{suite.budget.elapsed():6.1f} s] {name} done in {time.monotonic() - t0:.1f} s", flush=True)
+        for name in PHASES:
+            if name not in phases:
+                continue
+            with budget.phase(name) as phase:
+                print(f"[{budget.elapsed():6.1f} s] {name}: {phase.info['granted_s']} s granted", flush=True)
+                work[name](phase)
+            print(f"[{budget.elapsed():6.1f} s] {name} done in {phase.info['used_s']} s", flush=True)
             save()
     finally:
         res = save()

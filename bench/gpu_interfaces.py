@@ -1,0 +1,75 @@
+"""The GPU suite's only contact points with code other branches own, one small function each, so
+that a renamed function or attribute is a one-line fix here:
+
+* ``robcomp.tune(model, example_inputs)``: the explicit, recorded dispatch step (issue 11) run on
+  a layer or model before its dispatched path is timed; :func:`tune`.
+* ``layer.last_path``: which implementation a compressed layer's last forward ran; :func:`path_taken`.
+* ``perf_cases(m, n, k, dtype, sm_count) -> list[dict]`` of each kernel module (keys ``op``,
+  ``launches``, ``bytes``, ``flops``, ``candidates``); :func:`perf_cases`.
+* ``bench/static_model.py``'s ``predict(op_case, device="h100"|"h200") -> dict``; :func:`static_model`
+  and :func:`predicted_ms`.
+
+Each returns a value or a reason; none raises when the other side is absent.
+"""
+from __future__ import annotations
+
+import importlib
+
+
+def tune(model, example_inputs: tuple) -> str:
+    """Run ``robcomp.tune(model, example_inputs)``; returns ``"tuned"`` or why it did not run."""
+    import robcomp
+    fn = getattr(robcomp, "tune", None)
+    if fn is None:
+        return "robcomp.tune unavailable"
+    try:
+        fn(model, example_inputs)
+    except Exception as e:  # a failed tune is recorded; the layer still runs its default path
+        return f"tune failed: {type(e).__name__}: {e}"[:300]
+    return "tuned"
+
+
+def path_taken(layer) -> str | None:
+    """The implementation the layer's last forward ran (``layer.last_path``), None if not recorded."""
+    path = getattr(layer, "last_path", None)
+    return None if path is None else str(path)
+
+
+def perf_cases(module, m: int, n: int, k: int, dtype, sm_count: int) -> list[dict] | None:
+    """``module.perf_cases(...)`` where the kernel module has it, else None."""
+    fn = getattr(module, "perf_cases", None)
+    return None if fn is None else list(fn(m, n, k, dtype, sm_count))
+
+
+def static_model():
+    """(module, None) when bench/static_model.py imports, else (None, reason). The module is
+    absent on branches without it, and unusable where the compiler tools it reads are missing:
+    both are real states, recorded as "static model unavailable"."""
+    try:
+        return importlib.import_module("static_model"), None
+    except ModuleNotFoundError as e:
+        if e.name == "static_model":
+            return None, "static model unavailable: bench/static_model.py is absent"
+        return None, f"static model unavailable: {e}"
+    except Exception as e:
+        return None, f"static model unavailable: import failed: {type(e).__name__}: {e}"[:300]
+
+
+def predict(model, op_case: dict, device: str) -> dict:
+    """``model.predict(op_case, device=device)``."""
+    return dict(model.predict(op_case, device=device))
+
+
+def predicted_ms(prediction: dict) -> float | None:
+    """The predicted time in milliseconds, from whichever time key the prediction carries."""
+    for key, scale in (("ms", 1.0), ("time_ms", 1.0), ("predicted_ms", 1.0), ("us", 1e-3), ("time_us", 1e-3),
+                       ("time_s", 1e3), ("seconds", 1e3)):
+        value = prediction.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value) * scale
+    return None
+
+
+def static_device(device_name: str | None) -> str:
+    """The static model's device key for a device name ("h200" for an H200, else "h100")."""
+    return "h200" if device_name and "H200" in device_name.upper() else "h100"
