@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, Transfer, preset, project_l2
+from robcomp.attacks import APGD, APGDT, FAB, FGSM, PGD, Ensemble, Square, Transfer, preset, project_l2
 from robcomp.attacks.apgd import checkpoints
 from robcomp.attacks.base import distance
 from robcomp.compress import compress
@@ -26,7 +26,9 @@ def tol(n):
 
 ALL = [FGSM(0.1), FGSM(0.5, norm="L2"), PGD(0.1, 5), PGD(0.8, 5, norm="L2"), PGD(0.1, 5, restarts=2, schedule="cosine"),
        PGD(0.1, 5, loss="dlr", schedule="step"), APGD(0.1, "ce", 8), APGD(0.1, "dlr", 8), APGD(0.8, "ce", 8, norm="L2"),
-       APGDT(0.1, 8, n_target_classes=2), Square(0.1, 40), preset("quick", 0.1)]
+       APGDT(0.1, 8, n_target_classes=2), Square(0.1, 40), Square(0.8, 40, norm="L2"),
+       FAB(0.1, 8), FAB(0.8, 8, norm="L2", targeted=True, n_target_classes=2), FAB(2.0, 8, norm="L1"),
+       APGD(0.1, "ce", 4, eot_samples=2), preset("quick", 0.1)]
 
 
 @pytest.mark.parametrize("attack", ALL, ids=lambda a: a.name)
@@ -158,7 +160,11 @@ def test_input_validation(mlp, digits):
     with pytest.raises(ValueError, match="loss"):
         APGD(0.1, "hinge")
     with pytest.raises(ValueError, match="Linf"):
-        Square(0.1, norm="L2")
+        Square(0.1, norm="L1")
+    with pytest.raises(ValueError, match="norm"):
+        FAB(0.1, norm="L3")
+    with pytest.raises(ValueError, match="eot_samples"):
+        APGD(0.1, eot_samples=0)
     with pytest.raises(ValueError, match="threat model"):
         Ensemble([FGSM(0.1), FGSM(0.2)])
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
