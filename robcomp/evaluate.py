@@ -148,10 +148,10 @@ def _fresh_counts(attacks: Sequence[Attack], twin: bool) -> dict:
 
 def _model_checks(model, x, y, device, randomised) -> dict:
     """Does the model have input gradients, is its forward random, and is its noise seedable?"""
-    noise = noise_control(model, x, device)
-    detected = noise != "deterministic"
-    with seeded_noise(model, 0, device):
+    with seeded_noise(model, 0, device):  # forked generators: the caller's random stream is left alone
+        noise = noise_control(model, x, device)
         gradient = has_input_gradient(model, x, y)
+    detected = noise != "deterministic"
     return {"input_gradient": gradient, "randomised_detected": detected,
             "randomised": detected if randomised is None else bool(randomised), "noise": noise}
 
@@ -388,8 +388,9 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
                  and robust[a.name] is not None and a.norm in ("Linf", "L2")]
         half = c["clean_correct"] / total / 2
         eps_attack = min(white, key=lambda a: (abs(robust[a.name] - half), a.eps)) if white else None
-        probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
-                                     norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
+        with seeded_noise(model, batch_seed(seed, -1), device):
+            probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
+                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
         from_results = checks.pop("more_iterations_weaker")
         from_probe = probes.pop("more_iterations_weaker")
         flagged = [f["flagged"] for f in (from_results, from_probe) if f["flagged"] is not None]
