@@ -41,7 +41,7 @@ from robcomp import sanity as _sanity
 from robcomp.attacks.base import Attack, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
-from robcomp.randomised import Predictor, batch_seed, is_randomised, noise_control, seeded_noise
+from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
 from robcomp.nn import CompressedLinear
@@ -438,8 +438,10 @@ def merge_records(records: Sequence[dict]) -> dict:
     out["counts"] = counts
     out["examples"] = n
     out["clean_accuracy"] = counts["clean_correct"] / n
-    out["robust_accuracy"] = {k: v / n for k, v in counts["robust_correct"].items()}
-    out["robust_accuracy_by_eps"] = {k: v / n for k, v in counts["worst_by_eps"].items()}
+    na = {k for r in records for k in r.get("not_applicable", {})}
+    out["robust_accuracy"] = {k: None if k in na else v / n for k, v in counts["robust_correct"].items()}
+    out["robust_accuracy_by_eps"] = {k: None if out["robust_accuracy_by_eps"].get(k) is None else v / n
+                                     for k, v in counts["worst_by_eps"].items()}
     if out["worst_case_robust_accuracy"] is not None:
         out["worst_case_robust_accuracy"] = counts["worst_correct"] / n
     out["attack_time_s"] = {k: sum(r["attack_time_s"][k] for r in records) for k in out["attack_time_s"]}

@@ -18,9 +18,8 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from robcomp.attacks.base import Attack, NoInputGradient, loss_and_gradient
+from robcomp.attacks.base import Attack, NoInputGradient, ce_loss, loss_and_gradient
 from robcomp.attacks.pgd import PGD
 
 __all__ = ["FLAGS", "probe_model", "check_results", "tolerance", "flagged_names", "no_input_gradient_flag"]
@@ -71,10 +70,6 @@ def no_input_gradient_flag(gradient: bool | None, not_applicable: Sequence[str] 
     return _flag(not gradient, None, None, detail)
 
 
-def _sum_ce(logits, y):
-    return F.cross_entropy(logits, y, reduction="none")
-
-
 def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None, norm: str = "Linf",
                 steps: int = 10, large_eps: float | None = None, salt: int = 0) -> dict:
     """Experiments on ``(x, y)`` (keep it small: a hundred examples is plenty)."""
@@ -93,7 +88,7 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
                                    "outputs are non-negative, at most 1 and sum to 1 per row" if bool(probs)
                                    else "outputs look like logits")
     try:
-        grad, _, _ = loss_and_gradient(model, x, y, _sum_ce)
+        grad, _, _ = loss_and_gradient(model, x, y, ce_loss)
     except NoInputGradient:
         out["no_input_gradient"] = no_input_gradient_flag(False)
         why = "the model has no input gradient"

@@ -10,7 +10,7 @@ import torch.nn as nn
 
 from robcomp.attacks import EOT, FGSM, PGD, NoInputGradient, Square, Transfer, preset
 from robcomp.attacks.base import ce_loss, loss_and_gradient
-from robcomp.evaluate import evaluate
+from robcomp.evaluate import evaluate, merge_records
 from robcomp.randomised import Predictor
 from robcomp.sanity import probe_model
 
@@ -73,6 +73,11 @@ def test_no_input_gradient_is_flagged_and_black_box_attacks_still_scored(mlp, di
     probes = probe_model(model, x, y, eps=eps)
     assert probes["no_input_gradient"]["flagged"] is True
     assert probes["nan_gradients"]["flagged"] is None
+    # sharded runs merge to the same numbers, not-applicable attacks stay None
+    kw = dict(attacks=[FGSM(eps), square], batch_size=64, measure=False, sanity=False)
+    merged = merge_records([evaluate(model, (x, y), rank=k, world_size=2, **kw) for k in range(2)])
+    full = evaluate(model, (x, y), **kw)
+    assert merged["robust_accuracy"] == full["robust_accuracy"] and merged["robust_accuracy"][FGSM(eps).name] is None
     # an ordinary model is not flagged
     ok = evaluate(mlp, (x, y), attacks=[FGSM(eps)], measure=False, sanity=False)
     assert ok["no_input_gradient"] is False and ok["sanity"]["no_input_gradient"]["flagged"] is False
