@@ -14,7 +14,12 @@ Honesty features (see docs/evaluation.md):
 * ``state_path=`` makes the evaluation resumable: the counters are written atomically after each
   batch, so a crash loses at most the batch in progress and a resumed run gives the same numbers
   (the attacks' randomness is keyed by example index, see ``robcomp.attacks.base``);
-* ``rank``/``world_size`` shard the data by batch; :func:`merge_records` adds shard records up.
+* ``rank``/``world_size`` shard the data by batch; :func:`merge_records` adds shard records up;
+* a model without input gradients (``no_input_gradient``) gets its white-box attacks marked not
+  applicable while black-box and transfer attacks still run;
+* a randomised model is attacked with EOT gradients and scored by a vote over several forwards
+  (:mod:`robcomp.randomised`); its noise is seeded per batch where torch's generators or a
+  ``generator`` attribute supply it, and the record says when repeats will differ.
 
 The record is plain JSON-serialisable data.
 """
@@ -33,8 +38,10 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from robcomp import sanity as _sanity
-from robcomp.attacks.base import Attack, distance
+from robcomp.attacks.base import Attack, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
+from robcomp.attacks.eot import EOT
+from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
 from robcomp.nn import CompressedLinear
@@ -42,7 +49,8 @@ from robcomp.timing import count_macs, measure_energy, measure_latency, measure_
 
 __all__ = ["evaluate", "merge_records", "count_nonzero_parameters", "gradient_kinds"]
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+NOT_APPLICABLE = "white-box attack on a model without input gradients"
 
 
 def _as_batches(data, batch_size: int) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
@@ -129,11 +137,29 @@ def _fresh_counts(attacks: Sequence[Attack], twin: bool) -> dict:
         "worst_by_eps": {k: 0 for k in dict.fromkeys(_eps_key(a) for a in attacks)},
         "attack_time_s": {a.name: 0.0 for a in attacks},
         "violations": {a.name: 0 for a in attacks},
-        "ensembles": {a.name: {"members": [{"name": m.name, "kind": m.kind, "attacked": 0, "fooled": 0,
-                                             "robust": 0, "time_s": 0.0} for m in a.attacks]}
+        "ensembles": {a.name: {"members": [{"name": m.name, "kind": m.kind, "applicable": True, "attacked": 0,
+                                             "fooled": 0, "robust": 0, "time_s": 0.0} for m in a.attacks]}
                       for a in attacks if isinstance(a, Ensemble)},
         "twin": {a.name: {"twin_robust": 0, "replay_robust": 0, "disagree": 0} for a in attacks} if twin else None,
+        "model_checks": None,  # decided on the first batch, kept across resumed sessions
+        "not_applicable": {},
     }
+
+
+def _model_checks(model, x, y, device, randomised) -> dict:
+    """Does the model have input gradients, is its forward random, and is its noise seedable?"""
+    with seeded_noise(model, 0, device):  # forked generators: the caller's random stream is left alone
+        noise = noise_control(model, x, device)
+        gradient = has_input_gradient(model, x, y)
+    detected = noise != "deterministic"
+    return {"input_gradient": gradient, "randomised_detected": detected,
+            "randomised": detected if randomised is None else bool(randomised), "noise": noise}
+
+
+def _applicable(attack: Attack, gradient: bool) -> bool:
+    if gradient or attack.kind != "white-box":
+        return True
+    return isinstance(attack, Ensemble) and any(m.kind != "white-box" for m in attack.attacks)
 
 
 def _short(name: str) -> str:
@@ -145,7 +171,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
              name: str | None = None, progress: bool = False, seed: int = 0,
              state_path: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
              twin: nn.Module | None = None, sanity: bool = True, sanity_examples: int = 128,
-             measure: bool = True) -> dict:
+             measure: bool = True, randomised: bool | None = None, eot_samples: int = 20, votes: int = 10,
+             scoring: str = "majority") -> dict:
     """Evaluate ``model`` on ``data``: clean and robust accuracy, sanity flags, latency, memory,
     energy, size, MACs. Returns a JSON-serialisable record (fields: docs/evaluation.md).
 
@@ -155,6 +182,9 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     ``b % world_size == rank``. ``twin``: a differentiable twin to craft on (replayed on
     ``model``). ``sanity``: run the sanity probes on the first ``sanity_examples`` examples.
     ``measure``: latency, peak memory, energy (skip for accuracy-only runs).
+    ``randomised``: None detects a random forward on the first batch; True/False force the
+    treatment: white-box attacks on ``EOT(model, eot_samples)``, every prediction a ``scoring``
+    vote (``"majority"`` or ``"expectation"``) over ``votes`` forwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -173,6 +203,11 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank!r}, world_size={world_size!r}")
     if twin is not None and not isinstance(twin, nn.Module):
         raise TypeError(f"twin must be an nn.Module, got {type(twin).__name__}")
+    if isinstance(eot_samples, bool) or not isinstance(eot_samples, int) or eot_samples < 1:
+        raise ValueError(f"eot_samples must be a positive integer, got {eot_samples!r}")
+    if randomised not in (None, True, False):
+        raise ValueError(f"randomised must be None (detect), True or False, got {randomised!r}")
+    Predictor(True, scoring, votes)  # validates scoring and votes
     _check_data(data)
     try:
         first_param = next(model.parameters())
@@ -187,7 +222,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
 
     fingerprint = {"version": STATE_VERSION, "attacks": [a.to_dict() for a in attacks], "batch_size": batch_size,
                    "rank": rank, "world_size": world_size, "seed": seed, "model": _model_digest(model),
-                   "twin": None if twin is None else _model_digest(twin)}
+                   "twin": None if twin is None else _model_digest(twin),
+                   "randomised": randomised, "eot_samples": eot_samples, "votes": votes, "scoring": scoring}
     state_path = Path(state_path) if state_path is not None else None
     counts = _fresh_counts(attacks, twin is not None)
     if state_path is not None and state_path.exists():
@@ -211,51 +247,17 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
             need = sanity_examples - sum(len(t) for t in sanity_x)
             sanity_x.append(x[:need])
             sanity_y.append(y[:need])
+        if counts["model_checks"] is None:
+            counts["model_checks"] = _model_checks(model, x[:sanity_examples], y[:sanity_examples], device,
+                                                   randomised)
         if b in done:
             continue
         if len(x) == 0:
             raise ValueError(f"data: batch {b} is empty")
-        ids = torch.arange(start, start + len(x), device=device)
-        with torch.no_grad():
-            clean_ok = model(x).argmax(-1) == y
+        with seeded_noise(model, batch_seed(seed, b), device):
+            _evaluate_batch(model, twin, attacks, counts, x, y, torch.arange(start, start + len(x), device=device),
+                            seed, eot_samples, Predictor(counts["model_checks"]["randomised"], scoring, votes))
         c = counts
-        c["examples"] += len(y)
-        c["clean_correct"] += int(clean_ok.sum())
-        robust_all = clean_ok.clone()
-        by_eps = {k: clean_ok.clone() for k in c["worst_by_eps"]}
-        for attack in attacks:
-            t0 = time.perf_counter()
-            if isinstance(attack, Ensemble):
-                res = attack.run(model, x, y, ids=ids, salt=seed, clean_ok=clean_ok)
-                x_adv = res.x_adv
-                for acc, m in zip(c["ensembles"][attack.name]["members"], res.members):
-                    for k in ("attacked", "fooled", "robust", "time_s"):
-                        acc[k] += m[k]
-            else:
-                x_adv = attack(model, x, y, ids=ids, salt=seed)
-            c["attack_time_s"][attack.name] += time.perf_counter() - t0
-            with torch.no_grad():
-                pred_adv = model(x_adv).argmax(-1)
-            robust = clean_ok & (pred_adv == y)
-            c["robust_correct"][attack.name] += int(robust.sum())
-            robust_all &= robust
-            by_eps[_eps_key(attack)] &= robust
-            outside = (distance(x_adv, x, attack.norm) > attack.eps + 1e-5) | \
-                (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
-            c["violations"][attack.name] += int(outside.sum())
-            if twin is not None:
-                x_tw = attack(twin, x, y, ids=ids, salt=seed)
-                with torch.no_grad():
-                    twin_clean = twin(x).argmax(-1) == y
-                    pred_tw = twin(x_tw).argmax(-1)
-                    pred_dep = model(x_tw).argmax(-1)
-                t = c["twin"][attack.name]
-                t["twin_robust"] += int((twin_clean & (pred_tw == y)).sum())
-                t["replay_robust"] += int((clean_ok & (pred_dep == y)).sum())
-                t["disagree"] += int((pred_tw != pred_dep).sum())
-        c["worst_correct"] += int(robust_all.sum())
-        for k, v in by_eps.items():
-            c["worst_by_eps"][k] += int(v.sum())
         c["done_batches"].append(b)
         if state_path is not None:
             _write_json_atomic(state_path, {"fingerprint": fingerprint, "counts": counts})
@@ -272,13 +274,67 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     return _record(model, attacks, counts, total, input_shape, device, dtype, name=name, seed=seed, rank=rank,
                    world_size=world_size, batch_sizes=batch_sizes, latency_repeats=latency_repeats,
                    sanity_data=(torch.cat(sanity_x), torch.cat(sanity_y)) if sanity and sanity_x else None,
-                   measure=measure, twin=twin is not None)
+                   measure=measure, twin=twin is not None, scoring=scoring, votes=votes, eot_samples=eot_samples)
+
+
+def _evaluate_batch(model, twin, attacks, counts, x, y, ids, seed, eot_samples, predict: Predictor) -> None:
+    """Clean and robust counts of one batch (added to ``counts`` in place)."""
+    c = counts
+    gradient = c["model_checks"]["input_gradient"]
+    # white-box attacks see the EOT-marked model (mean gradient over eot_samples forwards)
+    target = EOT(model, eot_samples) if predict.randomised and eot_samples > 1 else model
+    clean_ok = predict(model, x) == y
+    c["examples"] += len(y)
+    c["clean_correct"] += int(clean_ok.sum())
+    robust_all = clean_ok.clone()
+    by_eps = {k: clean_ok.clone() for k in c["worst_by_eps"]}
+    for attack in attacks:
+        if not _applicable(attack, gradient):
+            c["not_applicable"][attack.name] = NOT_APPLICABLE
+            continue
+        t0 = time.perf_counter()
+        if isinstance(attack, Ensemble):
+            res = attack.run(target, x, y, ids=ids, salt=seed, clean_ok=clean_ok,
+                             predict=lambda m, xx: predict(model, xx), white_box=gradient)
+            x_adv, robust = res.x_adv, res.robust  # the ensemble's own verdict: no re-scoring
+            for acc, m in zip(c["ensembles"][attack.name]["members"], res.members):
+                acc["applicable"] = m["applicable"]
+                for k in ("attacked", "fooled", "robust", "time_s"):
+                    acc[k] += m[k]
+        else:
+            x_adv = attack(target, x, y, ids=ids, salt=seed)
+            robust = clean_ok & (predict(model, x_adv) == y)
+        c["attack_time_s"][attack.name] += time.perf_counter() - t0
+        c["robust_correct"][attack.name] += int(robust.sum())
+        robust_all &= robust
+        by_eps[_eps_key(attack)] &= robust
+        outside = (distance(x_adv, x, attack.norm) > attack.eps + 1e-5) | \
+            (x_adv.flatten(1).amin(1) < 0) | (x_adv.flatten(1).amax(1) > 1)
+        c["violations"][attack.name] += int(outside.sum())
+        if twin is not None:
+            x_tw = attack(twin, x, y, ids=ids, salt=seed)
+            with torch.no_grad():
+                twin_clean = twin(x).argmax(-1) == y
+                pred_tw = twin(x_tw).argmax(-1)
+            pred_dep = predict(model, x_tw)
+            t = c["twin"][attack.name]
+            t["twin_robust"] += int((twin_clean & (pred_tw == y)).sum())
+            t["replay_robust"] += int((clean_ok & (pred_dep == y)).sum())
+            t["disagree"] += int((pred_tw != pred_dep).sum())
+    c["worst_correct"] += int(robust_all.sum())
+    for k, v in by_eps.items():
+        c["worst_by_eps"][k] += int(v.sum())
 
 
 def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, seed, rank, world_size,
-            batch_sizes, latency_repeats, sanity_data, measure, twin) -> dict:
+            batch_sizes, latency_repeats, sanity_data, measure, twin, scoring, votes, eot_samples) -> dict:
     c = counts
-    robust = {k: v / total for k, v in c["robust_correct"].items()}
+    na = c["not_applicable"]
+    robust = {k: None if k in na else v / total for k, v in c["robust_correct"].items()}
+    applicable_eps = {_eps_key(a) for a in attacks if a.name not in na}
+    mc = c["model_checks"] or {"input_gradient": None, "randomised_detected": False, "randomised": False,
+                               "noise": "deterministic"}
+    predictor = Predictor(mc["randomised"], scoring, votes)
     ensembles = {}
     for ens_name, stats in c["ensembles"].items():
         ensembles[ens_name] = {"members": [{**m, "robust_accuracy_after": m["robust"] / total} for m in stats["members"]]}
@@ -289,9 +345,20 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         "examples": total,
         "clean_accuracy": c["clean_correct"] / total,
         "robust_accuracy": robust,
-        "robust_accuracy_by_eps": {k: v / total for k, v in c["worst_by_eps"].items()},
-        # per example: robust only if no attack succeeded on it
-        "worst_case_robust_accuracy": c["worst_correct"] / total if attacks else None,
+        "robust_accuracy_by_eps": {k: v / total if k in applicable_eps else None for k, v in c["worst_by_eps"].items()},
+        # per example: robust only if no applicable attack succeeded on it
+        "worst_case_robust_accuracy": c["worst_correct"] / total if applicable_eps else None,
+        "not_applicable": dict(na),
+        "no_input_gradient": mc["input_gradient"] is False,
+        "randomised": {"forward": mc["randomised_detected"], "treated": mc["randomised"],
+                       "eot_samples": eot_samples if mc["randomised"] else 1,
+                       "scoring": predictor.describe(), "noise": mc["noise"]},
+        "randomness": {"attacks": "keyed by (attack seed, evaluation seed, example index): repeatable",
+                       "model": {"deterministic": "no random forward",
+                                 "seeded": "seeded per batch from the evaluation seed: repeatable",
+                                 "uncontrolled": "noise from a source the evaluation cannot seed: "
+                                                 "repeated evaluations differ"}[mc["noise"]],
+                       "repeatable": mc["noise"] != "uncontrolled"},
         "attacks": [a.to_dict() for a in attacks],
         "attack_time_s": dict(c["attack_time_s"]),
         "ensembles": ensembles,
@@ -317,11 +384,13 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
     if sanity_data is not None:
         # probe at the white-box epsilon where the model is neither broken nor untouched (robust
         # accuracy closest to half the clean accuracy): there more steps have the most to find
-        white = [a for a in attacks if a.kind in ("white-box", "ensemble") and a.eps > 0]
+        white = [a for a in attacks if a.kind in ("white-box", "ensemble") and a.eps > 0
+                 and robust[a.name] is not None and a.norm in ("Linf", "L2")]
         half = c["clean_correct"] / total / 2
         eps_attack = min(white, key=lambda a: (abs(robust[a.name] - half), a.eps)) if white else None
-        probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
-                                     norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
+        with seeded_noise(model, batch_seed(seed, -1), device):
+            probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
+                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
         from_results = checks.pop("more_iterations_weaker")
         from_probe = probes.pop("more_iterations_weaker")
         flagged = [f["flagged"] for f in (from_results, from_probe) if f["flagged"] is not None]
@@ -330,6 +399,8 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
                                             "threshold": from_probe["threshold"],
                                             "detail": f"results: {from_results['detail']}; {from_probe['detail']}"}
         checks.update(probes)
+    gradient = mc["input_gradient"]
+    checks["no_input_gradient"] = _sanity.no_input_gradient_flag(gradient, sorted(na))
     record["sanity"] = {k: checks[k] for k in _sanity.FLAGS if k in checks}
     record["sanity_flags"] = _sanity.flagged_names(record["sanity"])
     if measure and input_shape is not None:
@@ -367,8 +438,10 @@ def merge_records(records: Sequence[dict]) -> dict:
     out["counts"] = counts
     out["examples"] = n
     out["clean_accuracy"] = counts["clean_correct"] / n
-    out["robust_accuracy"] = {k: v / n for k, v in counts["robust_correct"].items()}
-    out["robust_accuracy_by_eps"] = {k: v / n for k, v in counts["worst_by_eps"].items()}
+    na = {k for r in records for k in r.get("not_applicable", {})}
+    out["robust_accuracy"] = {k: None if k in na else v / n for k, v in counts["robust_correct"].items()}
+    out["robust_accuracy_by_eps"] = {k: None if out["robust_accuracy_by_eps"].get(k) is None else v / n
+                                     for k, v in counts["worst_by_eps"].items()}
     if out["worst_case_robust_accuracy"] is not None:
         out["worst_case_robust_accuracy"] = counts["worst_correct"] / n
     out["attack_time_s"] = {k: sum(r["attack_time_s"][k] for r in records) for k in out["attack_time_s"]}

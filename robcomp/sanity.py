@@ -18,14 +18,14 @@ from typing import Sequence
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
-from robcomp.attacks.base import Attack
+from robcomp.attacks.base import Attack, NoInputGradient, ce_loss, loss_and_gradient
 from robcomp.attacks.pgd import PGD
 
-__all__ = ["FLAGS", "probe_model", "check_results", "tolerance", "flagged_names"]
+__all__ = ["FLAGS", "probe_model", "check_results", "tolerance", "flagged_names", "no_input_gradient_flag"]
 
 FLAGS = {
+    "no_input_gradient": "the model's output has no input gradient: white-box attacks do not apply",
     "randomised_forward": "two forward passes on the same input give different outputs",
     "zero_gradients": "many examples have an input gradient that is exactly zero",
     "nan_gradients": "some input gradients are NaN or infinite",
@@ -60,6 +60,16 @@ def _accuracy(model, x, y) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
+def no_input_gradient_flag(gradient: bool | None, not_applicable: Sequence[str] = ()) -> dict:
+    if gradient is None:
+        return _not_run("the model was not probed")
+    detail = ("the cross-entropy has no gradient with respect to the input (torch.no_grad, detach or a "
+              "non-torch step in the forward)" if not gradient else "the input gradient exists")
+    if not_applicable:
+        detail += "; not applicable: " + ", ".join(not_applicable)
+    return _flag(not gradient, None, None, detail)
+
+
 def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None, norm: str = "Linf",
                 steps: int = 10, large_eps: float | None = None, salt: int = 0) -> dict:
     """Experiments on ``(x, y)`` (keep it small: a hundred examples is plenty)."""
@@ -77,10 +87,15 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
     out["softmax_outputs"] = _flag(bool(probs), None, None,
                                    "outputs are non-negative, at most 1 and sum to 1 per row" if bool(probs)
                                    else "outputs look like logits")
-    xg = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        loss = F.cross_entropy(model(xg), y, reduction="sum")
-        (grad,) = torch.autograd.grad(loss, xg)
+    try:
+        grad, _, _ = loss_and_gradient(model, x, y, ce_loss)
+    except NoInputGradient:
+        out["no_input_gradient"] = no_input_gradient_flag(False)
+        why = "the model has no input gradient"
+        for k in ("nan_gradients", "zero_gradients", "more_iterations_weaker", "no_chance_at_large_eps"):
+            out[k] = _not_run(why)
+        return out
+    out["no_input_gradient"] = no_input_gradient_flag(True)
     flat = grad.flatten(1)
     bad = ~torch.isfinite(flat).all(1)
     zero = (flat == 0).all(1)
@@ -120,7 +135,8 @@ def check_results(attacks: Sequence[Attack], robust_accuracy: dict, n: int, *,
 
     tol = tolerance(n)
     out: dict = {}
-    plain = [a for a in attacks if not isinstance(a, Ensemble)]
+    # attacks that did not apply (None: e.g. white-box on a model without input gradients) are left out
+    plain = [a for a in attacks if not isinstance(a, Ensemble) and robust_accuracy.get(a.name) is not None]
     # single step vs iterative, same threat model
     hits, compared = [], 0
     for f in (a for a in plain if type(a).__name__ == "FGSM"):
@@ -159,7 +175,7 @@ def check_results(attacks: Sequence[Attack], robust_accuracy: dict, n: int, *,
     for ens_name, stats in (ensembles or {}).items():
         wb_seen = False
         for m in stats["members"]:
-            if m["kind"] == "white-box":
+            if m["kind"] == "white-box" and m.get("applicable", True):
                 wb_seen = True
             elif m["kind"] in ("black-box", "transfer") and wb_seen:
                 compared += 1

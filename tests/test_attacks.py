@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.attacks import APGD, APGDT, FGSM, PGD, Ensemble, Square, Transfer, preset, project_l2
+from robcomp.attacks import APGD, APGDT, FAB, FGSM, PGD, Ensemble, Square, Transfer, preset, project_l2
 from robcomp.attacks.apgd import checkpoints
 from robcomp.attacks.base import distance
 from robcomp.compress import compress
@@ -26,7 +26,9 @@ def tol(n):
 
 ALL = [FGSM(0.1), FGSM(0.5, norm="L2"), PGD(0.1, 5), PGD(0.8, 5, norm="L2"), PGD(0.1, 5, restarts=2, schedule="cosine"),
        PGD(0.1, 5, loss="dlr", schedule="step"), APGD(0.1, "ce", 8), APGD(0.1, "dlr", 8), APGD(0.8, "ce", 8, norm="L2"),
-       APGDT(0.1, 8, n_target_classes=2), Square(0.1, 40), preset("quick", 0.1)]
+       APGDT(0.1, 8, n_target_classes=2), Square(0.1, 40), Square(0.8, 40, norm="L2"),
+       FAB(0.1, 8), FAB(0.8, 8, norm="L2", targeted=True, n_target_classes=2), FAB(2.0, 8, norm="L1"),
+       APGD(0.1, "ce", 4, eot_samples=2), preset("quick", 0.1)]
 
 
 @pytest.mark.parametrize("attack", ALL, ids=lambda a: a.name)
@@ -158,7 +160,11 @@ def test_input_validation(mlp, digits):
     with pytest.raises(ValueError, match="loss"):
         APGD(0.1, "hinge")
     with pytest.raises(ValueError, match="Linf"):
-        Square(0.1, norm="L2")
+        Square(0.1, norm="L1")
+    with pytest.raises(ValueError, match="norm"):
+        FAB(0.1, norm="L3")
+    with pytest.raises(ValueError, match="eot_samples"):
+        APGD(0.1, eot_samples=0)
     with pytest.raises(ValueError, match="threat model"):
         Ensemble([FGSM(0.1), FGSM(0.2)])
     with pytest.raises(ValueError, match="\\[0, 1\\]"):
@@ -210,3 +216,64 @@ def test_compressed_model_attacked_through_compressed_layers(recipe, mlp, digits
         close = (xa - xb).flatten(1).abs().amax(1) < 1e-4
         assert close.float().mean() >= 0.97, attack.name
         assert abs(robust_acc(comp, xa, y) - robust_acc(twin, xb, y)) <= 2 / n, attack.name
+
+
+# AutoAttack's standard version, read off fra31/auto-attack (autoattack/autoattack.py: the
+# attacks' constructors in AutoAttack.__init__, then set_version("standard") for Linf and L2;
+# square.py and fab_base.py for the defaults they keep). Written out here, not imported, so the
+# preset is checked against the reference and not against itself.
+REFERENCE_STANDARD = [
+    ("APGD", {"loss": "ce", "steps": 100, "restarts": 1, "rho": 0.75, "eot_samples": 1, "random_start": True}),
+    ("APGDT", {"loss": "dlr", "steps": 100, "restarts": 1, "rho": 0.75, "n_target_classes": 9, "eot_samples": 1}),
+    ("FAB", {"targeted": True, "steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05,
+             "beta": 0.9}),
+    ("Square", {"n_queries": 5000, "p_init": 0.8, "rescale_schedule": False}),
+]
+REFERENCE_RAND = [
+    ("APGD", {"loss": "ce", "steps": 100, "restarts": 1, "rho": 0.75, "eot_samples": 20}),
+    ("APGD", {"loss": "dlr", "steps": 100, "restarts": 1, "rho": 0.75, "eot_samples": 20}),
+]
+
+
+@pytest.mark.parametrize("norm,eps", [("Linf", 8 / 255), ("L2", 0.5)])
+def test_standard_and_rand_presets_are_autoattack_exactly(norm, eps):
+    from robcomp.attacks import AUTOATTACK_RAND, AUTOATTACK_STANDARD
+
+    for name, reference in (("standard", REFERENCE_STANDARD), ("rand", REFERENCE_RAND)):
+        ens = preset(name, eps, norm=norm, seed=3)
+        assert [type(a).__name__ for a in ens.attacks] == [t for t, _ in reference], name
+        for attack, (_, params) in zip(ens.attacks, reference):
+            assert (attack.norm, attack.eps, attack.seed) == (norm, eps, 3)
+            for key, value in params.items():
+                assert getattr(attack, key) == value, (name, attack.name, key)
+    # the documented tables say the same
+    assert AUTOATTACK_STANDARD["order"] == ("apgd-ce", "apgd-t", "fab-t", "square")
+    for key, (_, params) in zip(AUTOATTACK_STANDARD["order"], REFERENCE_STANDARD):
+        for k, v in params.items():
+            if k in AUTOATTACK_STANDARD[key]:
+                assert AUTOATTACK_STANDARD[key][k] == v, (key, k)
+    assert AUTOATTACK_RAND["apgd-ce"]["eot_samples"] == AUTOATTACK_RAND["apgd-dlr"]["eot_samples"] == 20
+    assert [type(a).__name__ for a in preset("quick", eps, norm=norm).attacks] == ["FGSM", "PGD"]
+    full = preset("full", eps, norm=norm)
+    assert {"FAB", "Square", "APGDT"} <= {type(a).__name__ for a in full.attacks}
+
+
+def test_square_schedule_with_and_without_rescaling():
+    from robcomp.attacks.square import p_selection
+
+    # AutoAttack (rescale off): halved after 10, 50, 200, 500, 1000, 2000, 4000 queries
+    got = [p_selection(0.8, it, 5000, rescale=False) for it in (0, 10, 11, 50, 51, 200, 201, 4000, 4001)]
+    assert got == [0.8, 0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.8 / 64, 0.8 / 128]
+    # rescaled: the same fractions of a 10000-query run
+    assert p_selection(0.8, 2, 1000) == 0.4 and p_selection(0.8, 801, 1000) == 0.8 / 512
+
+
+def test_l2_square_keeps_the_norm_and_finds_adversarials(mlp, digits):
+    x, y = digits[2][:96], digits[3][:96]
+    eps = 1.0
+    x_adv = Square(eps, 200, norm="L2", rescale_schedule=False)(mlp, x, y)
+    d = distance(x_adv, x, "L2")
+    assert float(d.max()) <= eps + 1e-5
+    assert robust_acc(mlp, x_adv, y) < robust_acc(mlp, x, y) - 0.2
+    # a perturbation of norm eps is used in full wherever the box allows it
+    assert float(d.median()) > 0.9 * eps

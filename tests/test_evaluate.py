@@ -19,6 +19,7 @@ from robcomp.compress import compress
 from robcomp.evaluate import evaluate, merge_records
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
 
 
@@ -190,7 +191,8 @@ def test_sigkilled_process_resumes_to_the_same_numbers(mlp, digits, tmp_path):
     script = tmp_path / "run.py"
     script.write_text(KILL_SCRIPT)
     proc = subprocess.Popen([sys.executable, str(script), str(weights), str(state)],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1",  # this checkout's robcomp, not an installed one
+                                 "PYTHONPATH": os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")])})
     deadline = time.time() + 60
     try:
         while time.time() < deadline and proc.poll() is None:

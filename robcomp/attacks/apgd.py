@@ -41,7 +41,7 @@ def checkpoints(steps: int) -> list[int]:
 
 class APGD(Attack):
     def __init__(self, eps: float, loss: str = "ce", steps: int = 100, *, norm: str = "Linf", restarts: int = 1,
-                 rho: float = 0.75, random_start: bool = True, seed: int = 0) -> None:
+                 rho: float = 0.75, random_start: bool = True, seed: int = 0, eot_samples: int = 1) -> None:
         self.norm = check_norm(norm)
         self.eps = check_eps(eps, self.norm)
         if loss not in _LOSSES:
@@ -54,15 +54,20 @@ class APGD(Attack):
         self.rho = float(rho)
         self.random_start = bool(random_start)
         self.seed = int(seed)
+        self.eot_samples = check_positive_int("eot_samples", eot_samples)
 
     @property
     def label(self) -> str:
         return f"APGD-{self.loss.upper()}"
 
     @property
-    def name(self) -> str:
+    def _suffix(self) -> str:
         restarts = f" x{self.restarts}" if self.restarts > 1 else ""
-        return f"{self.label}-{self.steps}{restarts} {self.norm} eps={self.eps:g}"
+        return restarts + (f" EOT-{self.eot_samples}" if self.eot_samples > 1 else "")
+
+    @property
+    def name(self) -> str:
+        return f"{self.label}-{self.steps}{self._suffix} {self.norm} eps={self.eps:g}"
 
     def _loss_fn(self, target):
         fn = _LOSSES[self.loss]
@@ -130,9 +135,9 @@ class APGDT(APGD):
 
     def __init__(self, eps: float, steps: int = 100, *, n_target_classes: int = 9, norm: str = "Linf",
                  restarts: int = 1, rho: float = 0.75, random_start: bool = True, seed: int = 0,
-                 loss: str = "dlr") -> None:
+                 loss: str = "dlr", eot_samples: int = 1) -> None:
         super().__init__(eps, loss, steps, norm=norm, restarts=restarts, rho=rho, random_start=random_start,
-                         seed=seed)
+                         seed=seed, eot_samples=eot_samples)
         self.n_target_classes = check_positive_int("n_target_classes", n_target_classes)
 
     @property
@@ -141,8 +146,7 @@ class APGDT(APGD):
 
     @property
     def name(self) -> str:
-        restarts = f" x{self.restarts}" if self.restarts > 1 else ""
-        return f"{self.label}-{self.steps}{restarts} ({self.n_target_classes} targets) {self.norm} eps={self.eps:g}"
+        return f"{self.label}-{self.steps}{self._suffix} ({self.n_target_classes} targets) {self.norm} eps={self.eps:g}"
 
     def perturb(self, model, x, y):
         with torch.no_grad():

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 __all__ = ["Attack", "project_linf", "project_l2", "project", "input_gradient", "keyed_uniform",
            "ce_loss", "dlr_loss", "dlr_targeted_loss", "margin", "check_attack_inputs", "check_eps",
-           "LOSSES", "NORMS"]
+           "LOSSES", "NORMS", "NoInputGradient", "has_input_gradient", "loss_and_gradient",
+           "logits_and_jacobian", "eot_samples"]
 
 NORMS = ("Linf", "L2")
 
@@ -107,9 +108,11 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str = "Linf"
 
 
 def distance(x_adv: torch.Tensor, x: torch.Tensor, norm: str = "Linf") -> torch.Tensor:
-    """Per-example distance in the threat model's norm."""
+    """Per-example distance in the threat model's norm (``"Linf"``, ``"L2"`` or ``"L1"``)."""
     d = (x_adv - x).flatten(1)
-    return d.abs().amax(1) if norm == "Linf" else d.norm(dim=1)
+    if norm == "Linf":
+        return d.abs().amax(1)
+    return d.abs().sum(1) if norm == "L1" else d.norm(dim=1)
 
 
 # ------------------------------------------------------------------------------- losses
@@ -165,15 +168,74 @@ def input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn) 
     return grad, logits
 
 
+class NoInputGradient(RuntimeError):
+    """The model's output does not depend differentiably on its input (e.g. preprocessing under
+    ``torch.no_grad()``, ``.detach()``, a numpy round trip): white-box attacks do not apply."""
+
+
+def eot_samples(model: nn.Module) -> int:
+    """Forwards a gradient is averaged over: ``model.eot_samples`` (see :class:`robcomp.attacks.EOT`), else 1."""
+    return int(getattr(model, "eot_samples", 1))
+
+
+def _grad_or_raise(out: torch.Tensor, x: torch.Tensor, **kw) -> torch.Tensor:
+    if not out.requires_grad:
+        raise NoInputGradient("the model's output has no gradient with respect to its input "
+                              "(is its forward, or part of it, under torch.no_grad() or detached?)")
+    (grad,) = torch.autograd.grad(out, x, allow_unused=True, **kw)
+    if grad is None:
+        raise NoInputGradient("the model's output does not depend differentiably on its input")
+    return grad
+
+
 def loss_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_fn
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Input gradient of the summed per-example loss, the logits and the per-example loss."""
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        logits = model(x)
-        loss = loss_fn(logits, y)
-        (grad,) = torch.autograd.grad(loss.sum(), x)
-    return grad, logits.detach(), loss.detach()
+    """Input gradient of the summed per-example loss, the logits and the per-example loss.
+
+    For a model with ``eot_samples = k > 1`` (expectation over transformation) the gradient, logits
+    and loss are the means over ``k`` forwards. Raises :class:`NoInputGradient` when the loss does
+    not depend differentiably on ``x``.
+    """
+    k = eot_samples(model)
+    grad = logits_sum = loss_sum = None
+    for _ in range(k):
+        xl = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(xl)
+            loss = loss_fn(logits, y)
+            g = _grad_or_raise(loss.sum(), xl)
+        grad = g if grad is None else grad + g
+        logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+        loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    return grad / k, logits_sum / k, loss_sum / k
+
+
+def logits_and_jacobian(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits ``[N, K]`` and their input Jacobian ``[N, K, *x.shape[1:]]`` (one backward pass per
+    class; EOT means as in :func:`loss_and_gradient`)."""
+    k = eot_samples(model)
+    logits_sum = jac_sum = None
+    for _ in range(k):
+        xl = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(xl)
+            rows = []
+            for c in range(logits.shape[1]):
+                rows.append(_grad_or_raise(logits[:, c].sum(), xl, retain_graph=c + 1 < logits.shape[1]))
+        jac = torch.stack(rows, 1)
+        logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
+        jac_sum = jac if jac_sum is None else jac_sum + jac
+    return logits_sum / k, jac_sum / k
+
+
+def has_input_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Whether the cross-entropy of ``model`` has an input gradient at ``(x, y)`` (a NaN gradient
+    still counts as one; the ``nan_gradients`` sanity flag reports it)."""
+    try:
+        loss_and_gradient(model, x, y, ce_loss)
+    except NoInputGradient:
+        return False
+    return True
 
 
 # ------------------------------------------------------------------------------- randomness
@@ -225,6 +287,9 @@ class Attack(abc.ABC):
     #: "white-box" (uses input gradients of the attacked model), "black-box" (scores only) or
     #: "transfer" (gradients of another model)
     kind: str = "white-box"
+    #: forwards each input gradient is averaged over (expectation over transformation, for
+    #: randomised models); > 1 wraps the model in :class:`robcomp.attacks.EOT` for the call
+    eot_samples: int = 1
 
     @property
     @abc.abstractmethod
@@ -239,6 +304,11 @@ class Attack(abc.ABC):
                  ids: torch.Tensor | None = None, salt: int = 0) -> torch.Tensor:
         """Attack ``model`` at ``(x, y)``. ``ids`` (one int per example), ``self.seed`` and
         ``salt`` (the evaluation's seed) key the randomness; by default ids are ``0..n-1``."""
+        return self.run_keyed(self.perturb, model, x, y, ids=ids, salt=salt).detach()
+
+    def run_keyed(self, fn, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                  ids: torch.Tensor | None = None, salt: int = 0):
+        """Validate the inputs and call ``fn(model, x, y)`` with :attr:`ids` and :attr:`active_seed` set."""
         check_attack_inputs(model, x, y)
         if ids is None:
             ids = torch.arange(x.shape[0])
@@ -247,8 +317,12 @@ class Attack(abc.ABC):
         self.ids = torch.as_tensor(ids, dtype=torch.int64).to(x.device)
         self.salt = int(salt)
         self.active_seed = int(self.seed) + 1_000_003 * self.salt
+        if self.eot_samples > eot_samples(model):
+            from robcomp.attacks.eot import EOT
+
+            model = EOT(model, self.eot_samples)
         try:
-            return self.perturb(model, x, y).detach()
+            return fn(model, x, y)
         finally:
             del self.ids, self.active_seed, self.salt
 

@@ -58,7 +58,7 @@ def keep_strongest(x_cur, logits, loss, y, best, best_loss, fooled):
 class PGD(Attack):
     def __init__(self, eps: float, steps: int = 10, alpha: float | None = None, random_start: bool = True,
                  seed: int = 0, *, norm: str = "Linf", loss: str = "ce", restarts: int = 1,
-                 schedule: str = "constant") -> None:
+                 schedule: str = "constant", eot_samples: int = 1) -> None:
         self.norm = check_norm(norm)
         self.eps = check_eps(eps, self.norm)
         self.steps = check_positive_int("steps", steps)
@@ -75,6 +75,7 @@ class PGD(Attack):
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.schedule = schedule
+        self.eot_samples = check_positive_int("eot_samples", eot_samples)
 
     @property
     def name(self) -> str:
@@ -83,6 +84,8 @@ class PGD(Attack):
             parts.append(f"x{self.restarts}")
         if self.schedule != "constant":
             parts.append(self.schedule)
+        if self.eot_samples > 1:
+            parts.append(f"EOT-{self.eot_samples}")
         return " ".join(parts + [self.norm, f"eps={self.eps:g}"])
 
     def step_size(self, t: int) -> float:
