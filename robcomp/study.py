@@ -23,20 +23,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from robcomp import __version__
 from robcomp.cache import cached_state
 from robcomp.compress import compress, model_bytes
 from robcomp.data import DIGITS, load_digits_split
 from robcomp.evaluate import evaluate
+from robcomp.fileio import DirectoryLock
 from robcomp.models import build_model
+from robcomp.progress import progress_mode, study_progress
 from robcomp.recipes import recipe_from_dict
 from robcomp.report.results import append_record
 from robcomp.studyspec import Point, StudySpec, default_spec, make_attacks
 from robcomp.train import TrainConfig, train
 
-__all__ = ["run_study", "check_output_dir", "effective_nonzero", "layer_times", "STUDY_RECORD"]
+__all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times", "STUDY_RECORD"]
 
 #: ``type`` of the header record that stores the spec in results.jsonl
 STUDY_RECORD = "study_spec"
@@ -44,12 +45,13 @@ STUDY_RECORD = "study_spec"
 
 def check_output_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and prove it is writable, before any work is done."""
+    if not str(out).strip():
+        raise ValueError("--out is empty: name an output directory (the current directory is not used implicitly)")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise PermissionError(f"--out {str(out)!r} is not a writable directory: {e.strerror or e}") from None
     return out
@@ -272,14 +274,27 @@ def _read_existing(path: Path) -> list[dict]:
     return read_records(path, tolerate_partial_last_line=True)
 
 
+def check_same_study(results_path: Path, existing: list[dict], spec: StudySpec) -> None:
+    """Refuse to mix two studies in one results file (the report would show both)."""
+    headers = [r for r in existing if r.get("type") == STUDY_RECORD]
+    if headers and headers[-1].get("spec") != spec.to_dict():
+        other = headers[-1].get("spec", {}).get("name", "?")
+        raise ValueError(f"{results_path} holds the results of another study ({other!r}, spec "
+                         f"{headers[-1].get('spec_hash')}); this run is {spec.name!r} (spec {spec.spec_hash()}): "
+                         "pass another --out, or delete that file to start over")
+
+
 def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.PathLike = "robcomp-out", *,
               progress: bool = True,
               echo=print, use_cache: bool = True, max_points: int | None = None, render: bool = True) -> list[dict]:
     """Run ``spec`` (a :class:`StudySpec`, a path to a TOML study file, or None for the shipped
     default study) into ``out``; return the records of its points.
 
-    Points already in ``out/results.jsonl`` are skipped. ``max_points`` stops after running that
-    many new points (for tests of resumption); ``render=False`` skips the report.
+    Points already in ``out/results.jsonl`` are skipped. ``out`` is locked while the run lasts
+    (:class:`~robcomp.fileio.DirectoryBusyError` when another run holds it), and a results file of
+    another study is refused (ValueError). ``max_points`` stops after running that
+    many new points (for tests of resumption); ``render=False`` skips the report. ``progress``
+    shows a bar on a terminal and one plain line per point on stderr otherwise.
     """
     if spec is None:
         spec = default_spec()
@@ -290,19 +305,26 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     if not isinstance(spec, StudySpec):
         raise TypeError(f"spec must be a StudySpec, got {type(spec).__name__}")
     out = check_output_dir(out)
+    with DirectoryLock(out):  # a second run into `out` refuses instead of duplicating points
+        return _run_locked(spec, out, progress=progress, echo=echo, use_cache=use_cache, max_points=max_points,
+                           render=render)
+
+
+def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_points, render) -> list[dict]:
     results_path = out / "results.jsonl"
     existing = _read_existing(results_path)
+    check_same_study(results_path, existing, spec)
     done = {r["point_id"] for r in existing if "point_id" in r}
-    headers = [r for r in existing if r.get("type") == STUDY_RECORD]
-    if not headers or headers[-1].get("spec") != spec.to_dict():
+    if not any(r.get("type") == STUDY_RECORD for r in existing):
         append_record(results_path, {"type": STUDY_RECORD, "spec": spec.to_dict(), "spec_hash": spec.spec_hash()})
     points = spec.points()
     todo = [p for p in points if p.id not in done]
     t_start = time.perf_counter()
     with _threads(spec.threads):
-        ctx = _Context(spec, use_cache, progress)
-        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="robcomp study", disable=not progress,
-                   unit="point")
+        mode = progress_mode(progress)
+        # nested training bars only on a terminal; a log gets one line per point
+        ctx = _Context(spec, use_cache, mode == "bar")
+        bar = study_progress(len(points), len(points) - len(todo), "robcomp study", mode)
         for i, p in enumerate(todo):
             if max_points is not None and i >= max_points:
                 break
