@@ -37,6 +37,8 @@ from robcomp.attacks.base import Attack, distance
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
+from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
+                            restores_training_mode)
 from robcomp.nn import CompressedLinear
 from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
@@ -140,6 +142,7 @@ def _short(name: str) -> str:
     return name.replace(" Linf", "").replace(" L2", "/L2")[:28]
 
 
+@restores_training_mode
 def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_sizes: Sequence[int] = (1, 256),
              device: torch.device | str | None = None, batch_size: int = 256, latency_repeats: int = 30,
              name: str | None = None, progress: bool = False, seed: int = 0,
@@ -178,7 +181,7 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
         first_param = next(model.parameters())
     except StopIteration:
         first_param = None
-    device = torch.device(device) if device is not None else (first_param.device if first_param is not None
+    device = check_device(device) if device is not None else (first_param.device if first_param is not None
                                                               else torch.device("cpu"))
     dtype = first_param.dtype if first_param is not None and first_param.is_floating_point() else torch.float32
     model = model.to(device).eval()
@@ -203,6 +206,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     for b, start, x, y in _as_batches(data, batch_size):
         if b % world_size != rank:
             continue
+        check_images(x, "data x")
+        check_labels(y, len(x), "data y")
         if input_shape is None:
             input_shape = tuple(x.shape[1:])
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
@@ -217,7 +222,9 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
             raise ValueError(f"data: batch {b} is empty")
         ids = torch.arange(start, start + len(x), device=device)
         with torch.no_grad():
-            clean_ok = model(x).argmax(-1) == y
+            logits = model(x)
+        check_labels_in_range(y, logits.shape[-1], "data y")
+        clean_ok = logits.argmax(-1) == y
         c = counts
         c["examples"] += len(y)
         c["clean_correct"] += int(clean_ok.sum())
