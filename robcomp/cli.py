@@ -220,14 +220,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"robcomp: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = _parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _warn_one_line  # robcomp's own warnings as one line, like its errors
     try:
         return args.func(args)
     except UsageError as e:
         print(f"robcomp: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

@@ -209,3 +209,17 @@ def test_unhonourable_channel_prune_is_skipped_not_ok(tmp_path, capsys):
     assert bad["status"] == "skipped"
     assert "removed no channel" in bad["reason"] and "ratio=0.875" in bad["reason"]
     assert by_recipe["channel_prune(ratio=0.875)"]["status"] == "ok"
+
+
+def test_layer_shares_add_up_to_at_most_the_whole_pass():
+    from robcomp.compress import compress
+    from robcomp.models import build_model
+    from robcomp.recipes import Int8WeightOnly
+    from robcomp.study import layer_times
+
+    model = compress(build_model("mlp", 64).eval(), Int8WeightOnly())
+    t = layer_times(model, (1, 8, 8), batch_size=16, repeats=5)
+    shares = [info["share"] for info in t["layers"].values()]
+    assert len(shares) == 3 and all(s > 0 for s in shares)
+    assert sum(shares) <= 1.0  # layers and total from the same pass
+    assert t["total_ms"] > 0 and t["unhooked_ms"] > 0
