@@ -1,13 +1,52 @@
 """robcomp: compressed neural networks that are really faster, with their accuracy and adversarial
-robustness measured in the same run."""
+robustness measured in the same run.
+
+The public names are imported on first use (PEP 562), so ``import robcomp`` and the command
+line's ``--help`` / ``--version`` do not pay for importing torch.
+"""
+import importlib
+import sys
+import types
+
 __version__ = "0.1.0"
 
-from robcomp import attacks  # noqa: E402
-from robcomp.compress import compress  # noqa: E402
-from robcomp.evaluate import evaluate  # noqa: E402
-from robcomp.recipes import (ChannelPrune, FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,  # noqa: E402
-                             MagnitudePrune, Recipe, Sparse24, Sparse24Int4)
-from robcomp.serialize import load, save  # noqa: E402
+_LAZY = {
+    "compress": ("robcomp.compress", "compress"),
+    "evaluate": ("robcomp.evaluate", "evaluate"),
+    "save": ("robcomp.serialize", "save"),
+    "load": ("robcomp.serialize", "load"),
+    "attacks": ("robcomp.attacks", None),
+    **{name: ("robcomp.recipes", name) for name in (
+        "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly", "Int8Dynamic", "FP8Dynamic", "Sparse24Int4",
+        "ChannelPrune", "MagnitudePrune")},
+}
 
 __all__ = ["compress", "save", "load", "evaluate", "attacks", "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly",
            "Int8Dynamic", "FP8Dynamic", "Sparse24Int4", "ChannelPrune", "MagnitudePrune"]
+
+
+def __getattr__(name):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'robcomp' has no attribute {name!r}")
+    module_name, attr = _LAZY[name]
+    module = importlib.import_module(module_name)
+    value = module if attr is None else getattr(module, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY))
+
+
+class _Package(types.ModuleType):
+    """``robcomp.compress`` and ``robcomp.evaluate`` are functions that share their module's name:
+    importing the submodule must not replace the function on the package."""
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] == name:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package

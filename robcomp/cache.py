@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
+
+from robcomp.fileio import atomic_path
 
 __all__ = ["cache_dir", "config_key", "cached_state"]
 
@@ -46,12 +47,6 @@ def cached_state(model: nn.Module, config: dict[str, Any], fit: Callable[[nn.Mod
     if enabled:
         path.parent.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
+        with atomic_path(path) as tmp:
             save_file(state, tmp, metadata={"config": json.dumps(config, sort_keys=True, default=str)})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
     return model.eval(), False

@@ -1,23 +1,31 @@
 """``robcomp`` command line: ``run`` (the main job: a study), ``report DIR``, ``env``, ``bench``.
 
 Bad input ends with one ``robcomp: error: ...`` line on stderr and exit code 2, before any file
-is written.
+is written. Only argparse and the standard library are imported before a command runs, so
+``--help``, ``--version`` and argument errors return without importing torch.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 __all__ = ["main"]
 
 
+DESCRIPTION = ("robcomp: compress neural networks with real kernels and measure accuracy, adversarial "
+               "robustness and speed in one run. Commands: run (the main job: a study), report DIR, env, bench.")
+DEFAULT_OUT, QUICK_OUT = "robcomp-out", "robcomp-out-quick"
+
+
 class UsageError(Exception):
     """Bad command-line input: reported in one line, exit code 2."""
+
+
 
 
 def _parse_recipes(specs: list[str]) -> tuple[str, ...]:
@@ -55,6 +63,8 @@ def _study_spec(args):
         spec = spec.replace(experiments=tuple(dataclasses.replace(e, recipes=recipes) if e.recipes else e
                                               for e in spec.experiments))
     if args.seed is not None:
+        if args.seed < 0:
+            raise UsageError(f"--seed must be a non-negative integer (torch seeds are >= 0), got {args.seed}")
         spec = spec.replace(seeds=(args.seed,), experiments=tuple(dataclasses.replace(e, seeds=None)
                                                                   for e in spec.experiments))
     return spec
@@ -73,25 +83,36 @@ def _cmd_run(args) -> int:
         else:
             print(default_spec_text(), end="")
         return 0
+    from robcomp.fileio import DirectoryBusyError
+    from robcomp.report.results import read_records
+    from robcomp.study import check_same_study
+
     spec = _study_spec(args)
     try:
         spec.points()  # every recipe/model combination is well-formed before anything is written
     except ValueError as e:
         raise UsageError(str(e)) from None
+    out = args.out if args.out is not None else (QUICK_OUT if args.quick else DEFAULT_OUT)
     try:
-        check_output_dir(args.out)
-    except PermissionError as e:
+        check_output_dir(out)
+        results = Path(out) / "results.jsonl"
+        if results.exists():
+            check_same_study(results, read_records(results, tolerate_partial_last_line=True), spec)
+    except (PermissionError, ValueError) as e:
         raise UsageError(str(e)) from None
     t0 = time.perf_counter()
-    run_study(spec, args.out, progress=not args.no_progress, use_cache=not args.no_cache)
+    try:
+        run_study(spec, out, progress=not args.no_progress, use_cache=not args.no_cache)
+    except DirectoryBusyError as e:
+        raise UsageError(str(e)) from None
     print(f"finished in {time.perf_counter() - t0:.1f} s")
     return 0
 
 
 def _cmd_report(args) -> int:
     import shutil
-    import tempfile
 
+    from robcomp.fileio import atomic_path
     from robcomp.report import read_records
     from robcomp.report.bench import load_bench
     from robcomp.report.render import render_report
@@ -109,10 +130,8 @@ def _cmd_report(args) -> int:
     for f in args.bench or ():  # keep a copy so that a later `robcomp report DIR` shows it too
         dest = directory / "bench" / Path(f).name
         dest.parent.mkdir(exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=".bench-", suffix=".json")
-        os.close(fd)
-        shutil.copyfile(f, tmp)
-        os.replace(tmp, dest)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(f, tmp)
     paths = render_report(directory, records)
     print(f"rendered from {sum(1 for r in records if 'point_id' in r or 'clean_accuracy' in r)} records: "
           + ", ".join(str(p) for p in paths))
@@ -122,17 +141,15 @@ def _cmd_report(args) -> int:
 def _cmd_env(args) -> int:
     import torch
 
-    from robcomp.env import environment, triton_status
+    from robcomp.env import environment, package_version, triton_status
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = environment(device)
     info["triton_kernels"] = triton_status()
-    for name in ("torch_pruning", "bitsandbytes", "numba", "safetensors"):
-        try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "installed")
-        except Exception as e:  # an optional backend that fails to import is reported, not fatal
-            info[name] = f"unavailable ({type(e).__name__})"
+    for name, dist in (("torch_pruning", "torch-pruning"), ("bitsandbytes", "bitsandbytes"), ("numba", "numba"),
+                       ("safetensors", "safetensors")):
+        # the installed distribution's version, not the module's __version__ (torch-pruning's lags)
+        info[name] = package_version(dist) or "not installed"
     if args.json:
         print(json.dumps(info, indent=2))
     else:
@@ -148,31 +165,46 @@ def _cmd_bench(args) -> int:
     bench_dir = next((c for c in candidates if (c / "conftest.py").is_file() or c.is_dir()), None)
     if bench_dir is None:
         raise UsageError("benchmark suites (bench/) not found: run `robcomp bench` from a source checkout")
+    if not args.out.strip():
+        raise UsageError("--out is empty: name the pytest-benchmark JSON file to write")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            raise UsageError(f"--out {args.out!r} is a directory: name a .json file")
+        with tempfile.TemporaryFile(dir=out.parent, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {args.out!r}: cannot write there: {e.strerror or e}") from None
     cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", f"--benchmark-json={out}"]
     print(" ".join(cmd))
     return subprocess.call(cmd)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robcomp", description=__doc__.splitlines()[0])
+    from robcomp import __version__
+
+    p = argparse.ArgumentParser(prog="robcomp", description=DESCRIPTION)
+    p.add_argument("--version", action="version", version=f"robcomp {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="the main job: run a study (default: the shipped one) on the embedded digits "
                                      "data and write results.jsonl, report.md, report.html and plots/")
     run.add_argument("--config", metavar="FILE.toml", help="study specification (default: the shipped default study; "
                                                            "see --print-config)")
     run.add_argument("--print-config", action="store_true", help="print the study specification (TOML) and exit")
-    run.add_argument("--out", default="robcomp-out", help="output directory (default ./robcomp-out); a rerun into "
-                                                          "the same directory skips finished points")
-    run.add_argument("--quick", action="store_true", help="smoke-sized study (seconds): one seed, few epochs")
+    run.add_argument("--out", default=None, help=f"output directory (default ./{DEFAULT_OUT}, with --quick "
+                                                 f"./{QUICK_OUT}); a rerun of the same study into the same directory "
+                                                 "skips finished points; another study's directory is refused")
+    run.add_argument("--quick", action="store_true", help="smoke-sized study: one seed, few epochs, a slice of the "
+                                                          "test set")
     run.add_argument("--models", help="comma-separated model names replacing every experiment's models")
     run.add_argument("--recipes", nargs="+", metavar="RECIPE",
                      help="recipes as NAME or NAME:key=value,... replacing every experiment's recipes; e.g. "
                           "sparse24 int4_weight_only:group_size=64 channel_prune:ratio=0.5")
-    run.add_argument("--seed", type=int, default=None, help="run every point with this one seed")
+    run.add_argument("--seed", type=int, default=None, help="run every point with this one seed (>= 0)")
     run.add_argument("--no-cache", action="store_true", help="retrain baselines instead of reusing cached ones")
-    run.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    run.add_argument("--no-progress", action="store_true", help="no progress output (by default: bars on a "
+                                                                "terminal, one line per point when stderr is not one)")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="re-render report.md, report.html and plots/ from DIR/results.jsonl")
     rep.add_argument("directory", metavar="DIR")
@@ -188,14 +220,24 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _warn_one_line(message, category, filename, lineno, file=None, line=None):
+    print(f"robcomp: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     parser = _parser()
     args = parser.parse_args(argv)
+    shown = warnings.showwarning
+    warnings.showwarning = _warn_one_line  # robcomp's own warnings as one line, like its errors
     try:
         return args.func(args)
     except UsageError as e:
         print(f"robcomp: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        warnings.showwarning = shown
 
 
 if __name__ == "__main__":

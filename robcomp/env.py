@@ -5,21 +5,59 @@ import datetime
 import os
 import platform
 
-import torch
+
+def cpu_model() -> str:
+    """The CPU's marketing name ("AMD EPYC 7B13"), read where the OS exposes it; the
+    architecture ("x86_64") only when it does not."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.lower().startswith(("model name", "hardware")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        try:
+            import subprocess
+
+            name = subprocess.run(["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True,
+                                  timeout=5).stdout.strip()
+            if name:
+                return name
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return platform.processor() or platform.machine() or "cpu"
 
 
-def device_name(device: torch.device) -> str:
+def device_name(device) -> str:
+    import torch
+
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return platform.processor() or platform.machine() or "cpu"
+    return cpu_model()
+
+
+def package_version(distribution: str) -> str | None:
+    """The installed version of ``distribution`` from its metadata (a module's ``__version__``
+    can disagree with what pip installed), None when it is not installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def environment(device: torch.device | None = None) -> dict:
     """Device, driver, versions and date, as recorded next to every measurement."""
+    import torch
+
     device = torch.device(device or "cpu")
     info = {
         "device": str(device),
         "device_name": device_name(device),
+        "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
@@ -51,6 +89,8 @@ def environment(device: torch.device | None = None) -> dict:
 
 def triton_status() -> str:
     """One line: can Triton kernels run here, and how."""
+    import torch
+
     try:
         import triton
     except Exception as e:

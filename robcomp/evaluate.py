@@ -44,6 +44,8 @@ from robcomp.attacks.eot import EOT
 from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
+from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
+                            restores_training_mode)
 from robcomp.nn import CompressedLinear
 from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
@@ -166,6 +168,7 @@ def _short(name: str) -> str:
     return name.replace(" Linf", "").replace(" L2", "/L2")[:28]
 
 
+@restores_training_mode
 def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_sizes: Sequence[int] = (1, 256),
              device: torch.device | str | None = None, batch_size: int = 256, latency_repeats: int = 30,
              name: str | None = None, progress: bool = False, seed: int = 0,
@@ -213,7 +216,7 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
         first_param = next(model.parameters())
     except StopIteration:
         first_param = None
-    device = torch.device(device) if device is not None else (first_param.device if first_param is not None
+    device = check_device(device) if device is not None else (first_param.device if first_param is not None
                                                               else torch.device("cpu"))
     dtype = first_param.dtype if first_param is not None and first_param.is_floating_point() else torch.float32
     model = model.to(device).eval()
@@ -239,6 +242,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     for b, start, x, y in _as_batches(data, batch_size):
         if b % world_size != rank:
             continue
+        check_images(x, "data x")
+        check_labels(y, len(x), "data y")
         if input_shape is None:
             input_shape = tuple(x.shape[1:])
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
@@ -254,6 +259,9 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
             continue
         if len(x) == 0:
             raise ValueError(f"data: batch {b} is empty")
+        with torch.no_grad():
+            n_classes = model(x[:1]).shape[-1]
+        check_labels_in_range(y, n_classes, "data y")
         with seeded_noise(model, batch_seed(seed, b), device):
             _evaluate_batch(model, twin, attacks, counts, x, y, torch.arange(start, start + len(x), device=device),
                             seed, eot_samples, Predictor(counts["model_checks"]["randomised"], scoring, votes))

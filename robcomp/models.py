@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from robcomp.inputs import check_float_input
+
 __all__ = ["Normalize", "SmallCNN", "MLP", "Attention", "Block", "TinyViT", "MODELS",
            "build_model"]
 
@@ -36,6 +38,7 @@ class Normalize(nn.Module):
         self.register_buffer("std", s.view(1, channels, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
+        check_float_input(x, "model")  # an integer image would be promoted silently, unscaled
         return (x - self.mean) / self.std
 
     def extra_repr(self) -> str:

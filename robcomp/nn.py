@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from robcomp.backend import resolve_backend, validate_backend
+from robcomp.inputs import check_float_input
 from robcomp.kernels import reference as ref
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4
 
@@ -100,6 +101,7 @@ class CompressedLinear(nn.Module, abc.ABC):
 
     # ------------------------------------------------------------------ running
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_input(x, f"{type(self).__name__}.forward")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         backend = resolve_backend(self.backend, x.device)

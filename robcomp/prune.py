@@ -149,6 +149,7 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
                 raise RuntimeError(f"pruning left {qkv.out_features} qkv outputs, not a multiple of 3 x {heads} heads")
             attn.head_dim = qkv.out_features // (3 * heads)
     after = _layer_shapes(model)
+    _check_something_removed(recipe, before, after, [n for n, m in names.items() if m in ignored])
     reports = []
     for name, (shape, size) in before.items():
         new_shape, new_size = after.get(name, (shape, size))
@@ -157,6 +158,23 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
                                                 else "no channel removed")
         reports.append(LayerReport(name, recipe.label(), action, shape, new_shape, size, new_size, reason=reason))
     return reports
+
+
+def _check_something_removed(recipe: ChannelPrune, before: dict, after: dict, ignored: list[str]) -> None:
+    """A ratio torch-pruning cannot honour is a silent no-op there (it rounds the kept channels
+    *down* to ``round_to``; zero kept means the layer is left alone): refuse it instead."""
+    if recipe.ratio <= 0 or any(after.get(n, v)[0] != v[0] for n, v in before.items()):
+        return
+    widths = {n: shape[0] for n, (shape, _) in before.items() if n not in ignored}
+    hint = ""
+    if widths and recipe.round_to:
+        narrow = min(widths, key=widths.get)
+        limit = 1 - recipe.round_to / widths[narrow]
+        hint = (f"; with round_to={recipe.round_to}, the narrowest prunable layer {narrow!r} "
+                f"({widths[narrow]} channels) keeps at least {recipe.round_to} only up to ratio={limit:g}: "
+                "use a lower ratio or a smaller round_to")
+    raise ValueError(f"ChannelPrune(ratio={recipe.ratio:g}) removed no channel from any layer: the ratio cannot "
+                     f"be honoured on this model{hint}")
 
 
 def apply_model_recipe(model: nn.Module, recipe: Recipe, *, example_inputs=None, filter_fn=None) -> list:

@@ -14,8 +14,12 @@ safetensors header metadata, a JSON **manifest** plus its SHA-256:
     "parameters": {"weight": {"shape": [8, 1, 3, 3], "dtype": "float32", "requires_grad": true},
                    "bias": null},
     "buffers": {...}, "parametrizations": {"weight": {"original": {...}, "chain": [...]}}}, ...],
- "tensors": {"features.0.0.weight": {"shape": [...], "dtype": "..."}, ...}}
+ "tensors": {"features.0.0.weight": {"shape": [...], "dtype": "...", "sha256": "..."}, ...}}
 ```
+
+Integrity: the manifest carries the SHA-256 of every tensor's bytes and the metadata carries the
+SHA-256 of the manifest, so ``load`` refuses flipped tensor bytes, a manifest spliced onto another
+model's tensors, and (with ``model_factory``) a file whose root class is not the factory's.
 
 ``load`` rebuilds the module tree from the manifest alone: each module is created with its class's
 ``__new__`` and ``nn.Module.__init__`` (its own ``__init__`` is *not* called, so a pruned model
@@ -27,7 +31,7 @@ modules: ``torch.*`` and ``robcomp.*`` classes, classes of modules already impor
 classes of the model ``model_factory()`` returns (pass it for your own model classes).
 
 Errors: a file that is not safetensors, a manifest that is missing, not JSON, changed after saving
-(checksum), or inconsistent with the stored tensors, and unknown classes all raise ``ValueError``
+(checksum), or inconsistent with the stored tensors (names, shapes, dtypes or digests), and unknown classes all raise ``ValueError``
 naming the problem; nothing is half-written (``save`` writes a temporary file and renames it).
 """
 from __future__ import annotations
@@ -37,7 +41,6 @@ import importlib
 import json
 import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -45,10 +48,12 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from robcomp.fileio import atomic_path
+
 __all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION"]
 
 FORMAT = "robcomp.model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: every tensor spec carries the sha256 of its bytes
 _MANIFEST_KEY = "robcomp.manifest"
 _CHECKSUM_KEY = "robcomp.manifest.sha256"
 _MODULE_INTERNALS = set(nn.Module().__dict__) - {"training"}
@@ -106,6 +111,12 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (any dtype, viewed as bytes; CPU, contiguous)."""
+    raw = t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+    return hashlib.sha256(raw.numpy().tobytes()).hexdigest()
+
+
 def _tensor_spec(t: torch.Tensor | None, requires_grad: bool | None = None) -> dict | None:
     if t is None:
         return None
@@ -154,7 +165,7 @@ def _manifest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
             "recipes": summary.recipes if summary is not None else [],
             "compression_summary": summary.to_dict() if summary is not None else None,
             "modules": modules,
-            "tensors": {k: _tensor_spec(v) for k, v in tensors.items()}}
+            "tensors": {k: {**_tensor_spec(v), "sha256": _digest(v)} for k, v in tensors.items()}}
 
 
 # ------------------------------------------------------------------------------------- save
@@ -172,14 +183,8 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     manifest = json.dumps(_manifest(model, tensors))  # key order = registration order
     meta = {_MANIFEST_KEY: manifest, _CHECKSUM_KEY: hashlib.sha256(manifest.encode()).hexdigest()}
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         save_file(tensors, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return path
 
 
@@ -213,7 +218,7 @@ def _open(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{path}: the manifest is not valid JSON ({e})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ValueError(f"{path}: not a robcomp model manifest (format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{path}: manifest format_version {manifest.get('format_version')!r} is not supported "
                          f"(this robcomp reads version {FORMAT_VERSION})")
     specs = manifest.get("tensors")
@@ -224,15 +229,25 @@ def _open(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         if list(t.shape) != specs[k]["shape"] or str(t.dtype).removeprefix("torch.") != specs[k]["dtype"]:
             raise ValueError(f"{path}: tensor {k!r} is {tuple(t.shape)} {t.dtype}, manifest says "
                              f"{specs[k]['shape']} {specs[k]['dtype']}")
+    # version 1 files predate the digests; from version 2 on every tensor must carry one
+    if manifest["format_version"] >= 2:
+        for k, t in tensors.items():
+            if specs[k].get("sha256") != _digest(t):
+                raise ValueError(f"{path}: tensor {k!r} does not match its sha256 in the manifest: the file is "
+                                 "corrupt, or its manifest belongs to another model")
     return manifest, tensors
 
 
-def _resolver(model_factory: Callable[[], nn.Module] | None):
+def _resolver(model_factory: Callable[[], nn.Module] | None, root_type: str, path):
     known: dict[str, type] = {}
     if model_factory is not None:
         template = model_factory()
         if not isinstance(template, nn.Module):
             raise TypeError(f"model_factory must return an nn.Module, got {type(template).__name__}")
+        expected = _type_name(parametrize.type_before_parametrizations(template))
+        if expected != root_type:
+            raise ValueError(f"{path} holds a {root_type}, but model_factory builds a {expected}: "
+                             "pass the factory of the saved model's class (or none)")
         for m in template.modules():
             cls = parametrize.type_before_parametrizations(m)
             known[_type_name(cls)] = cls
@@ -310,10 +325,10 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None 
     from robcomp.compress import CompressionSummary
 
     manifest, tensors = _open(path)
-    resolve = _resolver(model_factory)
     entries = manifest.get("modules")
     if not isinstance(entries, list) or not entries or entries[0].get("name") != "":
         raise ValueError(f"{path}: manifest has no module tree")
+    resolve = _resolver(model_factory, entries[0].get("type"), path)
     root = None
     built: dict[str, nn.Module] = {}
     for entry in entries:

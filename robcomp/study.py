@@ -23,20 +23,21 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-from tqdm.auto import tqdm
 
 from robcomp import __version__
 from robcomp.cache import cached_state
 from robcomp.compress import compress, model_bytes
 from robcomp.data import DIGITS, load_digits_split
 from robcomp.evaluate import evaluate
+from robcomp.fileio import DirectoryLock
 from robcomp.models import build_model
+from robcomp.progress import progress_mode, study_progress
 from robcomp.recipes import recipe_from_dict
 from robcomp.report.results import append_record
 from robcomp.studyspec import Point, StudySpec, default_spec, make_attacks
 from robcomp.train import TrainConfig, train
 
-__all__ = ["run_study", "check_output_dir", "effective_nonzero", "layer_times", "STUDY_RECORD"]
+__all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times", "STUDY_RECORD"]
 
 #: ``type`` of the header record that stores the spec in results.jsonl
 STUDY_RECORD = "study_spec"
@@ -44,12 +45,13 @@ STUDY_RECORD = "study_spec"
 
 def check_output_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and prove it is writable, before any work is done."""
+    if not str(out).strip():
+        raise ValueError("--out is empty: name an output directory (the current directory is not used implicitly)")
     out = Path(out)
     try:
         out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=out, prefix=".write-test-")
-        os.close(fd)
-        os.unlink(probe)
+        with tempfile.TemporaryFile(dir=out, prefix=".write-test-"):
+            pass
     except OSError as e:
         raise PermissionError(f"--out {str(out)!r} is not a writable directory: {e.strerror or e}") from None
     return out
@@ -82,7 +84,11 @@ def effective_nonzero(model: nn.Module) -> int:
 @torch.no_grad()
 def layer_times(model: nn.Module, input_shape, batch_size: int, repeats: int = 10) -> dict:
     """Per-layer share of the forward time: which module type (and backend) each Linear/Conv layer
-    ran with, its median milliseconds, and its share of the whole forward pass."""
+    ran with, its milliseconds and its share of the forward pass.
+
+    Layers and the whole pass are timed in the same hooked passes, and the reported pass is the
+    one with the median total, so the shares of disjoint layers add up to at most 100%
+    (``total_ms``: that hooked pass; ``unhooked_ms``: median of plain passes, for reference)."""
     from robcomp.nn import CompressedLinear
 
     model.eval()
@@ -95,7 +101,9 @@ def layer_times(model: nn.Module, input_shape, batch_size: int, repeats: int = 1
 
     layers = {n: m for n, m in model.named_modules()
               if isinstance(m, (nn.Linear, nn.Conv2d, CompressedLinear)) and ".parametrizations" not in f".{n}"}
-    samples: dict[str, list[float]] = {n: [] for n in layers}
+    # a layer inside another timed layer would be counted twice
+    layers = {n: m for n, m in layers.items() if not any(n.startswith(o + ".") for o in layers if o != n)}
+    run: dict[str, float] = {}
     starts: dict[str, float] = {}
     handles = []
     for n, m in layers.items():
@@ -105,38 +113,42 @@ def layer_times(model: nn.Module, input_shape, batch_size: int, repeats: int = 1
 
         def post(mod, inp, out, n=n):
             sync()
-            samples[n].append((time.perf_counter() - starts[n]) * 1e3)
+            run[n] = run.get(n, 0.0) + (time.perf_counter() - starts[n]) * 1e3
         handles += [m.register_forward_pre_hook(pre), m.register_forward_hook(post)]
+    passes = []
     try:
-        model(x)
-        for v in samples.values():
-            v.clear()
+        model(x)  # warm-up
         for _ in range(repeats):
+            run.clear()
+            sync()
+            t0 = time.perf_counter()
             model(x)
+            sync()
+            passes.append(((time.perf_counter() - t0) * 1e3, dict(run)))
     finally:
         for h in handles:
             h.remove()
-    totals = []
-    model(x)
+    plain = []
     for _ in range(repeats):
         sync()
         t0 = time.perf_counter()
         model(x)
         sync()
-        totals.append((time.perf_counter() - t0) * 1e3)
-    total = sorted(totals)[len(totals) // 2]
+        plain.append((time.perf_counter() - t0) * 1e3)
+    total, per_layer = sorted(passes, key=lambda p: p[0])[len(passes) // 2]
     out = {}
     for n, m in layers.items():
-        if not samples[n]:
+        if n not in per_layer:
             continue
-        ms = sorted(samples[n])[len(samples[n]) // 2]
+        ms = per_layer[n]
         kind = type(m).__name__.replace("Parametrized", "")
         if isinstance(m, CompressedLinear):
             kind += f" ({m.backend})"
         elif type(m).__name__.startswith("Parametrized"):
             kind += " (dense, masked)"
         out[n] = {"module": kind, "ms": ms, "share": ms / total if total > 0 else None}
-    return {"batch_size": batch_size, "total_ms": total, "layers": out}
+    return {"batch_size": batch_size, "total_ms": total, "unhooked_ms": sorted(plain)[len(plain) // 2],
+            "layers": out}
 
 
 class _Context:
@@ -272,14 +284,27 @@ def _read_existing(path: Path) -> list[dict]:
     return read_records(path, tolerate_partial_last_line=True)
 
 
+def check_same_study(results_path: Path, existing: list[dict], spec: StudySpec) -> None:
+    """Refuse to mix two studies in one results file (the report would show both)."""
+    headers = [r for r in existing if r.get("type") == STUDY_RECORD]
+    if headers and headers[-1].get("spec") != spec.to_dict():
+        other = headers[-1].get("spec", {}).get("name", "?")
+        raise ValueError(f"{results_path} holds the results of another study ({other!r}, spec "
+                         f"{headers[-1].get('spec_hash')}); this run is {spec.name!r} (spec {spec.spec_hash()}): "
+                         "pass another --out, or delete that file to start over")
+
+
 def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.PathLike = "robcomp-out", *,
               progress: bool = True,
               echo=print, use_cache: bool = True, max_points: int | None = None, render: bool = True) -> list[dict]:
     """Run ``spec`` (a :class:`StudySpec`, a path to a TOML study file, or None for the shipped
     default study) into ``out``; return the records of its points.
 
-    Points already in ``out/results.jsonl`` are skipped. ``max_points`` stops after running that
-    many new points (for tests of resumption); ``render=False`` skips the report.
+    Points already in ``out/results.jsonl`` are skipped. ``out`` is locked while the run lasts
+    (:class:`~robcomp.fileio.DirectoryBusyError` when another run holds it), and a results file of
+    another study is refused (ValueError). ``max_points`` stops after running that
+    many new points (for tests of resumption); ``render=False`` skips the report. ``progress``
+    shows a bar on a terminal and one plain line per point on stderr otherwise.
     """
     if spec is None:
         spec = default_spec()
@@ -290,19 +315,26 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     if not isinstance(spec, StudySpec):
         raise TypeError(f"spec must be a StudySpec, got {type(spec).__name__}")
     out = check_output_dir(out)
+    with DirectoryLock(out):  # a second run into `out` refuses instead of duplicating points
+        return _run_locked(spec, out, progress=progress, echo=echo, use_cache=use_cache, max_points=max_points,
+                           render=render)
+
+
+def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_points, render) -> list[dict]:
     results_path = out / "results.jsonl"
     existing = _read_existing(results_path)
+    check_same_study(results_path, existing, spec)
     done = {r["point_id"] for r in existing if "point_id" in r}
-    headers = [r for r in existing if r.get("type") == STUDY_RECORD]
-    if not headers or headers[-1].get("spec") != spec.to_dict():
+    if not any(r.get("type") == STUDY_RECORD for r in existing):
         append_record(results_path, {"type": STUDY_RECORD, "spec": spec.to_dict(), "spec_hash": spec.spec_hash()})
     points = spec.points()
     todo = [p for p in points if p.id not in done]
     t_start = time.perf_counter()
     with _threads(spec.threads):
-        ctx = _Context(spec, use_cache, progress)
-        bar = tqdm(total=len(points), initial=len(points) - len(todo), desc="robcomp study", disable=not progress,
-                   unit="point")
+        mode = progress_mode(progress)
+        # nested training bars only on a terminal; a log gets one line per point
+        ctx = _Context(spec, use_cache, mode == "bar")
+        bar = study_progress(len(points), len(points) - len(todo), "robcomp study", mode)
         for i, p in enumerate(todo):
             if max_points is not None and i >= max_points:
                 break

@@ -1,9 +1,15 @@
 """Test configuration. TRITON_INTERPRET must be set before triton is imported anywhere, so that
 ``backend="triton"`` on CPU tensors runs the real kernels in Triton's interpreter."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-os.environ.setdefault("ROBCOMP_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "robcomp"))
+# Always a fresh cache: tests must neither read nor fill a user's exported ROBCOMP_CACHE_DIR.
+_CACHE = tempfile.mkdtemp(prefix="robcomp-test-cache-")
+os.environ["ROBCOMP_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

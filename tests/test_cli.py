@@ -81,6 +81,7 @@ def test_print_config_prints_the_shipped_study(capsys, tmp_path):
     (["run", "--config", "/nonexistent/study.toml"], "cannot read"),
     (["run", "--config", "BAD_TOML"], "is not valid TOML"),
     (["run", "--config", "BAD_KEY"], "unknown key(s) ['epoch']"),
+    (["run", "--quick", "--seed", "-1"], "--seed must be a non-negative integer"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(tmp_path, capsys, args, message):
     out = tmp_path / "out"
@@ -111,3 +112,48 @@ def test_env_command_reports_versions_and_triton(capsys):
 def test_report_rerenders_from_results(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "no results file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["run", "--quick", "--out", ""], "--out is empty"),
+    (["bench", "--out", ""], "--out is empty"),
+    (["bench", "--out", "BLOCKED/sub/bench.json"], "cannot write there"),
+    (["bench", "--out", "DIR"], "is a directory"),
+])
+def test_bad_out_is_one_line(tmp_path, capsys, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "BLOCKED").write_text("a file, not a directory")
+    (tmp_path / "DIR").mkdir()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robcomp: error:") and message in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["BLOCKED", "DIR"]
+
+
+def test_help_and_version_are_plain_and_do_not_import_torch():
+    code = ("import sys, contextlib, io\nfrom robcomp.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['run', '--help']):\n"
+            "    buf = io.StringIO()\n"
+            "    with contextlib.redirect_stdout(buf):\n"
+            "        try:\n            main(argv)\n        except SystemExit:\n            pass\n"
+            "    print(buf.getvalue())\n"
+            "print('TORCH', 'torch' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    import robcomp
+    assert f"robcomp {robcomp.__version__}" in done.stdout
+    assert "--no-progress" in done.stdout and "``" not in done.stdout
+    assert done.stdout.strip().endswith("TORCH False")
+
+
+def test_env_reports_cpu_model_and_installed_versions(capsys):
+    from importlib import metadata
+
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["torch_pruning"] == metadata.version("torch-pruning")
+    assert info["cpu"] and info["device_name"] == info["cpu"]
+    if os.path.exists("/proc/cpuinfo"):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+        if names:
+            assert info["cpu"] == names[0]

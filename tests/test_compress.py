@@ -14,9 +14,11 @@ from robcomp.nn import LAYER_TYPES, CompressedLinear, tensor_bytes
 from robcomp.recipes import (ChannelPrune, Int4WeightOnly, Int8WeightOnly, MagnitudePrune, Sparse24,
                              Sparse24Int4)
 
-X = torch.rand(32, 1, 8, 8)
+X = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # seeded: same inputs every run
 LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
-DYNAMIC = ("int8_dynamic", "fp8_dynamic")  # activations quantised at run time: looser tolerance
+# activations quantised at run time: bound the relative error norm ||y - y_ref|| / ||y_ref||. Measured
+# worst over 12 input seeds x mlp/cnn/vit: int8 0.014, fp8 (e4m3, 3 mantissa bits) 0.036.
+DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.06}
 
 
 class ConvNet(nn.Module):
@@ -79,8 +81,11 @@ def test_every_model_every_recipe(name, recipe):
     assert layers and all(isinstance(model.get_submodule(r.name), CompressedLinear) for r in layers)
     with torch.no_grad():
         y, y_ref = model(X), _dense_reference(model)(X)
-    tol = 0.05 * y_ref.abs().max().item() if recipe.name in DYNAMIC else 1e-4
-    assert torch.allclose(y, y_ref, atol=tol, rtol=0), (y - y_ref).abs().max()
+    if recipe.name in DYNAMIC:
+        rel = ((y - y_ref).norm() / y_ref.norm()).item()
+        assert rel < DYNAMIC[recipe.name], rel
+    else:
+        assert torch.allclose(y, y_ref, atol=1e-4, rtol=0), (y - y_ref).abs().max()
     _check_bytes(model)
     assert model.compression_summary.bytes_after < model.compression_summary.bytes_before
 

@@ -141,3 +141,17 @@ def test_prune_after_layer_recipe_is_an_error_and_frozen_params_ok():
         compress(m, ChannelPrune(0.5), example_inputs=X)
     assert not any(p.requires_grad for p in m.parameters())
     assert m.fc.in_features == 256
+
+
+@pytest.mark.parametrize("width, ratio", [(64, 0.9), (64, 0.99), (256, 0.99)])
+def test_ratio_that_cannot_be_honoured_is_an_error_not_a_no_op(width, ratio):
+    from robcomp.compress import compress
+    from robcomp.models import build_model
+    from robcomp.recipes import ChannelPrune
+
+    x = torch.rand(8, 1, 8, 8)
+    with pytest.raises(ValueError, match=rf"ChannelPrune\(ratio={ratio:g}\) removed no channel.*round_to=8"):
+        compress(build_model("mlp", width), ChannelPrune(ratio), example_inputs=x)
+    # the highest ratio the message names does prune
+    model = compress(build_model("mlp", width), ChannelPrune(1 - 8 / width), example_inputs=x)
+    assert model.body[0].out_features == 8

@@ -139,12 +139,14 @@ def test_report_bad_input_one_line_exit_2(study_dir, tmp_path, capsys):
     assert "no results file" in capsys.readouterr().err
 
 
-def test_partial_results_render_with_missing_points(study_dir, tmp_path):
+def test_partial_results_render_with_missing_points(study_dir, tmp_path, capsys):
     lines = (study_dir / "results.jsonl").read_text().splitlines()
     out = tmp_path / "partial"
     out.mkdir()
     (out / "results.jsonl").write_text("\n".join(lines[:10]) + "\n" + lines[10][: len(lines[10]) // 2])
     assert main(["report", str(out)]) == 0  # a torn last line (not written by robcomp) is ignored
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("robcomp: warning:") and "results.jsonl:11: ignoring a partial" in err[0]
     md = (out / "report.md").read_text()
     assert "Points: 9 of" in md
 
@@ -200,3 +202,73 @@ def test_efficiency_two_bases_are_never_mixed(tmp_path):
     (s1,) = analyse(spec, [r for r in records if r["base"] == "adversarial"])
     assert s1.tables[0].head[0] == "recipe" and s1.plot["front"] == ["q", "dense"]
     assert "the fastest recipe at batch 1 is q" in s1.finding
+
+
+def _pair_records(p_robust, q_robust):
+    """Equal-bytes records: one pruning and one quantisation point per seed."""
+    recs = []
+    for seed, (pr, qr) in enumerate(zip(p_robust, q_robust)):
+        for label, fam, rob in (("chprune", "pruning", pr), ("int4", "quantisation", qr)):
+            recs.append({"experiment": "e", "kind": "equal_bytes", "role": "compressed", "recipe": label,
+                         "regime": "post", "family": fam, "seed": seed, "status": "ok", "model_bytes": 100_000,
+                         "clean_accuracy": 0.9, "robust_accuracy_by_eps": {"Linf eps=0.1": rob}})
+    return recs
+
+
+_EQ_SPEC = {"headline_eps": 0.1, "critical_drop": 0.03,
+            "experiments": [{"name": "e", "kind": "equal_bytes", "title": "E", "question": ""}]}
+
+
+def test_equal_bytes_finding_says_when_the_difference_is_noise():
+    # 84.1 +- 0.3 vs 82.9 +- 1.1 over 3 seeds: the gap is inside the spread
+    (noisy,) = analyse(_EQ_SPEC, _pair_records([0.838, 0.841, 0.844], [0.818, 0.840, 0.829]))
+    assert "no difference in robust accuracy" in noisy.finding and "no significant difference at 3 seeds" in noisy.finding
+    assert "keeps more" not in noisy.finding
+    (clear,) = analyse(_EQ_SPEC, _pair_records([0.90, 0.91, 0.92], [0.80, 0.80, 0.83]))
+    assert "pruning keeps more robust accuracy" in clear.finding and "significant: paired t-test over 3 seeds" in clear.finding
+
+
+def test_sweep_robust_first_needs_a_significant_drop():
+    records = []
+    for seed, drop in enumerate((0.005, 0.08, 0.02)):  # mean drop 3.5 points, spread 3.9: past 3 points by chance
+        records.append(_rec("dense", "dense", "dense", seed, 0.95, 0.80, 1.0))
+        records.append(_rec("compressed", "p(2)", "post", seed, 0.95, 0.80 - drop, 2.0))
+        records.append(_rec("compressed", "p(10)", "post", seed, 0.5, 0.3, 10.0))
+    (section,) = analyse(_sweep_spec(), records)
+    assert "in no regime significantly" in section.finding and "not significant at 3 seeds" in section.finding
+    assert "robust 2x, clean 10x (robustness first; not significant" in section.finding
+
+
+def test_summary_shows_bytes_and_nonzero_ratios_separately():
+    from robcomp.report.markdown import summary_rows
+
+    rec = {"model_name": "mlp", "width": 256, "training": "standard", "recipe": "magnitude_prune(sparsity=0.5)",
+           "parameters": 85002, "model_bytes": 421936, "bytes_ratio": 340016 / 421936, "nonzero_ratio": 1.93,
+           "compression_ratio": 1.93, "clean_accuracy": 0.976, "robust_accuracy": {}}
+    head, (row,) = summary_rows([rec])
+    assert "size x" not in head
+    assert row[head.index("bytes x")] == "0.81" and row[head.index("nonzero x")] == "1.93"
+
+
+def test_hardware_best_speedup_excludes_the_baseline_and_devices_are_named_once():
+    from robcomp.report.bench import is_baseline
+
+    data = _bench_json("x86_64")
+    data["machine_info"]["cpu"] = {"brand_raw": "AMD EPYC 7B13"}
+    data["benchmarks"][0]["extra_info"]["speedup_vs_dense"] = 1.0  # dense timed against itself
+    data["benchmarks"][1]["extra_info"]["speedup_vs_dense"] = 0.0012  # a 800x slowdown
+    rows = bench_rows(data)
+    assert {r["device"] for r in rows} == {"AMD EPYC 7B13"}
+    assert is_baseline(rows[0]) and not is_baseline(rows[1])
+
+
+def test_report_finding_never_names_dense_as_best(tmp_path, capsys):
+    data = _bench_json("NVIDIA H100 80GB HBM3")
+    data["benchmarks"][0]["extra_info"]["speedup_vs_dense"] = 1.0
+    data["benchmarks"][1]["extra_info"]["speedup_vs_dense"] = 0.0012
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "bench" / "b.json").write_text(json.dumps(data))
+    (tmp_path / "results.jsonl").write_text("")
+    assert main(["report", str(tmp_path)]) == 0
+    report = (tmp_path / "report.md").read_text()
+    assert "best kernel speedup 0.0012x (test_int4)" in report and "0.00x" not in report

@@ -1,5 +1,7 @@
 """save/load: safetensors + JSON manifest, bit-exact round trips, clear errors on bad files."""
 import json
+import os
+import stat
 import struct
 
 import pytest
@@ -154,3 +156,49 @@ def test_unsupported_attribute_is_a_clear_error(tmp_path):
     with pytest.raises(TypeError, match="callback"):
         robcomp.save(model, tmp_path / "x.safetensors")
     assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+def _flip_one_tensor_byte(path, name):
+    data = bytearray(path.read_bytes())
+    (n,) = struct.unpack("<Q", data[:8])
+    begin, end = json.loads(data[8:8 + n])[name]["data_offsets"]
+    data[8 + n + (begin + end) // 2] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_tensor_bytes_are_refused(tmp_path):
+    path = robcomp.save(compress(build_model("mlp"), Sparse24()), tmp_path / "m.safetensors")
+    robcomp.load(path)  # intact: loads
+    _flip_one_tensor_byte(path, "head.weight")
+    with pytest.raises(ValueError, match=r"'head.weight' does not match its sha256"):
+        robcomp.load(path)
+
+
+def test_manifest_spliced_onto_another_models_tensors_is_refused(tmp_path):
+    torch.manual_seed(1)
+    a = robcomp.save(build_model("mlp"), tmp_path / "a.safetensors")
+    torch.manual_seed(2)
+    b = robcomp.save(build_model("mlp"), tmp_path / "b.safetensors")  # same shapes, other weights
+    meta_a = json.loads(a.read_bytes()[8:8 + struct.unpack("<Q", a.read_bytes()[:8])[0]])["__metadata__"]
+
+    def splice(h):  # A's manifest and its (valid) checksum on B's tensors
+        h["__metadata__"] = meta_a
+    _rewrite_header(b, splice)
+    with pytest.raises(ValueError, match="another model"):
+        robcomp.load(b)
+
+
+def test_factory_of_another_class_is_refused(tmp_path):
+    path = robcomp.save(compress(build_model("cnn"), ChannelPrune(0.5), example_inputs=X), tmp_path / "c.safetensors")
+    with pytest.raises(ValueError, match="model_factory builds a .*MLP"):
+        robcomp.load(path, model_factory=lambda: build_model("mlp"))
+    assert type(robcomp.load(path, model_factory=lambda: build_model("cnn"))) is type(build_model("cnn"))
+
+
+def test_saved_file_has_umask_permissions(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = robcomp.save(build_model("mlp"), tmp_path / "m.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644

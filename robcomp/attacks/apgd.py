@@ -154,7 +154,10 @@ class APGDT(APGD):
         n_classes = logits.shape[1]
         if self.loss == "dlr" and n_classes < 4:
             raise ValueError("APGD-T with the DLR loss needs at least 4 classes")
-        n_targets = min(self.n_target_classes, n_classes - 1)
+        if self.n_target_classes > n_classes - 1:
+            raise ValueError(f"n_target_classes={self.n_target_classes}, but the model has {n_classes} classes: "
+                             f"at most {n_classes - 1} wrong classes can be targeted")
+        n_targets = self.n_target_classes
         order = logits.argsort(dim=1, descending=True)
         # the most likely classes other than the true one, in order
         wrong = order[order != y[:, None]].view(x.shape[0], n_classes - 1)

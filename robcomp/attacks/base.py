@@ -23,6 +23,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robcomp.inputs import check_images, check_labels
+
 __all__ = ["Attack", "project_linf", "project_l2", "project", "input_gradient", "keyed_uniform",
            "ce_loss", "dlr_loss", "dlr_targeted_loss", "margin", "check_attack_inputs", "check_eps",
            "LOSSES", "NORMS", "NoInputGradient", "has_input_gradient", "loss_and_gradient",
@@ -44,6 +46,8 @@ def check_attack_inputs(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> N
         raise ValueError("x is an empty batch")
     if not x.is_floating_point():
         raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    check_images(x)  # NaN passes the range test below
+    check_labels(y, x.shape[0])
     if x.min() < 0 or x.max() > 1:
         raise ValueError("x must lie in [0, 1] (the model normalises its inputs itself)")
 

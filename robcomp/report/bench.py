@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-__all__ = ["PEAKS", "peak_for", "load_bench", "bench_rows", "study_hardware_rows"]
+__all__ = ["PEAKS", "peak_for", "load_bench", "bench_rows", "study_hardware_rows", "is_baseline"]
 
 #: device-name fragment -> (memory GB/s, dense fp16/bf16 tensor-core TFLOP/s), datasheet values
 PEAKS = {
@@ -57,6 +57,23 @@ def load_bench(path: str | Path) -> dict:
     return data
 
 
+#: what platform.processor() / machine() return where no CPU name is known; never a device name
+_ARCH_NAMES = {"x86_64", "amd64", "aarch64", "arm64", "i386", "i686", "armv7l", "ppc64le", "s390x", ""}
+
+
+def _device(name: str | None, cpu_brand: str | None) -> str:
+    """One name per device in every table: a bare architecture becomes the CPU's brand when known."""
+    if (name or "").strip().lower() in _ARCH_NAMES and cpu_brand:
+        return cpu_brand
+    return name or cpu_brand or "unknown device"
+
+
+def is_baseline(row: dict) -> bool:
+    """A row that times the reference itself (dense against dense): its speedup is 1 by construction."""
+    impl = (row.get("impl") or "").lower()
+    return impl == "dense" or (bool(row.get("speedup_vs")) and impl == row["speedup_vs"].lower())
+
+
 def _num(*values):
     for v in values:
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
@@ -67,7 +84,8 @@ def _num(*values):
 def bench_rows(data: dict, source: str = "") -> list[dict]:
     """One row per benchmark: name, device, shape, ms, speedup, bytes, GB/s, TFLOP/s, % of peak."""
     machine = data.get("machine_info") or {}
-    default_device = (machine.get("cpu") or {}).get("brand_raw") or machine.get("machine") or "unknown device"
+    brand = (machine.get("cpu") or {}).get("brand_raw")
+    default_device = _device(machine.get("machine"), brand)
     rows = []
     medians = {}
     for b in data["benchmarks"]:
@@ -80,7 +98,7 @@ def bench_rows(data: dict, source: str = "") -> list[dict]:
         flops = _num(ex.get("flops"))
         gbps = _num(ex.get("gbps"), ex.get("GBps"), nbytes / ms / 1e6 if nbytes and ms else None)
         tflops = _num(ex.get("tflops"), ex.get("TFLOPs"), flops / ms / 1e9 if flops and ms else None)
-        device = ex.get("device") or default_device
+        device = _device(ex.get("device"), brand) if ex.get("device") else default_device
         peak = peak_for(device)
         speedup = _num(*(ex.get(k) for k in ex if k.startswith("speedup_vs_")))
         base = next((k[len("speedup_vs_"):] for k in ex if k.startswith("speedup_vs_")), None)
@@ -108,7 +126,7 @@ def study_hardware_rows(records: list[dict]) -> list[dict]:
         if r.get("kind") != "efficiency" or r.get("status", "ok") != "ok" or r.get("seed") != first_seed:
             continue
         env = r.get("env") or {}
-        device = env.get("device_name") or env.get("device") or "?"
+        device = _device(env.get("device_name"), env.get("cpu")) if env.get("device_name") else env.get("device", "?")
         peak = peak_for(device) if env.get("device") != "cpu" else None
         d = dense.get((r["model_name"], r["width"], r["base"], r["seed"]))
         macs = (r.get("macs") or {}).get("macs")

@@ -8,7 +8,9 @@ Conventions (stated in the report):
 * every number is a mean over seeds, ``±`` one standard deviation (sample, n-1) across seeds;
 * a drop is measured per seed against the dense parent of the same seed, then averaged;
 * the critical compression ratio of a metric is the smallest tested ratio at which its mean drop
-  from dense exceeds ``critical_drop`` (an absolute fraction of the test set).
+  from dense exceeds ``critical_drop`` (an absolute fraction of the test set);
+* a finding that compares two means says whether the difference is significant at this number of
+  seeds (``robcomp.report.stats``: paired t-tests over seeds, alpha 0.05).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import math
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
+
+from robcomp.report.stats import compare_paired, compare_to_threshold
 
 __all__ = ["Section", "Table", "analyse", "robust_at", "mean_std", "fmt_pct", "REGIME_NAMES"]
 
@@ -61,6 +65,25 @@ def _fmt_num(ms, unit: str = "", digits: int = 2) -> str:
     if n == 0:
         return "-"
     return f"{m:.{digits}f} ± {s:.{digits}f}{unit}" if n > 1 else f"{m:.{digits}f}{unit}"
+
+
+def _by_seed(records, value) -> dict:
+    """seed -> mean of ``value(record)`` over the records of that seed (None values dropped)."""
+    acc = defaultdict(list)
+    for r in records:
+        v = value(r)
+        if v is not None:
+            acc[r.get("seed", 0)].append(v)
+    return {s: statistics.fmean(v) for s, v in acc.items()}
+
+
+def _fmt_speedup(ms) -> str:
+    """Two decimals, but a large slowdown keeps two significant digits (0.0012, never "0.00")."""
+    m, s, n = ms
+    if n == 0:
+        return "-"
+    digits = 2 if m >= 0.1 else max(2, 1 - math.floor(math.log10(m))) if m > 0 else 2
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
 
 
 def _eps_of(key: str) -> float | None:
@@ -117,7 +140,13 @@ def _sweep(ex: dict, recs: list[dict], spec: dict) -> Section:
             dclean = mean_std(d["clean_accuracy"] - r["clean_accuracy"] for r, d in pairs)
             drob = mean_std(robust_at(d, eps) - robust_at(r, eps) for r, d in pairs
                             if robust_at(d, eps) is not None and robust_at(r, eps) is not None)
-            pts.append({"label": label, "x": x, "clean": clean, "robust": rob, "dclean": dclean, "drobust": drob})
+            drops_clean = [d["clean_accuracy"] - r["clean_accuracy"] for r, d in pairs]
+            drops_rob = [robust_at(d, eps) - robust_at(r, eps) for r, d in pairs
+                         if robust_at(d, eps) is not None and robust_at(r, eps) is not None]
+            pts.append({"label": label, "x": x, "clean": clean, "robust": rob, "dclean": dclean, "drobust": drob,
+                        "test_clean": compare_to_threshold(drops_clean, thr),
+                        "test_robust": compare_to_threshold(drops_rob, thr),
+                        "robust_by_seed": _by_seed((r for r, _ in pairs), lambda r: robust_at(r, eps))})
         pts.sort(key=lambda p: p["x"])
         c_clean = next((p for p in pts if p["dclean"][0] > thr), None)
         c_rob = next((p for p in pts if p["drobust"][0] > thr), None)
@@ -129,34 +158,54 @@ def _sweep(ex: dict, recs: list[dict], spec: dict) -> Section:
         for p in pts:
             rows.append([REGIME_NAMES.get(regime, regime), p["label"], f"{p['x']:.3g}", fmt_pct(p["clean"]),
                          fmt_pct(p["robust"]), fmt_pct(p["dclean"]), fmt_pct(p["drobust"])])
-    parts, robust_first, compared = [], 0, 0
+    n_seeds = max((len(v) for s in series.values() for v in s.values()), default=0)
+    parts, robust_first, undecided, compared = [], 0, 0, 0
     for regime, (c_clean, c_rob, pts) in crit.items():
         name = REGIME_NAMES.get(regime, regime)
         xc, xr = c_clean and c_clean["x"], c_rob and c_rob["x"]
         top = pts[-1]["x"] if pts else None
+        # a critical ratio whose drop is not significantly past the threshold does not order the two
+        tests = [(what, c[key]) for what, c, key in (("robust", c_rob, "test_robust"), ("clean", c_clean, "test_clean"))
+                 if c is not None]
+        unsure = [(what, t) for what, t in tests if not t.significant]
         if xr is not None and (xc is None or xr < xc):
-            robust_first += 1
             rel = "robustness first"
+            if unsure:
+                undecided += 1
+            else:
+                robust_first += 1
         elif xr is None and xc is None:
             rel = f"neither breaks up to {_ratio_text(top)}"
         elif xr is not None and xc is not None and xr == xc:
             rel = "both at once"
         else:
             rel = "accuracy first"
+        if unsure and all(t.p is None for _, t in unsure):
+            rel += ", untested"
+        elif unsure:
+            rel += "; not significant: " + ", ".join(f"{what} drop past {100 * thr:g} points {t.text()}"
+                                                    for what, t in unsure)
         compared += 1
         parts.append(f"{name}: robust {_ratio_text(xr)}, clean {_ratio_text(xc)} ({rel})")
-    n_seeds = max((len(v) for s in series.values() for v in s.values()), default=0)
     if compared:
-        head = (f"Robust accuracy (eps {eps:g}) breaks before clean accuracy in {robust_first} of {compared} regimes"
-                if robust_first else f"Robust accuracy (eps {eps:g}) never breaks before clean accuracy "
-                                     f"({compared} regimes)")
-        finding = (f"{head} — critical ratios (first mean drop > {100 * thr:g} points from dense "
+        if robust_first:
+            head = f"Robust accuracy (eps {eps:g}) breaks before clean accuracy in {robust_first} of {compared} regimes"
+        elif not undecided:
+            head = f"Robust accuracy (eps {eps:g}) never breaks before clean accuracy ({compared} regimes)"
+        else:
+            head = f"Robust accuracy (eps {eps:g}) breaks before clean accuracy in no regime significantly"
+        if undecided:
+            head += (f" ({undecided} of {compared} regimes robustness first by the means alone, "
+                     + ("untestable with one seed)" if n_seeds < 2 else f"not significant at {n_seeds} seeds)"))
+        finding = (f"{head} — critical ratios (first mean drop > {100 * thr:g} points from dense; counted only when "
+                   "each drop is significantly past the threshold, one-sided t-test over seeds; "
                    f"{fmt_pct(dense_clean)}% clean / {fmt_pct(dense_rob)}% robust): " + "; ".join(parts)
                    + f" ({n_seeds} seed{'s' * (n_seeds != 1)}).")
         if "adv_finetune" in crit and "finetune" in crit and crit["adv_finetune"][2] and crit["finetune"][2]:
             a, f = crit["adv_finetune"][2][-1], crit["finetune"][2][-1]
+            test = compare_paired(a["robust_by_seed"], f["robust_by_seed"])
             finding += (f" At the highest ratio ({a['label']}) adversarial fine-tuning keeps {fmt_pct(a['robust'])}% "
-                        f"robust vs {fmt_pct(f['robust'])}% with naive fine-tuning.")
+                        f"robust vs {fmt_pct(f['robust'])}% with naive fine-tuning ({test.text()}).")
     else:
         finding = "No compressed point finished: nothing to compare yet."
     table = Table("Mean ± std over seeds; Δ = drop from the dense parent of the same seed (points).",
@@ -174,7 +223,8 @@ def _compact(ex: dict, recs: list[dict], spec: dict) -> Section:
     def agg(group):
         return {"params": mean_std(r["effective_nonzero"] for r in group)[0],
                 "clean": mean_std(r["clean_accuracy"] for r in group),
-                "robust": mean_std(robust_at(r, eps) for r in group), "n": len(group)}
+                "robust": mean_std(robust_at(r, eps) for r in group), "n": len(group),
+                "robust_by_seed": _by_seed(group, lambda r: robust_at(r, eps))}
     pruned, compact = defaultdict(list), defaultdict(list)
     large = None
     for r in recs:
@@ -193,13 +243,16 @@ def _compact(ex: dict, recs: list[dict], spec: dict) -> Section:
         close = abs(p["params"] / c["params"] - 1) <= 0.25
         d_rob = p["robust"][0] - c["robust"][0]
         d_clean = p["clean"][0] - c["clean"][0]
+        test = compare_paired(p["robust_by_seed"], c["robust_by_seed"])
         if close:
-            pairs.append((label, name, d_rob, d_clean, p, c))
+            pairs.append((label, name, d_rob, d_clean, p, c, test))
         rows.append([f"{large} {label}", REGIME_NAMES.get(regime, regime), f"{p['params']:.0f}", fmt_pct(p["clean"]),
                      fmt_pct(p["robust"]), name, f"{c['params']:.0f}", fmt_pct(c["clean"]), fmt_pct(c["robust"]),
-                     f"{100 * d_rob:+.1f}" + ("" if close else " (sizes differ > 25%)")])
+                     f"{100 * d_rob:+.1f}" + ("" if close else " (sizes differ > 25%)"), test.text()])
     if pairs:
         wins = sum(1 for p in pairs if p[2] > 0)
+        sig_wins = sum(1 for p in pairs if p[2] > 0 and p[6].significant)
+        sig_losses = sum(1 for p in pairs if p[2] < 0 and p[6].significant)
         mean_d = statistics.fmean(p[2] for p in pairs)
         best = max(pairs, key=lambda p: abs(p[2]))
         seeds = min(min(p[4]["n"], p[5]["n"]) for p in pairs)
@@ -207,7 +260,11 @@ def _compact(ex: dict, recs: list[dict], spec: dict) -> Section:
                    f"{wins} of {len(pairs)} pairs (mean Δ robust {100 * mean_d:+.1f} points, clean "
                    f"{100 * statistics.fmean(p[3] for p in pairs):+.1f}); largest gap: {best[0]} "
                    f"{fmt_pct(best[4]['robust'])}% vs {best[1]} {fmt_pct(best[5]['robust'])}% robust "
-                   f"({seeds} seed{'s' * (seeds != 1)}).")
+                   f"({seeds} seed{'s' * (seeds != 1)})"
+                   + (": differences cannot be tested for significance with one seed." if seeds < 2 else
+                      f". Significant (paired t-test over seeds, p < 0.05): {sig_wins} more robust, {sig_losses} less "
+                      "robust" + (", no difference in the others at this number of seeds." if sig_wins + sig_losses
+                                  < len(pairs) else ".")))
     else:
         finding = "No size-matched pair (within 25% parameters) of pruned and compact models: nothing to compare."
     plot = {"kind": "compact", "eps": eps,
@@ -216,7 +273,7 @@ def _compact(ex: dict, recs: list[dict], spec: dict) -> Section:
             "compact": sorted(({"label": k, "params": v["params"], "clean": v["clean"], "robust": v["robust"]}
                                for k, v in C.items()), key=lambda d: d["params"]), "large": large}
     head = ["pruned model", "regime", "non-zero params", "clean %", "robust %", "compact model", "params",
-            "clean %", "robust %", "Δ robust (pts)"]
+            "clean %", "robust %", "Δ robust (pts)", "significance (over seeds)"]
     note = ("Compact models are trained from scratch the way the large parent was (same epochs, same PGD "
             "adversarial training); the pruned models are the parent pruned then fine-tuned per their regime.")
     return Section(ex["name"], ex.get("title", ex["name"]), ex.get("question", ""), finding, "compact", plot,
@@ -270,7 +327,8 @@ def _equal_bytes(ex: dict, recs: list[dict], spec: dict) -> Section:
     for (label, regime, fam), g in groups.items():
         pts.append({"label": label, "regime": regime, "family": fam,
                     "bytes": mean_std(r["model_bytes"] for r in g)[0],
-                    "clean": mean_std(r["clean_accuracy"] for r in g), "robust": mean_std(robust_at(r, eps) for r in g)})
+                    "clean": mean_std(r["clean_accuracy"] for r in g), "robust": mean_std(robust_at(r, eps) for r in g),
+                    "robust_by_seed": _by_seed(g, lambda r: robust_at(r, eps))})
     pts.sort(key=lambda p: p["bytes"])
     prune = [p for p in pts if p["family"] == "pruning"]
     quant = [p for p in pts if p["family"] == "quantisation"]
@@ -284,14 +342,21 @@ def _equal_bytes(ex: dict, recs: list[dict], spec: dict) -> Section:
     rows = [[p["family"], p["label"], REGIME_NAMES.get(p["regime"], p["regime"]), f"{p['bytes']:.0f}",
              fmt_pct(p["clean"]), fmt_pct(p["robust"])] for p in pts]
     if pairs:
-        wins = sum(1 for p, q in pairs if p["robust"][0] > q["robust"][0])
-        ties = sum(1 for p, q in pairs if p["robust"][0] == q["robust"][0])
+        tests = [compare_paired(p["robust_by_seed"], q["robust_by_seed"]) for p, q in pairs]
+        # only differences that are significant over seeds count as wins
+        wins = sum(1 for (p, q), t in zip(pairs, tests) if t.significant and t.mean_diff > 0)
+        losses = sum(1 for (p, q), t in zip(pairs, tests) if t.significant and t.mean_diff < 0)
         desc = "; ".join(f"{q['label']} {q['bytes'] / 1e3:.0f} kB {fmt_pct(q['robust'])}% vs {p['label']} "
-                         f"{p['bytes'] / 1e3:.0f} kB {fmt_pct(p['robust'])}%" for p, q in pairs)
-        winner = ("pruning" if wins > len(pairs) - wins - ties else
-                  "quantisation" if wins < len(pairs) - wins - ties else "neither")
-        finding = (f"At equal bytes (within 30%), {winner} keeps more robust accuracy (eps {eps:g}): pruning wins "
-                   f"{wins} of {len(pairs)} pairs — {desc}.")
+                         f"{p['bytes'] / 1e3:.0f} kB {fmt_pct(p['robust'])}% ({t.text()})"
+                         for (p, q), t in zip(pairs, tests))
+        if wins == losses == 0:
+            head = (f"At equal bytes (within 30%), no difference in robust accuracy (eps {eps:g}) between pruning "
+                    f"and quantisation at this number of seeds in any of {len(pairs)} pairs")
+        else:
+            winner = "pruning" if wins > losses else "quantisation" if losses > wins else "neither"
+            head = (f"At equal bytes (within 30%), {winner} keeps more robust accuracy (eps {eps:g}): significantly "
+                    f"better pruning in {wins}, quantisation in {losses} of {len(pairs)} pairs")
+        finding = f"{head} — {desc}."
     else:
         finding = "No pruning and quantisation points within 30% of each other's bytes: nothing to compare."
     return Section(ex["name"], ex.get("title", ex["name"]), ex.get("question", ""), finding, "equal_bytes",
@@ -309,6 +374,16 @@ def pareto_front(points: list[dict], x: str = "latency", y: str = "robust") -> l
         if not any((q[x] <= p[x] and q[y] >= p[y]) and (q[x] < p[x] or q[y] > p[y]) for q in points):
             front.append(p)
     return sorted(front, key=lambda p: p[x])
+
+
+def _front_spread(front: list[dict]) -> str:
+    """How far apart the front's members are in robust accuracy, and whether that is more than seed noise."""
+    if len(front) < 2:
+        return ""
+    hi, lo = max(front, key=lambda p: p["robust"]), min(front, key=lambda p: p["robust"])
+    test = compare_paired(hi["robust_by_seed"], lo["robust_by_seed"])
+    return (f" (robust accuracy on the front spans {100 * (hi['robust'] - lo['robust']):.1f} points, "
+            f"{hi['label']} vs {lo['label']}: {test.text()})")
 
 
 def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> Section:
@@ -330,6 +405,8 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
         p = {"label": label, "id": f"{label} [{base}]" if multi else label, "base": base, "regime": regime,
              "model": model, "bytes": mean_std(r["model_bytes"] for r in g)[0],
              "ratio": mean_std(r["bytes_ratio"] for r in g)[0],
+             "nonzero_ratio": mean_std(r.get("nonzero_ratio") for r in g)[0],
+             "robust_by_seed": _by_seed(g, lambda r: robust_at(r, eps)),
              "clean": mean_std(r["clean_accuracy"] for r in g), "robust_ms": mean_std(robust_at(r, eps) for r in g),
              "speedup": {}, "latency_ms": {}, "throughput": {}}
         for b in batch_sizes:
@@ -352,10 +429,11 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
     pts.sort(key=lambda p: (bases.index(p["base"]), -p["ratio"]))
     for p in pts:
         row = ([p["base"]] if multi else []) + [p["label"], REGIME_NAMES.get(p["regime"], p["regime"]),
-                                                f"{p['bytes']:.0f}", f"{p['ratio']:.2f}", fmt_pct(p["clean"]),
+                                                f"{p['bytes']:.0f}", f"{p['ratio']:.2f}",
+                                                f"{p['nonzero_ratio']:.2f}", fmt_pct(p["clean"]),
                                                 fmt_pct(p["robust_ms"])]
         for b in batch_sizes:
-            row += [_fmt_num(p["latency_ms"][b], digits=3), _fmt_num(p["speedup"][b]),
+            row += [_fmt_num(p["latency_ms"][b], digits=3), _fmt_speedup(p["speedup"][b]),
                     _fmt_num(p["throughput"][b], digits=0)]
         row.append("yes" if p["id"] in front_ids else "")
         rows.append(row)
@@ -369,7 +447,8 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
                 layer_rows.append(([base] if multi else []) + [
                     name, b, lname, info["module"], f"{info['ms']:.4f}",
                     "-" if info["share"] is None else f"{100 * info['share']:.0f}"])
-    head = (["base"] if multi else []) + ["recipe", "regime", "bytes", "size ×", "clean %", f"robust % (eps {eps:g})"]
+    head = (["base"] if multi else []) + ["recipe", "regime", "bytes", "bytes ×", "nonzero ×", "clean %",
+                                          f"robust % (eps {eps:g})"]
     for b in batch_sizes:
         head += [f"ms @{b}", f"speedup @{b}", f"samples/s @{b}"]
     head.append("Pareto" + (" (per base)" if multi else ""))
@@ -382,10 +461,10 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
             smallest = max(comp, key=lambda p: p["ratio"])
             slower = [p["label"] for p in comp if p["speedup"][b][0] < 1]
             finding = (f"On {device}, the fastest recipe at batch {b} is {fastest['label']} "
-                       f"({_fmt_num(fastest['speedup'][b])}x dense), the smallest {smallest['label']} "
+                       f"({_fmt_speedup(fastest['speedup'][b])}x dense), the smallest {smallest['label']} "
                        f"({smallest['ratio']:.2f}x fewer bytes); {len(slower)} of {len(comp)} recipes run slower "
                        f"than dense here; Pareto front of robust accuracy vs latency at batch {b}: "
-                       f"{', '.join(p['label'] for p in fronts[bases[0]])}.")
+                       f"{', '.join(p['label'] for p in fronts[bases[0]])}{_front_spread(fronts[bases[0]])}.")
         else:
             parts = []
             for base in bases:
@@ -396,9 +475,9 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
                 slower = [p for p in mine if p["speedup"][b][0] < 1]
                 regimes = ", ".join(dict.fromkeys(REGIME_NAMES.get(p["regime"], p["regime"]) for p in mine))
                 parts.append(f"{base} base ({regimes}; dense {fmt_pct(dense_rob[base])}% robust): fastest "
-                             f"{fastest['label']} ({_fmt_num(fastest['speedup'][b])}x its dense), {len(slower)} of "
+                             f"{fastest['label']} ({_fmt_speedup(fastest['speedup'][b])}x its dense), {len(slower)} of "
                              f"{len(mine)} recipes slower than dense, Pareto front "
-                             f"{', '.join(p['label'] for p in fronts[base])}")
+                             f"{', '.join(p['label'] for p in fronts[base])}{_front_spread(fronts[base])}")
             smallest = max(comp, key=lambda p: p["ratio"])
             finding = (f"On {device} at batch {b}, per base (speedup vs the dense model of the same base; Pareto "
                        f"front of robust accuracy vs latency): " + "; ".join(parts)

@@ -10,6 +10,10 @@ def _pct(v) -> str:
     return "-" if v is None else f"{100 * v:.1f}"
 
 
+def _ratio(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
 def _attack_names(records: list[dict]) -> list[str]:
     names: list[str] = []
     for r in records:
@@ -21,13 +25,13 @@ def _attack_names(records: list[dict]) -> list[str]:
 
 def summary_rows(records: list[dict], *, extra: bool = False) -> tuple[list[str], list[list[str]]]:
     """One row per record: model, training, recipe (and regime where recorded), params, bytes,
-    size ratio, clean and robust accuracy per attack, latency and throughput per batch size.
+    the two compression ratios (bytes and non-zero weights, never merged into one), clean and robust accuracy per attack, latency and throughput per batch size.
     ``extra`` adds the experiment and seed columns of study records."""
     attacks = _attack_names(records)
     batch_sizes = sorted({int(b) for r in records for b in r.get("latency", {})})
     has_regime = any("regime" in r for r in records)
     head = (["experiment"] if extra else []) + ["model", "training", "recipe"] + (["regime"] if has_regime else [])
-    head += (["seed"] if extra else []) + ["params", "bytes", "size x", "clean %"]
+    head += (["seed"] if extra else []) + ["params", "bytes", "bytes x", "nonzero x", "clean %"]
     head += [f"{a} %" for a in attacks]
     for b in batch_sizes:
         head += [f"ms @{b}", f"p90 ms @{b}", f"samples/s @{b}"]
@@ -40,8 +44,7 @@ def summary_rows(records: list[dict], *, extra: bool = False) -> tuple[list[str]
         row += [r.get("regime", "-")] if has_regime else []
         row += [str(r.get("seed", "-"))] if extra else []
         row += [str(r["parameters"]), str(r["model_bytes"]),
-                f"{r['compression_ratio']:.2f}" if r.get("compression_ratio") else "-",
-                _pct(r["clean_accuracy"])]
+                _ratio(r.get("bytes_ratio")), _ratio(r.get("nonzero_ratio")), _pct(r["clean_accuracy"])]
         row += [_pct(r["robust_accuracy"].get(a)) for a in attacks]
         for b in batch_sizes:
             lat = r.get("latency", {}).get(str(b))
@@ -70,7 +73,9 @@ def render_markdown(records: list[dict], path, *, title: str = "robcomp report",
                   f"robcomp {env.get('robcomp')}, {env.get('date')}.", ""]
     lines += [f"- {n}" for n in notes]
     lines += ["", "Accuracy columns are percentages of the test set; a robust example is one classified correctly "
-              "clean and under the attack. `size x` is dense model bytes / model bytes. Latencies are medians "
+              "clean and under the attack. `bytes x` is dense model bytes / stored bytes (below 1: the compressed "
+              "model stores more, e.g. masks); `nonzero x` is dense / non-zero weights the model computes with. "
+              "Latencies are medians "
               "(and 90th percentiles) over repeated forward passes on random inputs.", "",
               format_table(head, rows, markdown=True), ""]
     grads = {k: v for r in records for k, v in r.get("input_gradients", {}).items() if v != "exact"}

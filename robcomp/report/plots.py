@@ -6,6 +6,7 @@ its legend outside the data or in an empty corner.
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -94,21 +95,36 @@ def _sweep(plot: dict, path: Path) -> Path:
         dense = plot[f"dense_{metric}"]
         ax.axhspan(100 * (dense[0] - plot["threshold"]), 100 * dense[0], color="0.85", alpha=0.6,
                    label=f"dense − {100 * plot['threshold']:g} pts")
+        crit_at: dict[float, int] = {}
         for i, (name, s) in enumerate(plot["series"].items()):
             y, err = _pct(s[metric])
             ax.errorbar(s["x"], y, yerr=err, marker="o", ms=4, capsize=3, color=_COLORS[i], label=name)
             c = s.get(f"critical_{metric}")
             if c:
-                ax.axvline(c, color=_COLORS[i], ls=":", lw=1.2)
+                # regimes sharing a critical ratio (within 4%): side by side, 4% apart on the log axis, each with a
+                # marker at the top, so no line hides another
+                near = next((x0 for x0 in crit_at if abs(math.log(c / x0)) < math.log(1.04)), c)
+                k = crit_at.get(near, 0)
+                crit_at[near] = k + 1
+                xc = near * 1.04 ** k
+                ax.axvline(xc, color=_COLORS[i], ls=(0, (2, 2)), lw=1.3)
+                ax.plot([xc], [1.0], marker="v", ms=6, color=_COLORS[i], transform=ax.get_xaxis_transform(),
+                        clip_on=False)
         ax.set_xscale("log")
         ax.set_title(title)
         ax.set_xlabel(plot["xlabel"])
         xs = [x for s in plot["series"].values() for x in s["x"]]
         _log_ticks(ax.xaxis, min(xs), max(xs), "×")
+        # every point named (recipe labels are the same across regimes: label the first regime's points)
+        first = next(iter(plot["series"].values()))
+        y, _ = _pct(first[metric])
+        _place_labels(ax, [(x, v, _short(t), "0.25") for x, v, t in zip(first["x"], y, first["labels"])
+                           if t != "dense"])
     axes[0].set_ylabel("accuracy (% of test set)")
     handles, labels = axes[1].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=len(labels),
-               title="dotted vertical line: critical ratio of the regime of that colour", title_fontsize=8)
+               title="dashed vertical line and ▼: critical ratio of the regime of that colour (side by side when "
+                     "regimes share one)", title_fontsize=8)
     return _save(fig, path)
 
 
@@ -297,15 +313,19 @@ def plot_hardware(rows: list[dict], path: str | Path) -> Path | None:
     rows = [r for r in rows if r.get("gbps") is not None and math.isfinite(r["gbps"])]
     if not rows:
         return None
+    total = len(rows)
     rows = rows[:40]
+    # whole names, wrapped (never cut: "… @ ba" hides the batch size); layout="constrained" makes room
+    names = [textwrap.fill(r["name"], 58) for r in rows]
+    lines = sum(n.count("\n") + 1 for n in names)
     with plt.rc_context(_STYLE):
-        fig, ax = plt.subplots(figsize=(10, 0.25 * len(rows) + 1.6), layout="constrained")
+        fig, ax = plt.subplots(figsize=(11, 0.17 * lines + 0.1 * len(rows) + 1.6), layout="constrained")
         use_pct = all(r.get("bw_pct") is not None for r in rows)
         vals = [r["bw_pct"] if use_pct else r["gbps"] for r in rows]
         ax.barh(range(len(rows)), vals, color=_COLORS[0])
-        ax.set_yticks(range(len(rows)), [r["name"][:60] for r in rows], fontsize=7)
+        ax.set_yticks(range(len(rows)), names, fontsize=7)
         ax.invert_yaxis()
         ax.set_xlabel("achieved memory bandwidth (% of device peak)" if use_pct else
                       "achieved memory bandwidth (GB/s; device peak unknown)")
-        ax.set_title("benchmarks: achieved bandwidth")
+        ax.set_title("benchmarks: achieved bandwidth" + (f" (first 40 of {total})" if total > 40 else ""))
         return _save(fig, Path(path))

@@ -1,54 +1,63 @@
-"""``results.jsonl``: one JSON record per line, appended atomically.
+"""``results.jsonl``: one JSON object per line, appended atomically.
 
 Each append rewrites the file into a temporary sibling and renames it over the original, so a
-reader (or a crash) sees either the old file or the new one, never half a line.
+reader (or a crash) sees either the old file or the new one, never half a line. A last line that
+is not valid JSON (a crash of a writer that appended in place, a truncated copy) is the one
+damage a crash can cause: readers asked to tolerate it skip it, and the next append drops it.
+Any other bad line is an error naming the file and line number.
 """
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import warnings
 from pathlib import Path
+
+from robcomp.fileio import write_text_atomic
 
 __all__ = ["append_record", "read_records", "write_text_atomic"]
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def _parse(path: Path, text: str, tolerate_partial_last_line: bool) -> tuple[list[dict], int]:
+    """Records and the character offset where the valid part of ``text`` ends."""
+    records, end, offset = [], 0, 0
+    lines = text.splitlines(keepends=True)
+    for lineno, line in enumerate(lines, 1):
+        offset += len(line)
+        if not line.strip():
+            end = offset
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            if tolerate_partial_last_line and lineno == len(lines):
+                warnings.warn(f"{path}:{lineno}: ignoring a partial last line ({len(line)} characters; "
+                              "a writer was interrupted); it is dropped at the next append", stacklevel=3)
+                break
+            raise ValueError(f"{path}:{lineno} is not valid JSON ({e.msg} at column {e.colno}): repair or "
+                             "delete that line; every other line holds one finished result") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{lineno} holds a JSON {type(record).__name__}, not a result record (an object)")
+        records.append(record)
+        end = offset
+    return records, end
 
 
 def append_record(path: str | os.PathLike, record: dict) -> None:
+    """Append ``record`` as one line; a partial last line left by an interrupted writer is dropped."""
     path = Path(path)
     old = path.read_text(encoding="utf-8") if path.exists() else ""
+    _, end = _parse(path, old, tolerate_partial_last_line=True)
+    old = old[:end]
     if old and not old.endswith("\n"):
         old += "\n"
     write_text_atomic(path, old + json.dumps(record, sort_keys=True) + "\n")
 
 
 def read_records(path: str | os.PathLike, *, tolerate_partial_last_line: bool = False) -> list[dict]:
-    """Records of a results file, in file order. ``tolerate_partial_last_line`` drops a last line
-    that is not valid JSON (a file appended to by something other than :func:`append_record`)."""
+    """Records of a results file, in file order. ``tolerate_partial_last_line`` skips (with a
+    warning) a last line that is not valid JSON; any other bad line raises ValueError naming it."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no results file at {path}")
-    records = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                if tolerate_partial_last_line and lineno == len(lines):
-                    break
-                raise ValueError(f"{path}:{lineno} is not valid JSON: {e}") from None
-    return records
+    return _parse(path, path.read_text(encoding="utf-8"), tolerate_partial_last_line)[0]
