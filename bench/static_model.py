@@ -14,7 +14,7 @@ shapes, every candidate config is compiled for sm_90 (``robcomp.kernels._aot``) 
   CTAs / SMs of the bandwidth.
 
 Predicted time = max(memory = bytes / bandwidth, issue = warp-instructions / 0.93e12 per s,
-tensor = FLOPs / 790e12 (configs with mma/wgmma), launches x ``LAUNCH_S``) on an H100 (3.0 TB/s)
+tensor = FLOPs / 790e12 (configs with mma/wgmma; 8-bit MMAs twice that), launches x ``LAUNCH_S``) on an H100 (3.0 TB/s)
 and an H200 (4.3 TB/s); dense fp16 cuBLAS = max(2 (NK + MK + MN) bytes / bandwidth,
 2MNK / 790e12, one launch). The autotuner's choice is modelled as the fastest candidate. This is
 a bound-based model: it ignores latency (loads in flight are reported, not modelled), predicated
@@ -57,7 +57,7 @@ DEVICES = {"h100": {"name": "H100 SXM", "bandwidth": 3.0e12, "sms": 132},
            "h200": {"name": "H200", "bandwidth": 4.3e12, "sms": 132}}
 #: warp-instructions per second of the whole GPU: 132 SMs x 4 schedulers x ~1.76 GHz
 ISSUE_RATE = 0.93e12
-#: dense fp16 tensor-core FLOP/s (cuBLAS, measured on H100)
+#: dense fp16 tensor-core FLOP/s (cuBLAS, measured on H100); int8 / fp8 MMAs run twice as fast
 TENSOR_FLOPS = 790e12
 #: GPU time of one kernel launch in a stream (the issue's 3-5 us; eager PyTorch)
 LAUNCH_S = 4e-6
@@ -135,6 +135,7 @@ def main_loop(instrs: list[Instr]) -> tuple[int, int] | None:
 
 _CLASSES = {
     "mma": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QMMA", "QGMMA"),
+    "mma_8bit": ("IMMA", "IGMMA", "QMMA", "QGMMA"),
     "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP"),
     "half2": ("HFMA2", "HMUL2", "HADD2", "HMNMX2"),
     "convert": ("I2F", "I2FP", "F2F", "F2FP", "F2I", "I2I"),
@@ -197,8 +198,9 @@ _ANALYSES: dict = {}  # memo: (triton version, module, spec, arch) -> analysis (
 
 def analyse(specs, arch: int = ARCH, jobs: int | None = None) -> dict:
     """``{(module, spec): record}``: the ``_aot`` record of each spec compiled for ``sm_{arch}``,
-    with ``loop`` = :func:`loop_stats` of its SASS. Compiles in this process, or in a subprocess
-    without TRITON_INTERPRET when this one interprets."""
+    with ``loop`` = :func:`loop_stats` of its SASS. Compiles in this process (``jobs`` > 1: in
+    forked workers; pass ``jobs=1`` from a process that has initialised CUDA), or in a subprocess
+    without TRITON_INTERPRET when this one interprets. Memoised per Triton version."""
     import triton
     key = lambda mod, name: (triton.__version__, mod, name, arch)  # noqa: E731
     todo: dict[str, set] = {}
@@ -272,9 +274,11 @@ def _candidate(case: dict, cand: dict, rec: dict, dev: dict) -> dict:
     m_tiles = math.ceil(m / block_m) if block_m else 1
     sms, ctas = dev["sms"], cand["ctas"]
     sm_time = ctas / (math.ceil(ctas / sms) * sms)  # fraction of SM-time the grid's waves use
+    eight_bit = loop.get("mma_8bit", 0) and loop["mma_8bit"] == loop["mma"]
+    tensor_rate = TENSOR_FLOPS * (2 if eight_bit else 1)
     bounds = {"memory": case["bytes"] / (dev["bandwidth"] * min(1.0, ctas / sms)),
               "issue": per_weight * n * k * m_tiles / (ISSUE_RATE * sm_time),
-              "tensor": case["flops"] / (TENSOR_FLOPS * sm_time) if rec.get("mma") else 0.0,
+              "tensor": case["flops"] / (tensor_rate * sm_time) if rec.get("mma") else 0.0,
               "launch": case["launches"] * LAUNCH_S}
     bound = max(bounds, key=bounds.get)
     return {**out, "registers": (rec.get("usage") or {}).get("registers"), "loop_instructions": loop["instructions"],
@@ -297,7 +301,8 @@ def predict(case: dict, device: str = "h100", analyses: dict | None = None) -> d
         analyses = analyse(specs)
     preds = [_candidate(case, c, analyses[s], dev) for c, s in zip(case["candidates"], specs)]
     ok = [p for p in preds if "error" not in p]
-    best = min(ok, key=lambda p: p["time_us"]) if ok else {"error": "; ".join(p["error"] for p in preds)[:500]}
+    best = (min(ok, key=lambda p: p["time_us"]) if ok
+            else {"error": "; ".join(sorted({_oneline(p["error"]) for p in preds}))})
     base = dense(case["m"], case["n"], case["k"], device)
     n, k = case["n"], case["k"]
     out = {"op": case["op"], "module": case["module"], "m": case["m"], "k": k, "n": n, "device": device,
@@ -342,6 +347,12 @@ def _fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _oneline(text: str) -> str:
+    _import_robcomp()
+    from robcomp.kernels._aot import summarise_error
+    return summarise_error(text)
+
+
 def _short(spec: str) -> str:
     return re.sub(r"BLOCK_", "", spec).replace("GROUP_M8_", "")
 
@@ -352,7 +363,8 @@ def markdown(result: dict, command: str) -> str:
     lines = [f"# Static performance model (sm_90 SASS, triton {meta['triton']})", "",
              f"Generated {meta['date']} by `{command}` (bench/static_model.py; no GPU involved). "
              "Predicted time = max(memory = bytes / bandwidth, issue = warp-instructions / "
-             f"{meta['issue_rate']:.2e} per s, tensor = FLOPs / {meta['tensor_flops']:.0f} (mma configs), "
+             f"{meta['issue_rate']:.3g} per s, tensor = FLOPs / {meta['tensor_flops']:.3g} per s (mma configs; 8-bit "
+             "MMAs twice that), "
              f"launches x {1e6 * meta['launch_s']:.0f} us), issue and tensor scaled by the SM-time the grid's "
              "waves cover (132 SMs); the fastest candidate config is shown. Dense = fp16 cuBLAS predicted "
              "the same way. Ratio > 1: faster than dense. "
@@ -362,7 +374,7 @@ def markdown(result: dict, command: str) -> str:
              "| kernel | op | spec | instr/w | issue us | memory us | memory-bound |", "|---|---|---|---|---|---|---|"]
     for label, r in gated_rows(rows).items():
         if r is None or "error" in r:
-            lines.append(f"| {label} | {r['op'] if r else 'missing'} | {(r or {}).get('error', 'no case')[:80]} "
+            lines.append(f"| {label} | {r['op'] if r else 'missing'} | {_oneline((r or {}).get('error', 'no case'))} "
                          "| | | | no |")
             continue
         lines.append(f"| {label} | {r['op']} | {_short(r['spec'])} | {_fmt(r['warp_instr_per_weight'], 3)} | "
@@ -377,7 +389,7 @@ def markdown(result: dict, command: str) -> str:
     for (k, n, m, _, op), per in by_key.items():
         r0 = per[devs[0]]
         if "error" in r0:
-            lines.append(f"| {op} | {m} | {k} x {n} | error: {r0['error'][:100]} |" + " |" * (len(head) - 4))
+            lines.append(f"| {op} | {m} | {k} x {n} | error: {_oneline(r0['error'])} |" + " |" * (len(head) - 4))
             continue
         loads = " ".join(f"{w}x{c}" for w, c in r0["loop_loads"].items())
         cells = [op, str(m), f"{k} x {n}", _short(r0["spec"]), str(r0["ctas"]), str(r0["num_warps"]),

@@ -150,6 +150,11 @@ def _cmd_bench(args) -> int:
         raise UsageError("benchmark suites (bench/) not found: run `robcomp bench` from a source checkout")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.static:  # predicted from the compiled SASS, no GPU: bench/static_model.py
+        cmd = [sys.executable, str(bench_dir / "static_model.py"), "--md", str(out.with_name("STATIC.md")),
+               "--json", str(out.with_name("STATIC.json"))]
+        print(" ".join(cmd))
+        return subprocess.call(cmd)
     cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", f"--benchmark-json={out}"]
     print(" ".join(cmd))
     return subprocess.call(cmd)
@@ -184,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
     bench = sub.add_parser("bench", help="run the bench/ pytest-benchmark suites")
     bench.add_argument("--out", default="robcomp-out/bench.json", help="pytest-benchmark JSON output")
+    bench.add_argument("--static", action="store_true",
+                       help="instead, the static performance model (sm_90 SASS, no GPU): STATIC.md and "
+                            "STATIC.json beside --out")
     bench.set_defaults(func=_cmd_bench)
     return p
 
