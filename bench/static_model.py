@@ -30,6 +30,11 @@ one dict per op the launchers run for ``x [m, k]``, weight ``[n, k]``::
                      "weights_per_iter": int (dense weights ONE CTA consumes per loop iteration),
                      "num_warps": int}, ...]}
 
+Op names are ``<format>.forward`` / ``<format>.backward_input`` (``GATED`` finds the gated forward
+ops by module and name: ``int8_weight``/``w8a16`` and ``int4``/``w4a16`` in lowbit, anything in
+sparse24 and sparse24_lowbit). A candidate whose spec has a ``BLOCK_M`` constexpr re-reads the
+weight once per M tile (``ceil(M / BLOCK_M)``); one without (the matrix-vector kernels) reads it once.
+
 Use: ``python bench/static_model.py --md bench/STATIC.md --json bench/STATIC.json`` (or
 ``robcomp bench --static``); from Python (e.g. bench/gpu_suite.py): ``cases(module, m, n, k)``,
 ``predict(case, device="h100")``, ``table(...)``. Compiling the candidates takes about 1-2 s each
@@ -283,7 +288,8 @@ def _candidate(case: dict, cand: dict, rec: dict, dev: dict) -> dict:
     bound = max(bounds, key=bounds.get)
     return {**out, "registers": (rec.get("usage") or {}).get("registers"), "loop_instructions": loop["instructions"],
             "warp_instr_per_weight": per_weight, "thread_instr_per_weight": 32 * per_weight,
-            "loop_loads": loop["loads"], "mma_per_iter": loop["mma"], "convert_per_iter": loop["convert"],
+            "loop_loads": loop["loads"], "load_bytes_per_cta_iter": loop["load_bytes_per_thread"] * 32 * cand["num_warps"],
+            "mma_per_iter": loop["mma"], "convert_per_iter": loop["convert"],
             "shuffle_per_iter": loop["shuffle"], "waves": math.ceil(ctas / sms),
             **{f"{b}_us": 1e6 * t for b, t in bounds.items()}, "time_us": 1e6 * bounds[bound], "bound": bound}
 
@@ -369,7 +375,9 @@ def markdown(result: dict, command: str) -> str:
              "waves cover (132 SMs); the fastest candidate config is shown. Dense = fp16 cuBLAS predicted "
              "the same way. Ratio > 1: faster than dense. "
              + ", ".join(f"{d} = {v['name']} {v['bandwidth'] / 1e12:.1f} TB/s" for d, v in meta["devices"].items())
-             + ". instr/w = warp-instructions per dense weight in the main loop (x 32 = thread-instructions).",
+             + ". instr/w = warp-instructions per dense weight in the main loop (x 32 = thread-instructions); "
+             "B/w = the op's minimum bytes per weight; loop loads = global loads per iteration (LDG = "
+             "synchronous, LDGSTS = cp.async) by bytes per thread; KB/iter = bytes one CTA requests per iteration.",
              "", "## Gate: memory-bound at M = 1, K x N = 4096 x 4096 (H100)", "",
              "| kernel | op | spec | instr/w | issue us | memory us | memory-bound |", "|---|---|---|---|---|---|---|"]
     for label, r in gated_rows(rows).items():
@@ -379,7 +387,7 @@ def markdown(result: dict, command: str) -> str:
             continue
         lines.append(f"| {label} | {r['op']} | {_short(r['spec'])} | {_fmt(r['warp_instr_per_weight'], 3)} | "
                      f"{_fmt(r['issue_us'])} | {_fmt(r['memory_us'])} | {'yes' if r['memory_bound'] else 'NO'} |")
-    head = ["op", "M", "K x N", "best spec", "CTAs", "warps", "regs", "loop instr", "instr/w", "B/w", "loop loads"]
+    head = ["op", "M", "K x N", "best spec", "CTAs", "warps", "regs", "loop instr", "instr/w", "B/w", "loop loads", "KB/iter"]
     for d in devs:
         head += [f"{d} us", f"{d} bound", f"{d} dense us", f"{d} ratio"]
     lines += ["", "## All ops", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -394,7 +402,7 @@ def markdown(result: dict, command: str) -> str:
         loads = " ".join(f"{w}x{c}" for w, c in r0["loop_loads"].items())
         cells = [op, str(m), f"{k} x {n}", _short(r0["spec"]), str(r0["ctas"]), str(r0["num_warps"]),
                  str(r0["registers"]), str(r0["loop_instructions"]), _fmt(r0["warp_instr_per_weight"], 3),
-                 _fmt(r0["bytes_per_weight"], 3), loads]
+                 _fmt(r0["bytes_per_weight"], 3), loads, _fmt(r0["load_bytes_per_cta_iter"] / 1024, 1)]
         for d in devs:
             r = per[d]
             cells += [_fmt(r["time_us"]), r["bound"], _fmt(r["dense_us"]), _fmt(r["ratio_vs_dense"])]
@@ -408,6 +416,7 @@ def _write(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the table private
     os.replace(tmp, p)
 
 
@@ -435,7 +444,7 @@ def main(argv=None) -> int:
     if a.md:
         _write(a.md, text)
     if a.json:
-        _write(a.json, json.dumps({**result, "command": command}, indent=1) + "\n")
+        _write(a.json, json.dumps({**result, "command": command}, separators=(",", ":")) + "\n")
     print(text)
     gate = gated_rows(result["rows"])
     failing = [k for k, r in gate.items() if not r or "error" in r or not r["memory_bound"]]
