@@ -14,7 +14,7 @@ shapes, every candidate config is compiled for sm_90 (``robcomp.kernels._aot``) 
   CTAs / SMs of the bandwidth.
 
 Predicted time = max(memory = bytes / bandwidth, issue = warp-instructions / 0.93e12 per s,
-tensor = FLOPs / 790e12 (configs with mma/wgmma), launches x ``LAUNCH_S``) on an H100 (3.0 TB/s)
+tensor = FLOPs / 790e12 (configs with mma/wgmma; 8-bit MMAs twice that), launches x ``LAUNCH_S``) on an H100 (3.0 TB/s)
 and an H200 (4.3 TB/s); dense fp16 cuBLAS = max(2 (NK + MK + MN) bytes / bandwidth,
 2MNK / 790e12, one launch). The autotuner's choice is modelled as the fastest candidate. This is
 a bound-based model: it ignores latency (loads in flight are reported, not modelled), predicated
@@ -29,6 +29,11 @@ one dict per op the launchers run for ``x [m, k]``, weight ``[n, k]``::
      "candidates": [{"spec": <name in aot_specs() or aot_specs_fp8()>, "ctas": int,
                      "weights_per_iter": int (dense weights ONE CTA consumes per loop iteration),
                      "num_warps": int}, ...]}
+
+Op names are ``<format>.forward`` / ``<format>.backward_input`` (``GATED`` finds the gated forward
+ops by module and name: ``int8_weight``/``w8a16`` and ``int4``/``w4a16`` in lowbit, anything in
+sparse24 and sparse24_lowbit). A candidate whose spec has a ``BLOCK_M`` constexpr re-reads the
+weight once per M tile (``ceil(M / BLOCK_M)``); one without (the matrix-vector kernels) reads it once.
 
 Use: ``python bench/static_model.py --md bench/STATIC.md --json bench/STATIC.json`` (or
 ``robcomp bench --static``); from Python (e.g. bench/gpu_suite.py): ``cases(module, m, n, k)``,
@@ -57,7 +62,7 @@ DEVICES = {"h100": {"name": "H100 SXM", "bandwidth": 3.0e12, "sms": 132},
            "h200": {"name": "H200", "bandwidth": 4.3e12, "sms": 132}}
 #: warp-instructions per second of the whole GPU: 132 SMs x 4 schedulers x ~1.76 GHz
 ISSUE_RATE = 0.93e12
-#: dense fp16 tensor-core FLOP/s (cuBLAS, measured on H100)
+#: dense fp16 tensor-core FLOP/s (cuBLAS, measured on H100); int8 / fp8 MMAs run twice as fast
 TENSOR_FLOPS = 790e12
 #: GPU time of one kernel launch in a stream (the issue's 3-5 us; eager PyTorch)
 LAUNCH_S = 4e-6
@@ -135,6 +140,7 @@ def main_loop(instrs: list[Instr]) -> tuple[int, int] | None:
 
 _CLASSES = {
     "mma": ("HMMA", "HGMMA", "IMMA", "IGMMA", "QMMA", "QGMMA"),
+    "mma_8bit": ("IMMA", "IGMMA", "QMMA", "QGMMA"),
     "fp32": ("FFMA", "FMUL", "FADD", "FMNMX", "FSEL", "FSETP"),
     "half2": ("HFMA2", "HMUL2", "HADD2", "HMNMX2"),
     "convert": ("I2F", "I2FP", "F2F", "F2FP", "F2I", "I2I"),
@@ -197,8 +203,9 @@ _ANALYSES: dict = {}  # memo: (triton version, module, spec, arch) -> analysis (
 
 def analyse(specs, arch: int = ARCH, jobs: int | None = None) -> dict:
     """``{(module, spec): record}``: the ``_aot`` record of each spec compiled for ``sm_{arch}``,
-    with ``loop`` = :func:`loop_stats` of its SASS. Compiles in this process, or in a subprocess
-    without TRITON_INTERPRET when this one interprets."""
+    with ``loop`` = :func:`loop_stats` of its SASS. Compiles in this process (``jobs`` > 1: in
+    forked workers; pass ``jobs=1`` from a process that has initialised CUDA), or in a subprocess
+    without TRITON_INTERPRET when this one interprets. Memoised per Triton version."""
     import triton
     key = lambda mod, name: (triton.__version__, mod, name, arch)  # noqa: E731
     todo: dict[str, set] = {}
@@ -272,14 +279,17 @@ def _candidate(case: dict, cand: dict, rec: dict, dev: dict) -> dict:
     m_tiles = math.ceil(m / block_m) if block_m else 1
     sms, ctas = dev["sms"], cand["ctas"]
     sm_time = ctas / (math.ceil(ctas / sms) * sms)  # fraction of SM-time the grid's waves use
+    eight_bit = loop.get("mma_8bit", 0) and loop["mma_8bit"] == loop["mma"]
+    tensor_rate = TENSOR_FLOPS * (2 if eight_bit else 1)
     bounds = {"memory": case["bytes"] / (dev["bandwidth"] * min(1.0, ctas / sms)),
               "issue": per_weight * n * k * m_tiles / (ISSUE_RATE * sm_time),
-              "tensor": case["flops"] / (TENSOR_FLOPS * sm_time) if rec.get("mma") else 0.0,
+              "tensor": case["flops"] / (tensor_rate * sm_time) if rec.get("mma") else 0.0,
               "launch": case["launches"] * LAUNCH_S}
     bound = max(bounds, key=bounds.get)
     return {**out, "registers": (rec.get("usage") or {}).get("registers"), "loop_instructions": loop["instructions"],
             "warp_instr_per_weight": per_weight, "thread_instr_per_weight": 32 * per_weight,
-            "loop_loads": loop["loads"], "mma_per_iter": loop["mma"], "convert_per_iter": loop["convert"],
+            "loop_loads": loop["loads"], "load_bytes_per_cta_iter": loop["load_bytes_per_thread"] * 32 * cand["num_warps"],
+            "mma_per_iter": loop["mma"], "convert_per_iter": loop["convert"],
             "shuffle_per_iter": loop["shuffle"], "waves": math.ceil(ctas / sms),
             **{f"{b}_us": 1e6 * t for b, t in bounds.items()}, "time_us": 1e6 * bounds[bound], "bound": bound}
 
@@ -297,7 +307,8 @@ def predict(case: dict, device: str = "h100", analyses: dict | None = None) -> d
         analyses = analyse(specs)
     preds = [_candidate(case, c, analyses[s], dev) for c, s in zip(case["candidates"], specs)]
     ok = [p for p in preds if "error" not in p]
-    best = min(ok, key=lambda p: p["time_us"]) if ok else {"error": "; ".join(p["error"] for p in preds)[:500]}
+    best = (min(ok, key=lambda p: p["time_us"]) if ok
+            else {"error": "; ".join(sorted({_oneline(p["error"]) for p in preds}))})
     base = dense(case["m"], case["n"], case["k"], device)
     n, k = case["n"], case["k"]
     out = {"op": case["op"], "module": case["module"], "m": case["m"], "k": k, "n": n, "device": device,
@@ -342,6 +353,12 @@ def _fmt(x, nd=2):
     return "—" if x is None else f"{x:.{nd}f}"
 
 
+def _oneline(text: str) -> str:
+    _import_robcomp()
+    from robcomp.kernels._aot import summarise_error
+    return summarise_error(text)
+
+
 def _short(spec: str) -> str:
     return re.sub(r"BLOCK_", "", spec).replace("GROUP_M8_", "")
 
@@ -352,22 +369,25 @@ def markdown(result: dict, command: str) -> str:
     lines = [f"# Static performance model (sm_90 SASS, triton {meta['triton']})", "",
              f"Generated {meta['date']} by `{command}` (bench/static_model.py; no GPU involved). "
              "Predicted time = max(memory = bytes / bandwidth, issue = warp-instructions / "
-             f"{meta['issue_rate']:.2e} per s, tensor = FLOPs / {meta['tensor_flops']:.0f} (mma configs), "
+             f"{meta['issue_rate']:.3g} per s, tensor = FLOPs / {meta['tensor_flops']:.3g} per s (mma configs; 8-bit "
+             "MMAs twice that), "
              f"launches x {1e6 * meta['launch_s']:.0f} us), issue and tensor scaled by the SM-time the grid's "
              "waves cover (132 SMs); the fastest candidate config is shown. Dense = fp16 cuBLAS predicted "
              "the same way. Ratio > 1: faster than dense. "
              + ", ".join(f"{d} = {v['name']} {v['bandwidth'] / 1e12:.1f} TB/s" for d, v in meta["devices"].items())
-             + ". instr/w = warp-instructions per dense weight in the main loop (x 32 = thread-instructions).",
+             + ". instr/w = warp-instructions per dense weight in the main loop (x 32 = thread-instructions); "
+             "B/w = the op's minimum bytes per weight; loop loads = global loads per iteration (LDG = "
+             "synchronous, LDGSTS = cp.async) by bytes per thread; KB/iter = bytes one CTA requests per iteration.",
              "", "## Gate: memory-bound at M = 1, K x N = 4096 x 4096 (H100)", "",
              "| kernel | op | spec | instr/w | issue us | memory us | memory-bound |", "|---|---|---|---|---|---|---|"]
     for label, r in gated_rows(rows).items():
         if r is None or "error" in r:
-            lines.append(f"| {label} | {r['op'] if r else 'missing'} | {(r or {}).get('error', 'no case')[:80]} "
+            lines.append(f"| {label} | {r['op'] if r else 'missing'} | {_oneline((r or {}).get('error', 'no case'))} "
                          "| | | | no |")
             continue
         lines.append(f"| {label} | {r['op']} | {_short(r['spec'])} | {_fmt(r['warp_instr_per_weight'], 3)} | "
                      f"{_fmt(r['issue_us'])} | {_fmt(r['memory_us'])} | {'yes' if r['memory_bound'] else 'NO'} |")
-    head = ["op", "M", "K x N", "best spec", "CTAs", "warps", "regs", "loop instr", "instr/w", "B/w", "loop loads"]
+    head = ["op", "M", "K x N", "best spec", "CTAs", "warps", "regs", "loop instr", "instr/w", "B/w", "loop loads", "KB/iter"]
     for d in devs:
         head += [f"{d} us", f"{d} bound", f"{d} dense us", f"{d} ratio"]
     lines += ["", "## All ops", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -377,12 +397,12 @@ def markdown(result: dict, command: str) -> str:
     for (k, n, m, _, op), per in by_key.items():
         r0 = per[devs[0]]
         if "error" in r0:
-            lines.append(f"| {op} | {m} | {k} x {n} | error: {r0['error'][:100]} |" + " |" * (len(head) - 4))
+            lines.append(f"| {op} | {m} | {k} x {n} | error: {_oneline(r0['error'])} |" + " |" * (len(head) - 4))
             continue
         loads = " ".join(f"{w}x{c}" for w, c in r0["loop_loads"].items())
         cells = [op, str(m), f"{k} x {n}", _short(r0["spec"]), str(r0["ctas"]), str(r0["num_warps"]),
                  str(r0["registers"]), str(r0["loop_instructions"]), _fmt(r0["warp_instr_per_weight"], 3),
-                 _fmt(r0["bytes_per_weight"], 3), loads]
+                 _fmt(r0["bytes_per_weight"], 3), loads, _fmt(r0["load_bytes_per_cta_iter"] / 1024, 1)]
         for d in devs:
             r = per[d]
             cells += [_fmt(r["time_us"]), r["bound"], _fmt(r["dense_us"]), _fmt(r["ratio_vs_dense"])]
@@ -396,6 +416,7 @@ def _write(path: str, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the table private
     os.replace(tmp, p)
 
 
@@ -423,7 +444,7 @@ def main(argv=None) -> int:
     if a.md:
         _write(a.md, text)
     if a.json:
-        _write(a.json, json.dumps({**result, "command": command}, indent=1) + "\n")
+        _write(a.json, json.dumps({**result, "command": command}, separators=(",", ":")) + "\n")
     print(text)
     gate = gated_rows(result["rows"])
     failing = [k for k, r in gate.items() if not r or "error" in r or not r["memory_bound"]]

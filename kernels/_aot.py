@@ -8,8 +8,8 @@ GPU machine's, and the newest):
 
 * the PTX of a kernel that does tensor-core dots contains ``mma`` (sm_80) or ``wgmma``/``mma``
   (sm_90); the widths of its global loads (``ld.global.v4`` = 16 bytes) and ``cp.async``;
-* ``cuobjdump --dump-resource-usage`` (shipped in the triton wheel, under
-  ``triton/backends/nvidia/bin/``, with ``nvdisasm``) reports registers, stack and local-memory
+* ``cuobjdump --dump-resource-usage`` (the triton 3.6 and 3.9 wheels both ship ``cuobjdump``,
+  ``nvdisasm`` and ``ptxas`` under ``triton/backends/nvidia/bin/``) reports registers, stack and local-memory
   (spill) bytes of each cubin: a kernel that spills on sm_90 is slow there;
 * ``cuobjdump -sass`` gives the machine code (SASS), whose global loads (``LDG.E.128`` ...) and
   local-memory traffic (``LDL``/``STL`` = spills) are counted here, and which
@@ -199,6 +199,17 @@ def sass_load_widths(sass: str) -> dict:
 def sass_spill_ops(sass: str) -> int:
     """Local-memory instructions (``LDL``/``STL``): register spills and stack arrays."""
     return sum(op.split(".")[0] in ("LDL", "STL") for op in sass_opcodes(sass))
+
+
+def summarise_error(text: str, width: int = 160) -> str:
+    """One line for an ``error`` field: its first line and, for Triton's CompilationError (source
+    with a ``^`` under the culprit), the source line the caret points at."""
+    lines = [line for line in text.splitlines() if line.strip()]
+    out = lines[0] if lines else text
+    carets = [i for i, line in enumerate(lines) if set(line.strip()) == {"^"} and i > 0]
+    if carets:
+        out += " " + lines[carets[-1] - 1].strip()
+    return " ".join(out.replace("|", "/").split())[:width]
 
 
 # ============================================================ registry

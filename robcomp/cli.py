@@ -176,6 +176,11 @@ def _cmd_bench(args) -> int:
             pass
     except OSError as e:
         raise UsageError(f"--out {args.out!r}: cannot write there: {e.strerror or e}") from None
+    if args.static:  # predicted from the compiled SASS, no GPU: bench/static_model.py
+        cmd = [sys.executable, str(bench_dir / "static_model.py"), "--md", str(out.with_name("STATIC.md")),
+               "--json", str(out.with_name("STATIC.json"))]
+        print(" ".join(cmd))
+        return subprocess.call(cmd)
     cmd = [sys.executable, "-m", "pytest", str(bench_dir), "-q", f"--benchmark-json={out}"]
     print(" ".join(cmd))
     return subprocess.call(cmd)
@@ -216,6 +221,9 @@ def _parser() -> argparse.ArgumentParser:
     env.set_defaults(func=_cmd_env)
     bench = sub.add_parser("bench", help="run the bench/ pytest-benchmark suites")
     bench.add_argument("--out", default="robcomp-out/bench.json", help="pytest-benchmark JSON output")
+    bench.add_argument("--static", action="store_true",
+                       help="instead, the static performance model (sm_90 SASS, no GPU): STATIC.md and "
+                            "STATIC.json beside --out")
     bench.set_defaults(func=_cmd_bench)
     return p
 

@@ -92,6 +92,8 @@ def test_no_loop_and_load_widths():
     assert _aot.sass_load_widths(SASS_ADDR) == {"1": 1, "16": 1}
     ptx = "ld.global.v4.b32 {%r1,%r2,%r3,%r4}, [%rd1];\n@%p1 ld.global.nc.b16 %rs1, [%rd2];\nld.global.v2.b32 {%r5,%r6}, [%rd3];"
     assert _aot.ptx_load_widths(ptx) == {"2": 1, "8": 1, "16": 1}
+    err = "CompilationError: at 27:14:\n    kk = k0 + offs_k\n    acc = tl.dot(x, w, acc)\n          ^"
+    assert _aot.summarise_error(err) == "CompilationError: at 27:14: acc = tl.dot(x, w, acc)"
 
 
 def _case(bytes_, candidates):
@@ -179,3 +181,26 @@ def test_gate_weight_streaming_forward_is_memory_bound_at_m1(gate_rows, label):
         f"{r['warp_instr_per_weight']:.3f} warp-instructions per weight ({r['thread_instr_per_weight']:.1f} "
         f"per thread), issue {r['issue_us']:.2f} us >= memory {r['memory_us']:.2f} us; ratio vs dense "
         f"{r['ratio_vs_dense']:.2f}")
+
+
+def test_command_line_writes_the_table_and_json(tmp_path, capsys):
+    md, js = tmp_path / "STATIC.md", tmp_path / "STATIC.json"
+    assert S.main(["--modules", "sparse24", "--ms", "1", "--shapes", "4096x4096", "--md", str(md),
+                   "--json", str(js)]) == 0
+    import json
+    import triton
+    data = json.loads(js.read_text())
+    assert data["meta"]["triton"] == triton.__version__ and data["command"].startswith("python bench/static_model.py")
+    assert {(r["op"], r["device"]) for r in data["rows"]} == {
+        (op, d) for op in ("sparse24.forward", "sparse24.backward_input") for d in ("h100", "h200")}
+    text = md.read_text()
+    assert f"triton {triton.__version__}" in text and "| sparse24.forward | 1 | 4096 x 4096 |" in text
+
+
+def test_robcomp_bench_static_runs_the_model(monkeypatch, tmp_path):
+    import robcomp.cli as cli
+    seen = []
+    monkeypatch.setattr(cli.subprocess, "call", lambda cmd: seen.append(cmd) or 0)
+    assert cli.main(["bench", "--static", "--out", str(tmp_path / "bench.json")]) == 0
+    cmd = seen[0]
+    assert cmd[1].endswith("static_model.py") and cmd[cmd.index("--md") + 1] == str(tmp_path / "STATIC.md")
