@@ -161,6 +161,7 @@ class Suite:
         self.timing_kw = ({"warmup": args.warmup_ms, "rep": args.rep_ms} if device.type == "cuda"
                           else {"cpu_repeats": 1, "cpu_warmup": 1})
         self.sm_count = self.rec.env.get("sm_count", 132)  # the H100/H200's count where there is no GPU
+        self.checkpoint = lambda: None  # main() sets it to rewrite the JSON (after each shape, each phase)
 
     # -------------------------------------------------------------------------- one timing
     def time(self, suite, case, impl, dt, shape, fn, nbytes=0, flops=0, compute_dtype="", target=None, **extra):
@@ -254,6 +255,7 @@ class Suite:
                     state.clear()  # free this shape's weights before the next
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
+                    self.checkpoint()
 
         def on_skip(item):
             what, k, n, m, state = item
@@ -482,10 +484,10 @@ class Suite:
     # -------------------------------------------------------------------------- report
     def filled_cases(self) -> list[dict]:
         """The planned cases with their measured speedup vs dense (same case, same run)."""
-        out = []
+        out, index = [], self.rec.index()
         for c in self.cases:
             m = self.case_rows.get(id(c))
-            r = self.rec.ratio(m, "dense") if m is not None else None
+            r = self.rec.ratio(m, "dense", index) if m is not None else None
             out.append({**c, "speedup": round(r, 4) if r is not None else None,
                         "ms": round(m.ms, 5) if m is not None else None})
         return out
@@ -558,11 +560,14 @@ def print_table(res: dict) -> None:
             print(f"{r['impl']:<30}{f2(r.get('eager_us')):>9}{f2(r.get('graph_us')):>9}  "
                   f"{r.get('path') or ''}{' ERROR ' + r['error'][:60] if r.get('error') else ''}")
     e2e = [r for r in res["results"] if r["suite"] == "e2e"]
-    if e2e:
-        print(f"\n{'end to end':<22}{'recipe':<20}{'ms':>10}{'samples/s':>12}{'vs dense':>9}")
-        for r in e2e:
-            print(f"{r['case']:<22}{r['impl']:<20}{r['ms']:>10.3f}{r.get('throughput_samples_per_s', 0):>12.1f}"
-                  f"{f2(r.get('speedup_vs_dense', 1.0)):>9}")
+    if e2e:  # one line per model and batch: dense latency, then each recipe's speedup vs dense
+        recipes = list(dict.fromkeys(r["impl"] for r in e2e if r["impl"] != "dense"))
+        print(f"\n{'end to end':<20}{'dense ms':>9}" + "".join(f"{name[:12]:>13}" for name in recipes))
+        for case in dict.fromkeys(r["case"] for r in e2e):
+            got = {r["impl"]: r for r in e2e if r["case"] == case}
+            dense = got.get("dense", {}).get("ms")
+            print(f"{case:<20}{f2(dense):>9}" + "".join(f"{f2(got.get(n, {}).get('speedup_vs_dense')):>13}"
+                                                       for n in recipes))
     cases = [c for c in res["cases"] if c["op"] == "forward" and c["dtype"] == res["config"]["dtypes"].split(",")[0]]
     if cases:  # raw kernel / dispatched layer ratio vs dense, per M, on the first shape
         k, n = cases[0]["K"], cases[0]["N"]
@@ -673,6 +678,8 @@ def main(argv=None) -> int:
             out = Path(args.out_dir) / f"{res['date'][:10]}-{H.device_slug(res)}.json"
         H.atomic_write_json(out, res)
         return res
+
+    suite.checkpoint = save
 
     def on_term(signum, frame):  # a killed run still writes what it has
         raise SystemExit(128 + signum)
