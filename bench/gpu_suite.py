@@ -19,7 +19,9 @@ it did not reach is listed under ``skipped``.
    where installed); ``do_bench`` medians (L2 flushed, inputs rotating), GB/s, TFLOP/s, roofline %;
 4. ``launch``: host cost per call at a tiny shape, eager (wall clock over many calls) and replayed
    from a ``torch.cuda.CUDAGraph``, for dense, each raw launcher and each dispatched layer;
-5. ``static``: bench/static_model.py's predictions for each kernel module's ``perf_cases``, put
+5. ``static``: bench/static_model.py's predictions for each kernel module's ``perf_cases`` (fp16,
+   M in 1/16/64/4096), computed by bench/gpu_static.py in a background process started at setup
+   (no CUDA there, so its SASS compiles fork safely onto the idle cores), collected here and put
    beside the measured raw kernels ("static model unavailable" when the module is absent);
 6. ``e2e``: TinyViT at ViT-B/16 shapes and a 4096-wide MLP, batch 1/16/256, dense vs each recipe
    (tuned, with the paths the layers took);
