@@ -6,14 +6,36 @@ that a renamed function or attribute is a one-line fix here:
 * ``layer.last_path``: which implementation a compressed layer's last forward ran; :func:`path_taken`.
 * ``perf_cases(m, n, k, dtype, sm_count) -> list[dict]`` of each kernel module (keys ``op``,
   ``launches``, ``bytes``, ``flops``, ``candidates``); :func:`perf_cases`.
-* ``bench/static_model.py``'s ``predict(op_case, device="h100"|"h200") -> dict``; :func:`static_model`
-  and :func:`predicted_ms`.
+* ``bench/static_model.py``'s ``predict(op_case, device="h100"|"h200") -> dict``; :func:`static_model`,
+  :func:`predict`, :func:`predicted_ms` and :func:`predicted_ops` (which op names match a format).
+* importing robcomp from this checkout without putting its root on sys.path; :func:`import_robcomp`.
 
 Each returns a value or a reason; none raises when the other side is absent.
 """
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def import_robcomp():
+    """robcomp and robcomp.kernels (= kernels/) from this checkout, installed or not. The repository
+    root is not put on sys.path: its top-level ``kernels/`` would shadow the PyPI ``kernels`` package
+    that bitsandbytes may import."""
+    if "robcomp" not in sys.modules:
+        for name in ("robcomp.kernels", "robcomp"):
+            path = ROOT / name.split(".")[-1]
+            spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
+                                                          submodule_search_locations=[str(path)])
+            module = importlib.util.module_from_spec(spec)
+            sys.modules[name] = module
+            spec.loader.exec_module(module)
+        sys.modules["robcomp"].kernels = sys.modules["robcomp.kernels"]
+    return sys.modules["robcomp"]
 
 
 def tune(model, example_inputs: tuple) -> str:
@@ -56,8 +78,17 @@ def static_model():
 
 
 def predict(model, op_case: dict, device: str) -> dict:
-    """``model.predict(op_case, device=device)``."""
+    """``model.predict(op_case, device=device)``; ``op_case`` is a ``perf_cases`` dict tagged with
+    ``module`` (short name), ``m``, ``n``, ``k``."""
     return dict(model.predict(op_case, device=device))
+
+
+def predicted_ops(fmt: str, direction: str, launcher: str) -> list[str]:
+    """The ``perf_cases`` op names that describe a format's forward / input gradient: the
+    ``<format>.forward`` and ``<format>_forward`` spellings (``backward_input`` likewise), then the
+    launcher's own name."""
+    verb = "forward" if direction == "forward" else "backward_input"
+    return [f"{fmt}.{verb}", f"{fmt}_{verb}", launcher]
 
 
 def predicted_ms(prediction: dict) -> float | None:

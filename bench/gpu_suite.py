@@ -19,7 +19,9 @@ it did not reach is listed under ``skipped``.
    where installed); ``do_bench`` medians (L2 flushed, inputs rotating), GB/s, TFLOP/s, roofline %;
 4. ``launch``: host cost per call at a tiny shape, eager (wall clock over many calls) and replayed
    from a ``torch.cuda.CUDAGraph``, for dense, each raw launcher and each dispatched layer;
-5. ``static``: bench/static_model.py's predictions for each kernel module's ``perf_cases``, put
+5. ``static``: bench/static_model.py's predictions for each kernel module's ``perf_cases`` (fp16,
+   M in 1/16/64/4096), computed by bench/gpu_static.py in a background process started at setup
+   (no CUDA there, so its SASS compiles fork safely onto the idle cores), collected here and put
    beside the measured raw kernels ("static model unavailable" when the module is absent);
 6. ``e2e``: TinyViT at ViT-B/16 shapes and a 4096-wide MLP, batch 1/16/256, dense vs each recipe
    (tuned, with the paths the layers took);
@@ -39,10 +41,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -59,6 +61,7 @@ import torch.nn.functional as F  # noqa: E402
 import gpu_baselines  # noqa: E402  (bench/, this script's directory)
 import gpu_formats  # noqa: E402
 import gpu_interfaces as I  # noqa: E402
+import gpu_static  # noqa: E402
 import gpu_targets  # noqa: E402
 import harness as H  # noqa: E402
 from gpu_budget import Budget  # noqa: E402
@@ -84,7 +87,6 @@ def install_wheels(directory: str | None) -> dict:
     """``pip install --no-index --no-deps`` every wheel in ``directory`` into a temporary target put
     first on sys.path (optional baselines such as bitsandbytes); an absent or empty directory is fine."""
     import subprocess
-    import tempfile
     d = Path(directory) if directory else None
     wheels = sorted(d.glob("*.whl")) if d is not None and d.is_dir() else []
     info = {"dir": str(d) if d else None, "wheels": [w.name for w in wheels]}
@@ -100,22 +102,6 @@ def install_wheels(directory: str | None) -> dict:
     else:
         info["error"] = (proc.stderr or proc.stdout)[-500:]
     return info
-
-
-def import_robcomp():
-    """robcomp and robcomp.kernels (= kernels/) from this checkout, installed or not. The repository
-    root is not put on sys.path: its top-level ``kernels/`` would shadow the PyPI ``kernels`` package
-    that bitsandbytes may import."""
-    if "robcomp" not in sys.modules:
-        for name in ("robcomp.kernels", "robcomp"):
-            path = ROOT / name.split(".")[-1]
-            spec = importlib.util.spec_from_file_location(name, path / "__init__.py",
-                                                          submodule_search_locations=[str(path)])
-            module = importlib.util.module_from_spec(spec)
-            sys.modules[name] = module
-            spec.loader.exec_module(module)
-        sys.modules["robcomp"].kernels = sys.modules["robcomp.kernels"]
-    return sys.modules["robcomp"]
 
 
 def kernel_modules() -> list:
@@ -157,10 +143,12 @@ class Suite:
         self.errors: list[dict] = []
         self.launch: list[dict] = []
         self.static: dict = {"status": "not run", "predictions": []}
+        self.static_job: gpu_static.Background | None = None
         self.baselines: dict = {}
         self.timing_kw = ({"warmup": args.warmup_ms, "rep": args.rep_ms} if device.type == "cuda"
                           else {"cpu_repeats": 1, "cpu_warmup": 1})
         self.sm_count = self.rec.env.get("sm_count", 132)  # the H100/H200's count where there is no GPU
+        self.checkpoint = lambda: None  # main() sets it to rewrite the JSON (after each shape, each phase)
 
     # -------------------------------------------------------------------------- one timing
     def time(self, suite, case, impl, dt, shape, fn, nbytes=0, flops=0, compute_dtype="", target=None, **extra):
@@ -254,6 +242,7 @@ class Suite:
                     state.clear()  # free this shape's weights before the next
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
+                    self.checkpoint()
 
         def on_skip(item):
             what, k, n, m, state = item
@@ -400,38 +389,29 @@ class Suite:
         phase.run(impls, one, describe=lambda it: f"launch {it[0]} {dt}",
                   on_error=lambda it, e: self.error("launch", it[0], e))
 
-    def run_static(self, phase, shapes, ms, dtype):
+    def start_static(self, shapes, ms, out: Path) -> None:
+        """Start the static model's predictions in the background (bench/gpu_static.py), on the CPU
+        cores the GPU phases leave idle; :meth:`run_static` collects them."""
         model, reason = I.static_model()
         if model is None:
             self.static["status"] = reason
             return
-        modules = kernel_modules()
-        dev = I.static_device(self.rec.env.get("device"))
-        self.static.update(status="ok", device=dev, modules_without_perf_cases=[])
-        items = [(mod, k, n, m) for k, n in shapes for m in ms for mod in modules]
+        modules = sorted({f.forward.__module__.rsplit(".", 1)[-1] for f in self.formats}
+                         | {f.backward.__module__.rsplit(".", 1)[-1] for f in self.formats})
+        self.static.update(status="running", device=I.static_device(self.rec.env.get("device")), modules=modules)
+        self.static_job = gpu_static.start(out, modules, shapes, ms, self.static["device"], self.sm_count)
 
-        def one(item):
-            mod, k, n, m = item
-            try:
-                cases = I.perf_cases(mod, m, n, k, dtype, self.sm_count)
-            except Exception as e:
-                self.static["predictions"].append({"module": mod.__name__, "M": m, "K": k, "N": n,
-                                                   "error": f"perf_cases: {type(e).__name__}: {e}"[:300]})
-                return
-            if cases is None:
-                if mod.__name__ not in self.static["modules_without_perf_cases"]:
-                    self.static["modules_without_perf_cases"].append(mod.__name__)
-                return
-            for case in cases:
-                row = {"module": mod.__name__, "op": case.get("op"), "M": m, "K": k, "N": n, "dtype": dtype_name(dtype)}
-                try:
-                    pred = I.predict(model, case, dev)
-                    row.update(prediction=pred, predicted_ms=I.predicted_ms(pred))
-                except Exception as e:
-                    row["error"] = f"predict: {type(e).__name__}: {e}"[:300]
-                self.static["predictions"].append(row)
-        phase.run(items, one, describe=lambda it: f"static {it[0].__name__} M={it[3]} K={it[1]} N={it[2]}",
-                  on_error=lambda it, e: self.error("static", it[0].__name__, e))
+    def run_static(self, phase):
+        if self.static_job is None:
+            return
+        got = self.static_job.wait(phase.remaining())
+        if got["status"] != "ok":
+            phase.skip("static model predictions", got["status"])
+            self.static["status"] = got["status"]
+        elif got.get("unavailable"):
+            self.static["status"] = got["unavailable"]
+        else:
+            self.static.update(status="ok", seconds=got.get("seconds"), predictions=got.get("predictions", []))
 
     def run_e2e(self, phase, dtype):
         import robcomp as rc
@@ -482,10 +462,10 @@ class Suite:
     # -------------------------------------------------------------------------- report
     def filled_cases(self) -> list[dict]:
         """The planned cases with their measured speedup vs dense (same case, same run)."""
-        out = []
+        out, index = [], self.rec.index()
         for c in self.cases:
             m = self.case_rows.get(id(c))
-            r = self.rec.ratio(m, "dense") if m is not None else None
+            r = self.rec.ratio(m, "dense", index) if m is not None else None
             out.append({**c, "speedup": round(r, 4) if r is not None else None,
                         "ms": round(m.ms, 5) if m is not None else None})
         return out
@@ -496,21 +476,24 @@ class Suite:
         preds = {}
         for p in self.static.get("predictions", []):
             if p.get("predicted_ms") is not None:
-                preds.setdefault((p["op"], p["M"], p["K"], p["N"], p["dtype"]), p["predicted_ms"])
+                preds.setdefault((p["op"], p["M"], p["K"], p["N"], p["dtype"]), p)
         if not preds:
             return
         names = {}  # (impl, "forward" | "input_grad") -> the op names that predict it
         for f in self.formats:
-            names[(f.name, "forward")] = {f.name, f.forward.__name__}
-            names.setdefault((f.grad_kernel or f.name, "input_grad"), set()).add(f.backward.__name__)
+            names[(f.name, "forward")] = I.predicted_ops(f.name, "forward", f.forward.__name__)
+            names.setdefault((f.grad_kernel or f.name, "input_grad"), []).extend(
+                I.predicted_ops(f.name, "input_grad", f.backward.__name__))
         for r in records:
             if r.get("kind") != "raw":
                 continue
-            for op in sorted(names.get((r["impl"], r["case"].split()[0]), ())):
+            for op in names.get((r["impl"], r["case"].split()[0]), ()):
                 key = (op, r["shape"]["M"], r["shape"]["K"], r["shape"]["N"], r["dtype"])
                 if key in preds:
-                    r["predicted_ms"] = round(preds[key], 5)
-                    r["measured_over_predicted"] = round(r["ms"] / preds[key], 3) if preds[key] > 0 else None
+                    p = preds[key]
+                    r.update(predicted_op=op, predicted_ms=round(p["predicted_ms"], 5),
+                             predicted_ratio_vs_dense=p.get("predicted_ratio_vs_dense"), predicted_bound=p.get("bound"),
+                             measured_over_predicted=round(r["ms"] / p["predicted_ms"], 3) if p["predicted_ms"] > 0 else None)
                     break
 
     def result(self, main_shapes) -> dict:
@@ -558,11 +541,14 @@ def print_table(res: dict) -> None:
             print(f"{r['impl']:<30}{f2(r.get('eager_us')):>9}{f2(r.get('graph_us')):>9}  "
                   f"{r.get('path') or ''}{' ERROR ' + r['error'][:60] if r.get('error') else ''}")
     e2e = [r for r in res["results"] if r["suite"] == "e2e"]
-    if e2e:
-        print(f"\n{'end to end':<22}{'recipe':<20}{'ms':>10}{'samples/s':>12}{'vs dense':>9}")
-        for r in e2e:
-            print(f"{r['case']:<22}{r['impl']:<20}{r['ms']:>10.3f}{r.get('throughput_samples_per_s', 0):>12.1f}"
-                  f"{f2(r.get('speedup_vs_dense', 1.0)):>9}")
+    if e2e:  # one line per model and batch: dense latency, then each recipe's speedup vs dense
+        recipes = list(dict.fromkeys(r["impl"] for r in e2e if r["impl"] != "dense"))
+        print(f"\n{'end to end':<20}{'dense ms':>9}" + "".join(f"{name[:12]:>13}" for name in recipes))
+        for case in dict.fromkeys(r["case"] for r in e2e):
+            got = {r["impl"]: r for r in e2e if r["case"] == case}
+            dense = got.get("dense", {}).get("ms")
+            print(f"{case:<20}{f2(dense):>9}" + "".join(f"{f2(got.get(n, {}).get('speedup_vs_dense')):>13}"
+                                                       for n in recipes))
     cases = [c for c in res["cases"] if c["op"] == "forward" and c["dtype"] == res["config"]["dtypes"].split(",")[0]]
     if cases:  # raw kernel / dispatched layer ratio vs dense, per M, on the first shape
         k, n = cases[0]["K"], cases[0]["N"]
@@ -646,7 +632,7 @@ def main(argv=None) -> int:
                                        if name == "setup" or name in phases])
     with budget.phase("setup"):
         wheels = install_wheels(args.wheels)
-        import_robcomp()
+        I.import_robcomp()
         device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
         if device.type == "cpu" and os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
             print("no CUDA device: run with --tiny (Triton interpreter) on CPU", file=sys.stderr)
@@ -674,6 +660,11 @@ def main(argv=None) -> int:
         H.atomic_write_json(out, res)
         return res
 
+    suite.checkpoint = save
+    if "static" in phases:  # fp16: the static model's dtype
+        suite.start_static(main_shapes, TINY["static_ms"] if args.tiny else STATIC_MS,
+                           Path(tempfile.mkdtemp(prefix="robcomp-static-")) / "predictions.json")
+
     def on_term(signum, frame):  # a killed run still writes what it has
         raise SystemExit(128 + signum)
     signal.signal(signal.SIGTERM, on_term)
@@ -690,7 +681,7 @@ def main(argv=None) -> int:
         "correctness": lambda ph: suite.run_checks(ph, dtypes),
         "kernels": lambda ph: suite.run_kernels(ph, main_shapes, dtypes[0], ms, "main"),
         "launch": lambda ph: suite.run_launch(ph, dtypes[0]),
-        "static": lambda ph: suite.run_static(ph, main_shapes, TINY["static_ms"] if args.tiny else STATIC_MS, dtypes[0]),
+        "static": suite.run_static,
         "e2e": lambda ph: suite.run_e2e(ph, dtypes[0]),
         "extra": extra,
     }

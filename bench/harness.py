@@ -356,19 +356,22 @@ class Recorder:
         self.rows.append(m)
         return m
 
-    def ratio(self, m: Measurement, baseline_impl: str) -> float | None:
-        """``baseline.ms / m.ms`` (speedup, > 1 is faster) for the same suite/case/dtype, or None."""
-        for b in reversed(self.rows):
-            if (b.suite, b.case, b.dtype, b.impl) == (m.suite, m.case, m.dtype, baseline_impl) and m.ms > 0:
-                return b.ms / m.ms
-        return None
+    def index(self) -> dict:
+        """(suite, case, dtype, impl) -> the latest measurement of it."""
+        return {(b.suite, b.case, b.dtype, b.impl): b for b in self.rows}
+
+    def ratio(self, m: Measurement, baseline_impl: str, index: dict | None = None) -> float | None:
+        """``baseline.ms / m.ms`` (speedup, > 1 is faster) for the same suite/case/dtype, or None.
+        ``index``: :meth:`index`, when many ratios are taken at once."""
+        b = (index if index is not None else self.index()).get((m.suite, m.case, m.dtype, baseline_impl))
+        return b.ms / m.ms if b is not None and m.ms > 0 else None
 
     def records(self) -> list[dict]:
-        out = []
+        out, index = [], self.index()
         for m in self.rows:
             d = m.as_dict(self.env)
             if m.impl != "dense":
-                r = self.ratio(m, "dense")
+                r = self.ratio(m, "dense", index)
                 if r is not None:
                     d["speedup_vs_dense"] = round(r, 4)
             out.append(d)
