@@ -41,12 +41,12 @@ from robcomp import sanity as _sanity
 from robcomp.attacks.base import Attack, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
-from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
                             restores_training_mode)
 from robcomp.nn import CompressedLinear
+from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
 __all__ = ["evaluate", "merge_records", "count_nonzero_parameters", "gradient_kinds"]
