@@ -53,9 +53,7 @@ def test_quick_main_job_end_to_end_and_cache_reuse(tmp_path):
     again = {r["point_id"]: r for r in map(json.loads, (tmp_path / "out2" / "results.jsonl").read_text().splitlines())
              if "point_id" in r}
     assert all(again[r["point_id"]]["clean_accuracy"] == r["clean_accuracy"] for r in points)
-    t1 = float(first.stdout.rsplit("finished in ", 1)[1].split()[0])
-    t2 = float(second.stdout.rsplit("finished in ", 1)[1].split()[0])
-    assert t2 < t1, (t1, t2)  # wall times on a shared machine are noisy: the cache hits below are the proof
+    # no wall-time comparison (it failed under load): what was reused is the proof
     assert all(r["finetune"]["cached"] for r in again.values() if r.get("finetune") and r["finetune"]["method"])
     assert all(r["baseline"]["cached"] for r in again.values())
 
