@@ -28,7 +28,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -43,6 +42,7 @@ from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
 from robcomp.compress import count_parameters, model_bytes
 from robcomp.env import environment
+from robcomp.fileio import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
                             restores_training_mode)
 from robcomp.nn import CompressedLinear
@@ -115,17 +115,7 @@ def _model_digest(model: nn.Module) -> str:
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_text_atomic(path, json.dumps(obj))  # fsynced rename, umask permissions (not mkstemp's 0600)
 
 
 def _eps_key(a: Attack) -> str:

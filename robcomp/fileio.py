@@ -56,6 +56,7 @@ class DirectoryLock:
 
     The operating system releases it when the holder exits, even after ``kill -9``, so a stale
     lock file never blocks a later run. The file holds the holder's pid for the error message.
+    Where ``fcntl`` does not exist (Windows) the directory is not locked, with a warning.
     """
 
     NAME = ".robcomp.lock"
@@ -65,8 +66,14 @@ class DirectoryLock:
         self._fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
-        import fcntl
+        try:
+            import fcntl
+        except ImportError:
+            import warnings
 
+            warnings.warn(f"cannot lock {self.path.parent} on this platform (no fcntl): do not start two runs "
+                          "into it at once", stacklevel=2)
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, umask_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -53,9 +53,7 @@ def test_quick_main_job_end_to_end_and_cache_reuse(tmp_path):
     again = {r["point_id"]: r for r in map(json.loads, (tmp_path / "out2" / "results.jsonl").read_text().splitlines())
              if "point_id" in r}
     assert all(again[r["point_id"]]["clean_accuracy"] == r["clean_accuracy"] for r in points)
-    t1 = float(first.stdout.rsplit("finished in ", 1)[1].split()[0])
-    t2 = float(second.stdout.rsplit("finished in ", 1)[1].split()[0])
-    assert t2 < t1, (t1, t2)  # wall times on a shared machine are noisy: the cache hits below are the proof
+    # no wall-time comparison (it failed under load): what was reused is the proof
     assert all(r["finetune"]["cached"] for r in again.values() if r.get("finetune") and r["finetune"]["method"])
     assert all(r["baseline"]["cached"] for r in again.values())
 
@@ -157,3 +155,22 @@ def test_env_reports_cpu_model_and_installed_versions(capsys):
         names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
         if names:
             assert info["cpu"] == names[0]
+
+
+def test_corrupt_middle_line_is_one_line_naming_it(tmp_path, capsys):
+    (tmp_path / "results.jsonl").write_text('{"type": "study_spec"}\n{"point_id": \n{"point_id": "b"}\n')
+    for args in (["report", str(tmp_path)], ["run", "--quick", "--out", str(tmp_path)]):
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "results.jsonl:2 is not valid JSON" in err[0], err
+
+
+def test_quick_run_uses_its_own_default_directory(tmp_path, monkeypatch):
+    import robcomp.study
+
+    seen = []
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(robcomp.study, "run_study", lambda spec, out, **kw: seen.append((spec.name, out)))
+    assert main(["run", "--quick", "--no-progress"]) == 0
+    assert main(["run", "--no-progress"]) == 0
+    assert [out for _, out in seen] == ["robcomp-out-quick", "robcomp-out"]

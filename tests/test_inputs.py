@@ -79,3 +79,16 @@ def test_evaluate_on_cuda_without_cuda(small, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # also meaningful on a GPU machine
     with pytest.raises(ValueError, match=r"device='cuda' but CUDA is not available"):
         evaluate(model, (x, y), device="cuda", sanity=False, measure=False)
+
+
+def test_evaluate_state_file_has_umask_permissions(small, tmp_path):
+    import os
+    import stat
+
+    model, x, y = small
+    old = os.umask(0o022)
+    try:
+        evaluate(model, (x, y), sanity=False, measure=False, state_path=tmp_path / "state.json")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o644

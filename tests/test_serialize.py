@@ -202,3 +202,21 @@ def test_saved_file_has_umask_permissions(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
+
+
+def test_version_1_files_without_digests_still_load(tmp_path):
+    import hashlib
+
+    model = build_model("mlp")
+    path = robcomp.save(model, tmp_path / "v1.safetensors")
+
+    def as_version_1(h):
+        m = json.loads(h["__metadata__"]["robcomp.manifest"])
+        m["format_version"] = 1
+        for spec in m["tensors"].values():
+            del spec["sha256"]
+        text = json.dumps(m)
+        h["__metadata__"]["robcomp.manifest"] = text
+        h["__metadata__"]["robcomp.manifest.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    _rewrite_header(path, as_version_1)
+    _same(model, robcomp.load(path))

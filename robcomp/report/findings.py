@@ -183,8 +183,9 @@ def _sweep(ex: dict, recs: list[dict], spec: dict) -> Section:
         if unsure and all(t.p is None for _, t in unsure):
             rel += ", untested"
         elif unsure:
-            rel += "; not significant: " + ", ".join(f"{what} drop past {100 * thr:g} points {t.text()}"
-                                                    for what, t in unsure)
+            rel += "; " + ", ".join(f"the {what} drop ({100 * (t.mean_diff + thr):.1f} points) is not significantly "
+                                    f"past {100 * thr:g} at {t.n} seeds ({t.test}, p = {t.p:.2g})"
+                                    for what, t in unsure)
         compared += 1
         parts.append(f"{name}: robust {_ratio_text(xr)}, clean {_ratio_text(xc)} ({rel})")
     if compared:
