@@ -39,6 +39,9 @@ def test_pgd20_vs_plain_loop(benchmark, arch):
     pgd = PGD(EPS, steps=STEPS, seed=0)
     ours = lambda: pgd(model, x, y)  # noqa: E731
     plain = lambda: plain_pgd(model, x, y)  # noqa: E731
+    if benchmark.disabled:  # --benchmark-disable (CI): a smoke run, no timing and no timed assertion
+        assert ours().shape == x.shape and plain().shape == x.shape
+        return
     for _ in range(2):
         ours(), plain()
     t_ours, t_plain = [], []
