@@ -72,8 +72,8 @@ REGISTRIES = (("aot_specs", 0), ("aot_specs_fp8", 89))
 # ============================================================ Triton version compatibility
 # The one place that knows Triton's ahead-of-time API. Triton 3.6 and 3.9 share
 # ``ASTSource(fn, signature, constexprs, attrs)`` with string-keyed signatures, constexprs keyed by
-# name and attrs ``{(arg_index,): [["tt.divisibility", 16]]}``; older releases (<= 3.2) took an
-# ``AttrsDescriptor`` and are not supported (clear error below).
+# name and attrs ``{(arg_index,): [["tt.divisibility", 16]]}`` (checked on both; older releases
+# took an ``AttrsDescriptor`` and are not supported), and ``GPUTarget("cuda", arch, 32)``.
 def triton_version() -> str:
     import triton
     return triton.__version__
@@ -92,9 +92,6 @@ def _compile(fn, signature: dict, constexprs: dict, aligned, arch: int, options:
     """``triton.compile`` of one specialisation for ``sm_{arch}``; returns the CompiledKernel."""
     import triton
     from triton.backends.compiler import GPUTarget
-    major = tuple(int(p) for p in re.findall(r"\d+", triton.__version__)[:2])
-    if major < (3, 3):
-        raise RuntimeError(f"triton {triton.__version__} is too old for robcomp's AOT compile (needs >= 3.3)")
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
     src = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs or None)
     return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
