@@ -396,7 +396,8 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         eps_attack = min(white, key=lambda a: (abs(robust[a.name] - half), a.eps)) if white else None
         with seeded_noise(model, batch_seed(seed, -1), device):
             probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
-                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
+                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed,
+                                         eot_samples=eot_samples if mc["randomised"] else 1, predict=predictor)
         from_results = checks.pop("more_iterations_weaker")
         from_probe = probes.pop("more_iterations_weaker")
         flagged = [f["flagged"] for f in (from_results, from_probe) if f["flagged"] is not None]

@@ -145,6 +145,9 @@ def test_randomised_model_record_is_consistent_with_its_member_statistics(mlp, d
     assert r["randomised"] == {"forward": True, "treated": True, "eot_samples": 4,
                                "scoring": "majority vote over 5 forward passes", "noise": "seeded"}
     assert "randomised_forward" in r["sanity_flags"]  # the flag is kept
+    # the sanity probes get the same treatment (EOT gradients, voted scores)
+    assert set(r["sanity"]["more_iterations_weaker"]["value"]["probe"]) == {"PGD-10 EOT-4 Linf eps=0.1",
+                                                                            "PGD-40 EOT-4 Linf eps=0.1"}
     members = r["ensembles"][ens.name]["members"]
     after = [m["robust_accuracy_after"] for m in members]
     assert after == sorted(after, reverse=True)
