@@ -37,7 +37,7 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from robcomp import sanity as _sanity
-from robcomp.attacks.base import Attack, distance, has_input_gradient
+from robcomp.attacks.base import Attack, NoInputGradient, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
 from robcomp.compress import count_parameters, model_bytes
@@ -291,17 +291,22 @@ def _evaluate_batch(model, twin, attacks, counts, x, y, ids, seed, eot_samples, 
             c["not_applicable"][attack.name] = NOT_APPLICABLE
             continue
         t0 = time.perf_counter()
+        try:
+            if isinstance(attack, Ensemble):
+                res = attack.run(target, x, y, ids=ids, salt=seed, clean_ok=clean_ok,
+                                 predict=lambda m, xx: predict(model, xx), white_box=gradient)
+                x_adv, robust = res.x_adv, res.robust  # the ensemble's own verdict: no re-scoring
+            else:
+                x_adv = attack(target, x, y, ids=ids, salt=seed)
+                robust = clean_ok & (predict(model, x_adv) == y)
+        except NoInputGradient as e:  # e.g. a transfer attack whose source has no input gradient
+            c["not_applicable"][attack.name] = str(e)
+            continue
         if isinstance(attack, Ensemble):
-            res = attack.run(target, x, y, ids=ids, salt=seed, clean_ok=clean_ok,
-                             predict=lambda m, xx: predict(model, xx), white_box=gradient)
-            x_adv, robust = res.x_adv, res.robust  # the ensemble's own verdict: no re-scoring
             for acc, m in zip(c["ensembles"][attack.name]["members"], res.members):
                 acc["applicable"] = m["applicable"]
                 for k in ("attacked", "fooled", "robust", "time_s"):
                     acc[k] += m[k]
-        else:
-            x_adv = attack(target, x, y, ids=ids, salt=seed)
-            robust = clean_ok & (predict(model, x_adv) == y)
         c["attack_time_s"][attack.name] += time.perf_counter() - t0
         c["robust_correct"][attack.name] += int(robust.sum())
         robust_all &= robust
@@ -372,9 +377,10 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         "gradient": "straight-through" if straight else "exact",
     }
     if twin:
-        record["twin"] = {k: {"twin_robust_accuracy": v["twin_robust"] / total,
-                              "replay_robust_accuracy": v["replay_robust"] / total,
-                              "disagreement": v["disagree"] / total} for k, v in c["twin"].items()}
+        record["twin"] = {k: None if k in na else {"twin_robust_accuracy": v["twin_robust"] / total,
+                                                   "replay_robust_accuracy": v["replay_robust"] / total,
+                                                   "disagreement": v["disagree"] / total}
+                          for k, v in c["twin"].items()}
     if input_shape is not None:
         record["macs"] = count_macs(model, input_shape, device=device, dtype=dtype)
     # sanity flags
@@ -388,7 +394,8 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         eps_attack = min(white, key=lambda a: (abs(robust[a.name] - half), a.eps)) if white else None
         with seeded_noise(model, batch_seed(seed, -1), device):
             probes = _sanity.probe_model(model, *sanity_data, eps=eps_attack.eps if eps_attack else None,
-                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed)
+                                         norm=eps_attack.norm if eps_attack else "Linf", salt=seed,
+                                         eot_samples=eot_samples if mc["randomised"] else 1, predict=predictor)
         from_results = checks.pop("more_iterations_weaker")
         from_probe = probes.pop("more_iterations_weaker")
         flagged = [f["flagged"] for f in (from_results, from_probe) if f["flagged"] is not None]
@@ -436,7 +443,8 @@ def merge_records(records: Sequence[dict]) -> dict:
     out["counts"] = counts
     out["examples"] = n
     out["clean_accuracy"] = counts["clean_correct"] / n
-    na = {k for r in records for k in r.get("not_applicable", {})}
+    na = {k: v for r in records for k, v in r.get("not_applicable", {}).items()}
+    out["not_applicable"] = na
     out["robust_accuracy"] = {k: None if k in na else v / n for k, v in counts["robust_correct"].items()}
     out["robust_accuracy_by_eps"] = {k: None if out["robust_accuracy_by_eps"].get(k) is None else v / n
                                      for k, v in counts["worst_by_eps"].items()}

@@ -56,8 +56,9 @@ def flagged_names(checks: dict) -> list[str]:
 
 
 @torch.no_grad()
-def _accuracy(model, x, y) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
+def _accuracy(model, x, y, predict=None) -> float:
+    pred = predict(model, x) if predict is not None else model(x).argmax(1)
+    return float((pred == y).float().mean())
 
 
 def no_input_gradient_flag(gradient: bool | None, not_applicable: Sequence[str] = ()) -> dict:
@@ -71,8 +72,12 @@ def no_input_gradient_flag(gradient: bool | None, not_applicable: Sequence[str] 
 
 
 def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | None, norm: str = "Linf",
-                steps: int = 10, large_eps: float | None = None, salt: int = 0) -> dict:
-    """Experiments on ``(x, y)`` (keep it small: a hundred examples is plenty)."""
+                steps: int = 10, large_eps: float | None = None, salt: int = 0, eot_samples: int = 1,
+                predict=None) -> dict:
+    """Experiments on ``(x, y)`` (keep it small: a hundred examples is plenty).
+
+    For a randomised model the evaluation passes its treatment: the PGD probes average their
+    gradients over ``eot_samples`` forwards and ``predict(model, x) -> labels`` scores them."""
     out: dict = {}
     n = x.shape[0]
     tol = tolerance(n)
@@ -107,16 +112,16 @@ def probe_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: floa
         out["more_iterations_weaker"] = _not_run("no white-box attack with eps > 0 to probe")
         out["no_chance_at_large_eps"] = _not_run("no attack epsilon given")
         return out
-    short = PGD(eps, steps=steps, norm=norm, seed=1)
-    long = PGD(eps, steps=4 * steps, norm=norm, seed=1)
-    acc_short = _accuracy(model, short(model, x, y, salt=salt), y)
-    acc_long = _accuracy(model, long(model, x, y, salt=salt), y)
+    short = PGD(eps, steps=steps, norm=norm, seed=1, eot_samples=eot_samples)
+    long = PGD(eps, steps=4 * steps, norm=norm, seed=1, eot_samples=eot_samples)
+    acc_short = _accuracy(model, short(model, x, y, salt=salt), y, predict)
+    acc_long = _accuracy(model, long(model, x, y, salt=salt), y, predict)
     out["more_iterations_weaker"] = _flag(acc_long > acc_short + tol, {short.name: acc_short, long.name: acc_long},
                                           tol, f"probe: {long.name} vs {short.name} on {n} examples")
     if large_eps is None:
         large_eps = 0.5 if norm == "Linf" else 0.5 * math.sqrt(x[0].numel())
-    big = PGD(large_eps, steps=2 * steps, norm=norm, random_start=False, seed=1)
-    acc_big = _accuracy(model, big(model, x, y, salt=salt), y)
+    big = PGD(large_eps, steps=2 * steps, norm=norm, random_start=False, seed=1, eot_samples=eot_samples)
+    acc_big = _accuracy(model, big(model, x, y, salt=salt), y, predict)
     chance = 1.0 / a.shape[1]
     out["no_chance_at_large_eps"] = _flag(acc_big > chance + tol, acc_big, chance + tol,
                                           f"{big.name} (no random start) accuracy vs chance 1/{a.shape[1]}")

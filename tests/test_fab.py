@@ -1,11 +1,11 @@
 """FAB: the hyperplane-and-box projection against linear programs, minimal perturbations of
-FAB-T on a linear model against the exact minimum (one LP per wrong class), and FAB-T against PGD
-on a small CNN."""
+FAB-T on a linear model against the exact minimum (one LP or QP per wrong class), and FAB-T
+against PGD on a small CNN."""
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from scipy.optimize import linprog
+from scipy.optimize import linprog, minimize
 
 from robcomp.attacks import FAB, PGD
 from robcomp.attacks.base import distance
@@ -32,6 +32,15 @@ def lp_min_norm(A_ub, b_ub, A_eq, b_eq, lo, hi, norm):
     b = np.zeros(len(box)) if b_ub is None else np.r_[b_ub, np.zeros(len(box))]
     res = linprog(c, A_ub=A, b_ub=b, A_eq=None if A_eq is None else pad(A_eq), b_eq=b_eq, bounds=bounds)
     return res.fun if res.status == 0 else None
+
+
+def qp_min_l2(A_ub, b_ub, lo, hi):
+    """min ||d||_2 subject to A_ub d <= b_ub, lo <= d <= hi: a convex QP, solved by SLSQP (None: no solution)."""
+    res = minimize(lambda d: d @ d, np.zeros(len(lo)), jac=lambda d: 2 * d, method="SLSQP",
+                   constraints=[{"type": "ineq", "fun": lambda d: b_ub - A_ub @ d, "jac": lambda d: -A_ub}],
+                   bounds=list(zip(lo, hi)), options={"ftol": 1e-14, "maxiter": 500})
+    ok = res.success and (b_ub - A_ub @ res.x).min() > -1e-9
+    return float(np.sqrt(res.fun)) if ok else None
 
 
 def l2_min_norm(t, w, r):
@@ -97,24 +106,26 @@ def linear(digits):
     return model, x[ok][:12], y[ok][:12]
 
 
-@pytest.mark.parametrize("norm", ["Linf", "L1"])
+@pytest.mark.parametrize("norm", ["Linf", "L2", "L1"])
 def test_fab_t_finds_the_exact_minimal_perturbation_of_a_linear_model(linear, norm):
     model, x, y = linear
+    if norm == "L2":  # the QPs are the slow part: fewer points
+        x, y = x[:6], y[:6]
     W, c = model[1].weight.detach().numpy(), model[1].bias.detach().numpy()
     exact = []
     for xi, yi in zip(x.flatten(1).numpy(), y.tolist()):
         best = np.inf
-        for t in range(10):  # the region where class t wins is a polytope: one LP per wrong class
+        for t in range(10):  # the region where class t wins is a polytope: one LP (QP for L2) per wrong class
             if t == yi:
                 continue
             others = [k for k in range(10) if k != t]
             A = np.stack([W[k] - W[t] for k in others])
             bb = np.array([(W[t] - W[k]) @ xi + c[t] - c[k] for k in others])
-            v = lp_min_norm(A, bb, None, None, -xi, 1 - xi, norm)
+            v = qp_min_l2(A, bb, -xi, 1 - xi) if norm == "L2" else lp_min_norm(A, bb, None, None, -xi, 1 - xi, norm)
             best = min(best, v if v is not None else np.inf)
         exact.append(best)
     exact = torch.tensor(exact, dtype=torch.float64)
-    x_min, dist = FAB(0.3 if norm == "Linf" else 5.0, 10, norm=norm, targeted=True).minimal(model, x, y)
+    x_min, dist = FAB({"Linf": 0.3, "L2": 1.0, "L1": 5.0}[norm], 10, norm=norm, targeted=True).minimal(model, x, y)
     with torch.no_grad():
         assert (model(x_min).argmax(1) != y).all()  # every point is fooled
     assert torch.allclose(distance(x_min, x, norm), dist)

@@ -78,6 +78,11 @@ def test_no_input_gradient_is_flagged_and_black_box_attacks_still_scored(mlp, di
     merged = merge_records([evaluate(model, (x, y), rank=k, world_size=2, **kw) for k in range(2)])
     full = evaluate(model, (x, y), **kw)
     assert merged["robust_accuracy"] == full["robust_accuracy"] and merged["robust_accuracy"][FGSM(eps).name] is None
+    # a transfer attack whose source has no gradient does not apply either (no crash)
+    blind = Transfer(model, PGD(eps, 3), source_name="no-grad model")
+    r2 = evaluate(mlp, (x, y), attacks=[blind, FGSM(eps)], measure=False, sanity=False)
+    assert r2["robust_accuracy"][blind.name] is None and blind.name in r2["not_applicable"]
+    assert r2["robust_accuracy"][FGSM(eps).name] is not None and r2["no_input_gradient"] is False
     # an ordinary model is not flagged
     ok = evaluate(mlp, (x, y), attacks=[FGSM(eps)], measure=False, sanity=False)
     assert ok["no_input_gradient"] is False and ok["sanity"]["no_input_gradient"]["flagged"] is False
@@ -140,6 +145,9 @@ def test_randomised_model_record_is_consistent_with_its_member_statistics(mlp, d
     assert r["randomised"] == {"forward": True, "treated": True, "eot_samples": 4,
                                "scoring": "majority vote over 5 forward passes", "noise": "seeded"}
     assert "randomised_forward" in r["sanity_flags"]  # the flag is kept
+    # the sanity probes get the same treatment (EOT gradients, voted scores)
+    assert set(r["sanity"]["more_iterations_weaker"]["value"]["probe"]) == {"PGD-10 EOT-4 Linf eps=0.1",
+                                                                            "PGD-40 EOT-4 Linf eps=0.1"}
     members = r["ensembles"][ens.name]["members"]
     after = [m["robust_accuracy_after"] for m in members]
     assert after == sorted(after, reverse=True)

@@ -211,6 +211,8 @@ def loss_and_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor, loss_f
         grad = g if grad is None else grad + g
         logits_sum = logits.detach() if logits_sum is None else logits_sum + logits.detach()
         loss_sum = loss.detach() if loss_sum is None else loss_sum + loss.detach()
+    if k == 1:
+        return grad, logits_sum, loss_sum
     return grad / k, logits_sum / k, loss_sum / k
 
 
