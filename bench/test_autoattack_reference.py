@@ -16,8 +16,6 @@ each member only on the points every earlier member left robust, scored by one f
 Both sides attack the same model on the same images in the same process, one thread.
 """
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import torch
 from bench.harness import environment
 from robcomp.attacks import preset
 from robcomp.data import load_digits_split
+from robcomp.fileio import write_text_atomic
 from robcomp.models import build_model
 from robcomp.train import TrainConfig, train
 
@@ -75,15 +74,10 @@ def cascade(model, x, y, members):
     return out
 
 
-def _write_atomic(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def test_standard_preset_vs_torchattacks(benchmark):
+    if benchmark.disabled:
+        pytest.skip("full AutoAttack budgets take minutes: this comparison runs with --benchmark-only, "
+                    "not under --benchmark-disable")
     xtr, ytr, x, y = load_digits_split(seed=0)
     x, y = x[:EXAMPLES], y[:EXAMPLES]
     rows = []
@@ -119,6 +113,6 @@ def test_standard_preset_vs_torchattacks(benchmark):
               "torchattacks": torchattacks.__version__, "torch_threads": torch.get_num_threads(),
               "model": "SmallCNN (robcomp.models 'cnn') trained on the digits train split, seed 0 (see training)",
               "examples": len(y), "input_shape": list(x.shape[1:]), "dtype": str(x.dtype), "cases": rows}
-    _write_atomic(RESULTS / "autoattack-vs-torchattacks-cpu.json", result)
+    write_text_atomic(RESULTS / "autoattack-vs-torchattacks-cpu.json", json.dumps(result, indent=1))
     benchmark.extra_info.update({"cases": len(rows)})
     benchmark.pedantic(lambda: None, rounds=1, iterations=1)
