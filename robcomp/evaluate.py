@@ -238,6 +238,11 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
             input_shape = tuple(x.shape[1:])
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         y = y.to(device)
+        if len(x) == 0:
+            raise ValueError(f"data: batch {b} is empty")
+        with torch.no_grad():
+            n_classes = model(x[:1]).shape[-1]
+        check_labels_in_range(y, n_classes, "data y")
         if sanity and sum(len(t) for t in sanity_x) < sanity_examples:
             need = sanity_examples - sum(len(t) for t in sanity_x)
             sanity_x.append(x[:need])
@@ -247,11 +252,6 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
                                                    randomised)
         if b in done:
             continue
-        if len(x) == 0:
-            raise ValueError(f"data: batch {b} is empty")
-        with torch.no_grad():
-            n_classes = model(x[:1]).shape[-1]
-        check_labels_in_range(y, n_classes, "data y")
         with seeded_noise(model, batch_seed(seed, b), device):
             _evaluate_batch(model, twin, attacks, counts, x, y, torch.arange(start, start + len(x), device=device),
                             seed, eot_samples, Predictor(counts["model_checks"]["randomised"], scoring, votes))
