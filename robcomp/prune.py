@@ -9,7 +9,9 @@ pruned shapes.
 
 Attention: modules exposing ``qkv`` (an nn.Linear) and ``num_heads`` are pruned head-consistently
 (every head loses the same number of dimensions, q, k and v alike, with ``proj`` inputs matching);
-``head_dim`` is updated afterwards. ``importance="bn_scale"`` needs BatchNorm layers.
+``head_dim`` is updated afterwards. Any other attention (separate q/k/v projections, grouped KV
+heads, Hugging Face transformers modules that reshape by their config's head count) is refused
+with a ValueError naming the modules, rather than pruned into a model with inconsistent heads. ``importance="bn_scale"`` needs BatchNorm layers.
 ``MagnitudePrune`` (unstructured masks) is dispatched to ``robcomp.masks``.
 """
 from __future__ import annotations
@@ -88,6 +90,25 @@ def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
             if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)}
 
 
+_HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "num_key_value_heads", "attention_head_size", "head_dim")
+
+
+def _unsupported_attention(model: nn.Module) -> list[str]:
+    """Modules whose head layout channel pruning cannot keep consistent: attention that is not the
+    ``qkv`` + ``num_heads`` form (separate q/k/v projections, grouped KV heads, head counts held in a
+    config and used in the module's own reshape), and every Hugging Face transformers module with
+    head counts or a config (their forwards reshape by ``config.num_attention_heads``)."""
+    found = []
+    for name, m in model.named_modules():
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
+            continue  # pruned head-consistently (see channel_prune)
+        has_heads = any(isinstance(getattr(m, a, None), int) for a in _HEAD_ATTRS if a in vars(m))
+        hf = type(m).__module__.split(".")[0] == "transformers" and (has_heads or "config" in vars(m))
+        if has_heads or hf:
+            found.append(name or "<root>")
+    return found
+
+
 def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
     """Parameters held directly by non-leaf modules (cls tokens, position embeddings): their last
     dimension is the channel dimension."""
@@ -103,6 +124,12 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
 
     from robcomp.compress import LayerReport
 
+    attention = _unsupported_attention(model)
+    if attention:
+        raise ValueError(f"ChannelPrune cannot prune this model: {attention[:3]} hold attention heads (or a "
+                         "transformers config) whose layout pruning would break (heads of unequal width, a "
+                         "reshape by the original head count). Supported: attention as one `qkv` Linear "
+                         "with `num_heads`. Compress this model with layer recipes (Sparse24, Int8WeightOnly, ...)")
     if example_inputs is None:
         raise ValueError("ChannelPrune needs example_inputs (a batch shaped like the model's input) "
                          "to trace the model: compress(model, ChannelPrune(...), example_inputs=x)")
