@@ -46,7 +46,7 @@ from robcomp.fileio import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
                             restores_training_mode)
 from robcomp.nn import CompressedLinear
-from robcomp.outputs import with_logits
+from robcomp.outputs import LogitsModel, with_logits
 from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
@@ -352,7 +352,7 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
     ensembles = {}
     for ens_name, stats in c["ensembles"].items():
         ensembles[ens_name] = {"members": [{**m, "robust_accuracy_after": m["robust"] / total} for m in stats["members"]]}
-    kinds = gradient_kinds(model)
+    kinds = gradient_kinds(model.model if isinstance(model, LogitsModel) else model)  # the user's layer names
     straight = sorted(k for k, v in kinds.items() if v == "straight-through")
     record = {
         "model": name,

@@ -180,6 +180,7 @@ def test_evaluate_vit_as_is(dense):
     assert record["clean_accuracy"] == 1.0
     robust = record["robust_accuracy"]["PGD-3 Linf eps=0.1"]
     assert 0.0 <= robust < 1.0 and record["counts"]["examples"] == 6
+    assert "vit.layers.0.attention.q_proj" in record["input_gradients"]  # the model's own layer names
     x_adv = rc.attacks.FGSM(eps=0.05)(model, x, y)
     assert (x_adv - x).abs().max() <= 0.05 + 1e-6 and not torch.equal(x_adv, x)
 
