@@ -3,7 +3,9 @@
 Recipes apply in order. Model-level recipes (channel pruning) rewrite the model first-class
 through torch-pruning; layer recipes replace ``nn.Linear`` modules with the compressed modules of
 ``robcomp.nn``. The model is modified in place and returned, with a per-layer summary attached as
-``model.compression_summary``. If a recipe of the list fails, the model is put back as it was
+``model.compression_summary``. A ``ChannelPrune`` followed by layer recipes rounds the channels it
+keeps to what they need (``round_to`` raised to a multiple of their int4 group size, 4 for 2:4;
+the summary's ``notes`` say so). If a recipe of the list fails, the model is put back as it was
 given (layer swaps undone; before a model-level recipe a deep copy is kept to restore) and the
 error is raised.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Sequence
 
@@ -80,9 +83,11 @@ class CompressionSummary:
     recipes: list[dict] = field(default_factory=list)
     bytes_before: int = 0
     bytes_after: int = 0
+    notes: list[str] = field(default_factory=list)  # what compress adjusted (e.g. round_to for later recipes)
 
     def to_dict(self) -> dict:
         return {"recipes": self.recipes, "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "notes": list(self.notes),
                 "layers": [layer.to_dict() for layer in self.layers]}
 
     def to_json(self) -> str:
@@ -93,7 +98,7 @@ class CompressionSummary:
         layers = [LayerReport(**{**r, "before_shape": tuple(r["before_shape"]), "after_shape": tuple(r["after_shape"])})
                   for r in d.get("layers", [])]
         return cls(layers=layers, recipes=list(d.get("recipes", [])), bytes_before=int(d.get("bytes_before", 0)),
-                   bytes_after=int(d.get("bytes_after", 0)))
+                   bytes_after=int(d.get("bytes_after", 0)), notes=list(d.get("notes", [])))
 
     @classmethod
     def from_json(cls, text: str) -> "CompressionSummary":
@@ -112,6 +117,7 @@ class CompressionSummary:
         lines.insert(1, "  ".join("-" * w for w in widths))
         ratio = self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
         lines.append(f"model bytes: {self.bytes_before} -> {self.bytes_after} ({ratio:.2f}x smaller)")
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
@@ -221,6 +227,31 @@ def _apply_layer_recipe(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | 
     return reports
 
 
+def _width_multiple(recipe: Recipe) -> int:
+    """The multiple of in_features a layer recipe needs (its int4 group size; 4 for 2:4 sparsity)."""
+    group = getattr(recipe, "group_size", None)
+    need = group if isinstance(group, int) else 1
+    return math.lcm(need, 4) if "sparse24" in recipe.name else need
+
+
+def _round_for_later(recipes: list[Recipe]) -> tuple[list[Recipe], dict[int, str]]:
+    """Raise each ChannelPrune's ``round_to`` to a multiple the later layer recipes need, so that the
+    widths it leaves can still take them (e.g. group_size 32 after pruning); the notes say so."""
+    out, notes = list(recipes), {}
+    for i, recipe in enumerate(recipes):
+        if recipe.name != "channel_prune":
+            continue
+        later = [r for r in recipes[i + 1:] if r.applies_to != "model"]
+        need = math.lcm(*(_width_multiple(r) for r in later)) if later else 1
+        current = recipe.round_to or 1
+        if need > 1 and current % need:
+            rounded = math.lcm(current, need)
+            out[i] = dataclasses.replace(recipe, round_to=rounded)
+            notes[i] = (f"round_to raised from {recipe.round_to} to {rounded} so the pruned widths fit "
+                        + ", ".join(r.label() for r in later))
+    return out, notes
+
+
 class _Undo:
     """Puts the model back as it was when a recipe of the list fails: layer swaps are undone from
     their journal; model-level recipes (pruning rewrites tensors in place) restore a deep copy
@@ -252,8 +283,9 @@ def compress(model: nn.Module, recipe_or_list: Recipe | Sequence[Recipe], *,
     if filter_fn is not None and not callable(filter_fn):
         raise TypeError("filter_fn must be callable as filter_fn(module, name) -> bool")
     validate_backend(backend)
-    recipes = _as_recipes(recipe_or_list)
-    summary = CompressionSummary(recipes=[r.to_dict() for r in recipes], bytes_before=model_bytes(model))
+    recipes, notes = _round_for_later(_as_recipes(recipe_or_list))
+    summary = CompressionSummary(recipes=[r.to_dict() for r in recipes], bytes_before=model_bytes(model),
+                                 notes=[f"{recipes[i].label()}: {note}" for i, note in notes.items()])
     undo = _Undo(model, recipes)
     try:
         for recipe in recipes:
