@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from robcomp.nn import tensor_bytes
+from robcomp.outputs import logits_of
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Recipe
 
 __all__ = ["channel_prune", "apply_model_recipe", "count_macs"]
@@ -161,11 +162,12 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
             iterative_steps=recipe.iterative_steps, round_to=recipe.round_to,
             ignored_layers=ignored, num_heads=heads,
             unwrapped_parameters=_unwrapped_parameters(model), prune_head_dims=True, prune_num_heads=False,
+            output_transform=logits_of,  # trace through a dict / tuple / ModelOutput forward
         )
         for _ in range(recipe.iterative_steps):
             if recipe.importance == "taylor":  # Taylor scores need gradients of a loss
                 model.zero_grad()
-                logits = model(example_inputs)
+                logits = logits_of(model(example_inputs))
                 nn.functional.cross_entropy(logits, logits.argmax(-1)).backward()
             pruner.step()
         model.zero_grad(set_to_none=True)

@@ -229,6 +229,13 @@ def test_save_load_keeps_shared_config_tied_weights_and_buffers(dense, tmp_path)
     assert loaded.lm_head.weight is loaded.transformer.wte.weight  # tied again, as in the original
     assert loaded.transformer.config is loaded.config
     assert loaded.config._attn_implementation == model.config._attn_implementation
+    # a user factory supplies the classes (its own weights and shapes are ignored)
+    from_factory = rc.load(tmp_path / "gpt2.safetensors", model_factory=_gpt2)
+    x = _input("gpt2")
+    with torch.no_grad():
+        assert torch.equal(_logits(from_factory, "gpt2", x), _logits(model, "gpt2", x))
+    with pytest.raises(ValueError, match="model_factory builds a"):
+        rc.load(tmp_path / "gpt2.safetensors", model_factory=_llama)
     llama = copy.deepcopy(dense["llama"])
     back = rc.load(rc.save(llama, tmp_path / "llama.safetensors"))  # non-persistent rotary inv_freq
     assert torch.equal(back.model.rotary_emb.inv_freq, llama.model.rotary_emb.inv_freq)

@@ -93,3 +93,13 @@ def test_patch_conv_is_the_conv(hw):
     masked(xr).sum().backward()
     assert torch.allclose(xg.grad, xr.grad, atol=1e-5, rtol=1e-5)
     assert model.compression_summary.layers[0].after_type == "PatchConv"
+
+
+@pytest.mark.parametrize("importance", ["magnitude", "taylor"])
+def test_channel_prune_traces_a_dict_forward(importance):
+    torch.manual_seed(0)
+    model = Net("dict").eval()
+    x = torch.rand(8, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    rc.compress(model, rc.ChannelPrune(0.5, importance=importance), example_inputs=x)
+    assert model.body[1].out_features == 32 and model.body[3].in_features == 32
+    assert model(x)["logits"].shape == (8, 4)
