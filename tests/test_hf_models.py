@@ -200,7 +200,42 @@ def test_evaluate_bert_in_embedding_space(dense):
     assert record["clean_accuracy"] == 1.0 and record["robust_accuracy"]["PGD-3 Linf eps=0.2"] < 1.0
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+FFN = {"bert": ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"),
+       "vit": ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.fc2")}
+
+
+@pytest.mark.parametrize("name", ["bert", "vit"])
+def test_channel_prune_takes_the_ffn_width_only_and_composes(dense, name, tmp_path):
+    """BERT/ViT: ChannelPrune removes FFN hidden channels (heads untouched) rounded for the int4 group
+    that follows; the pruned model equals the dense model with those channels masked out."""
+    original, model = dense[name], copy.deepcopy(dense[name])
+    x = _input(name)
+    example = x if name == "vit" else torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+    compress(model, [rc.ChannelPrune(0.3)], example_inputs=example)
+    up_name, down_name = FFN[name]
+    up, up0 = model.get_submodule(up_name), original.get_submodule(up_name)
+    assert up.out_features == 88 < up0.out_features  # 128 * 0.7 = 89.6, rounded down to round_to=8
+    pruned = {r.name for r in model.compression_summary.layers if r.action == "pruned"}
+    assert pruned == {up_name, down_name}  # attention and residual width left alone
+    kept = [int((up0.weight == row).all(1).nonzero()) for row in up.weight]
+    masked = copy.deepcopy(original)
+    drop = torch.ones(up0.out_features, dtype=torch.bool)
+    drop[kept] = False
+    with torch.no_grad():
+        masked.get_submodule(down_name).weight[:, drop] = 0
+        assert torch.allclose(_logits(model, name, x), _logits(masked, name, x), atol=1e-5)
+
+    composed = compress(copy.deepcopy(original), [rc.ChannelPrune(0.3), rc.Sparse24Int4(group_size=32)],
+                        example_inputs=example)
+    assert composed.get_submodule(up_name).out_features % 32 == 0
+    assert isinstance(composed.get_submodule(down_name), CompressedLinear)  # its pruned in_features fit group 32
+    assert any("round_to raised" in n for n in composed.compression_summary.notes)
+    loaded = rc.load(rc.save(composed, tmp_path / "pruned.safetensors"))  # pruned shapes come back as saved
+    with torch.no_grad():
+        assert torch.equal(_logits(loaded, name, x), _logits(composed, name, x))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
 def test_channel_prune_refuses_attention_and_leaves_model_unchanged(dense, name):
     model = copy.deepcopy(dense[name])
     before = {k: v.clone() for k, v in model.state_dict().items()}
