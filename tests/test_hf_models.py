@@ -274,3 +274,14 @@ def test_save_load_keeps_shared_config_tied_weights_and_buffers(dense, tmp_path)
     llama = copy.deepcopy(dense["llama"])
     back = rc.load(rc.save(llama, tmp_path / "llama.safetensors"))  # non-persistent rotary inv_freq
     assert torch.equal(back.model.rotary_emb.inv_freq, llama.model.rotary_emb.inv_freq)
+
+
+def test_triton_kernels_match_the_torch_backend(dense):
+    """The real Triton kernels (interpreter on CPU) compute BERT's compressed layers as the torch path."""
+    x = _input("bert", batch=1)
+    out = {}
+    for backend in ("torch", "triton"):
+        model = compress(copy.deepcopy(dense["bert"]), rc.Sparse24Int4(group_size=32), backend=backend)
+        with torch.no_grad():
+            out[backend] = _logits(model, "bert", x)
+    assert torch.allclose(out["triton"], out["torch"], atol=1e-4 * out["torch"].abs().max().item(), rtol=1e-3)
