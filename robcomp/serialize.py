@@ -123,7 +123,11 @@ def _decode(value: Any, configs: dict | None = None) -> Any:
                 configs[key] = config
             return configs[key]
         if set(value) == {"__function__"}:
-            return _lookup(value["__function__"], lambda obj: callable(obj) and not isinstance(obj, type))
+            name = value["__function__"]
+            if not isinstance(name, str) or name.split(".")[0] not in _IMPORTABLE_ROOTS:
+                raise ValueError(f"manifest names the function {name!r}: only functions of "
+                                 f"{', '.join(_IMPORTABLE_ROOTS)} are loaded")
+            return _lookup(name, callable)
         raise ValueError(f"manifest holds an unknown tagged value {value!r}")
     return value
 
@@ -186,7 +190,8 @@ def _hf_config_class(name: str) -> type:
 
 
 def _function_name(fn: Any) -> str | None:
-    """``module.qualname`` of a torch / transformers function that resolves back to ``fn`` (None otherwise)."""
+    """``module.qualname`` of a torch / transformers / robcomp function or class that resolves back to
+    ``fn`` (None otherwise: lambdas, local functions, other packages)."""
     module, qual = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     if not (isinstance(module, str) and isinstance(qual, str)) or module.split(".")[0] not in _IMPORTABLE_ROOTS:
         return None

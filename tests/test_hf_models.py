@@ -285,3 +285,22 @@ def test_triton_kernels_match_the_torch_backend(dense):
         with torch.no_grad():
             out[backend] = _logits(model, "bert", x)
     assert torch.allclose(out["triton"], out["torch"], atol=1e-4 * out["torch"].abs().max().item(), rtol=1e-3)
+
+
+def test_load_refuses_functions_outside_torch_and_transformers(dense, tmp_path):
+    """A manifest edited to point an activation at another package's function is refused."""
+    import hashlib
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from robcomp.serialize import read_manifest
+
+    path = rc.save(copy.deepcopy(dense["bert"]), tmp_path / "bert.safetensors")
+    manifest = read_manifest(path)
+    text = json.dumps(manifest).replace('"torch._C._nn.gelu"', '"os.system"')
+    assert "os.system" in text
+    save_file(load_file(path), path, metadata={"robcomp.manifest": text,
+                                               "robcomp.manifest.sha256": hashlib.sha256(text.encode()).hexdigest()})
+    with pytest.raises(ValueError, match="only functions of torch"):
+        rc.load(path)
