@@ -27,8 +27,19 @@ whose shapes no longer match what the class would build comes back as saved), it
 attributes (``num_heads``, ``head_dim``, recipes, ...) are restored, its parameters and buffers
 are created with the recorded shapes and dtypes and filled from the file (bit-exact), masks and
 other parametrizations are re-attached. Classes are looked up, never imported from arbitrary
-modules: ``torch.*`` and ``robcomp.*`` classes, classes of modules already imported, or the
+modules: ``torch.*``, ``robcomp.*`` and ``transformers.*`` classes, classes of modules already imported, or the
 classes of the model ``model_factory()`` returns (pass it for your own model classes).
+
+Attribute values are JSON with tags for what JSON lacks: tuples, str-keyed dicts, sets, recipes,
+dtypes, Hugging Face ``transformers`` configs (``{"__hf_config__": {"type", "json", "private"}}``:
+the config's own ``to_json_string`` plus its private settings such as the attention
+implementation; rebuilt with the class's ``from_dict``, one object again for every module that
+shared it) and functions of torch / transformers / robcomp by name (e.g. an activation's
+``torch._C._nn.gelu``). A parameter that is the same object as one described before (tied
+weights: GPT-2's ``lm_head`` and ``wte``) records ``tied_to`` and is tied again on load.
+Non-persistent buffers (not in ``state_dict``: BERT's ``position_ids``, Llama's rotary
+``inv_freq``) are stored too, under ``robcomp.non_persistent.<name>``. A ``transformers`` model
+therefore loads without ``model_factory``: its classes are imported from ``transformers``.
 
 Errors: a file that is not safetensors, a manifest that is missing, not JSON, changed after saving
 (checksum), or inconsistent with the stored tensors (names, shapes, dtypes or digests), and unknown classes all raise ``ValueError``

@@ -16,7 +16,7 @@ from robcomp.compress import compress  # noqa: E402
 from robcomp.conv import Conv1x1, PatchConv  # noqa: E402
 from robcomp.embeddings import EmbeddingInputs  # noqa: E402
 from robcomp.nn import LAYER_TYPES, CompressedLinear  # noqa: E402
-from tests.numerics import sqnr_db  # noqa: E402
+from numerics import sqnr_db  # noqa: E402
 
 VOCAB, SEQ = 96, 8
 LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
