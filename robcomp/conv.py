@@ -166,7 +166,8 @@ class PatchConv(nn.Module):
         return self.linear.weight.reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, layer_type: type[CompressedLinear], recipe, backend: str = "auto") -> "PatchConv":
+    def from_conv(cls, conv: nn.Conv2d, layer_type: type[CompressedLinear], recipe,
+                  backend: str = "auto") -> "PatchConv":
         if not is_patch_conv(conv):
             raise ValueError("cannot run this conv as a patch matmul: it needs stride == kernel, no padding, "
                              "groups 1 and dilation 1")
