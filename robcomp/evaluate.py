@@ -46,6 +46,7 @@ from robcomp.fileio import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
                             restores_training_mode)
 from robcomp.nn import CompressedLinear
+from robcomp.outputs import LogitsModel, with_logits
 from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
@@ -148,6 +149,16 @@ def _model_checks(model, x, y, device, randomised) -> dict:
             "randomised": detected if randomised is None else bool(randomised), "noise": noise}
 
 
+def _logits_models(model, twin, output_fn, x1, device, dtype):
+    """The model (and twin) as forwards returning logits: wrapped when they return a ModelOutput /
+    dict / tuple. The probe forward runs on forked generators (the caller's stream is left alone)."""
+    x1 = x1.to(device=device, dtype=dtype if x1.is_floating_point() else None)
+    with seeded_noise(model, 0, device):
+        model = with_logits(model, output_fn, x1)
+        twin = None if twin is None else with_logits(twin, None, x1)
+    return model, twin
+
+
 def _applicable(attack: Attack, gradient: bool) -> bool:
     if gradient or attack.kind != "white-box":
         return True
@@ -165,7 +176,7 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
              state_path: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
              twin: nn.Module | None = None, sanity: bool = True, sanity_examples: int = 128,
              measure: bool = True, randomised: bool | None = None, eot_samples: int = 20, votes: int = 10,
-             scoring: str = "majority") -> dict:
+             scoring: str = "majority", output_fn=None) -> dict:
     """Evaluate ``model`` on ``data``: clean and robust accuracy, sanity flags, latency, memory,
     energy, size, MACs. Returns a JSON-serialisable record (fields: docs/evaluation.md).
 
@@ -178,6 +189,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     ``randomised``: None detects a random forward on the first batch; True/False force the
     treatment: white-box attacks on ``EOT(model, eot_samples)``, every prediction a ``scoring``
     vote (``"majority"`` or ``"expectation"``) over ``votes`` forwards.
+    ``output_fn(output) -> logits``: picks the logits of a model that does not return a tensor
+    (default: ``.logits`` / ``["logits"]`` / first element, see :mod:`robcomp.outputs`).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -201,6 +214,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     if randomised not in (None, True, False):
         raise ValueError(f"randomised must be None (detect), True or False, got {randomised!r}")
     Predictor(True, scoring, votes)  # validates scoring and votes
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError("output_fn must be callable as output_fn(model_output) -> logits tensor")
     _check_data(data)
     try:
         first_param = next(model.parameters())
@@ -236,6 +251,7 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
         check_labels(y, len(x), "data y")
         if input_shape is None:
             input_shape = tuple(x.shape[1:])
+            model, twin = _logits_models(model, twin, output_fn, x[:1], device, dtype)
         x = x.to(device=device, dtype=dtype if x.is_floating_point() else None)
         y = y.to(device)
         if len(x) == 0:
@@ -341,7 +357,7 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
     ensembles = {}
     for ens_name, stats in c["ensembles"].items():
         ensembles[ens_name] = {"members": [{**m, "robust_accuracy_after": m["robust"] / total} for m in stats["members"]]}
-    kinds = gradient_kinds(model)
+    kinds = gradient_kinds(model.model if isinstance(model, LogitsModel) else model)  # the user's layer names
     straight = sorted(k for k, v in kinds.items() if v == "straight-through")
     record = {
         "model": name,

@@ -102,6 +102,20 @@ def test_composed_list(name):
     _check_bytes(model)
 
 
+def test_composed_channel_prune_rounds_to_what_later_recipes_need():
+    """ChannelPrune before a group-32 int4 recipe keeps widths that group 32 divides, and says so."""
+    model = build_model("mlp").eval()
+    compress(model, [ChannelPrune(0.3), Int4WeightOnly(group_size=32)], example_inputs=X)
+    s = model.compression_summary
+    assert any("round_to raised from 8 to 32" in n for n in s.notes), s.notes
+    assert "note: channel_prune" in str(s)
+    pruned = [r for r in s.layers if r.action == "pruned" and r.after_shape != r.before_shape]
+    assert pruned and all(a % 32 == 0 for r in pruned for a, b in zip(r.after_shape, r.before_shape) if a != b)
+    compressed = {r.name for r in s.layers if r.action == "compressed"}
+    assert compressed == {"body.0", "body.2"}  # every layer but the head takes int4 after pruning
+    assert CompressionSummary.from_json(s.to_json()).notes == s.notes
+
+
 def test_defaults_skip_head_and_small_layers_with_reason():
     model = compress(build_model("vit"), Int8WeightOnly())
     by_name = {r.name: r for r in model.compression_summary.layers}

@@ -24,6 +24,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from robcomp.inputs import check_images, check_labels
+from robcomp.outputs import with_logits
 
 __all__ = ["Attack", "project_linf", "project_l2", "project", "input_gradient", "keyed_uniform",
            "ce_loss", "dlr_loss", "dlr_targeted_loss", "margin", "check_attack_inputs", "check_eps",
@@ -327,6 +328,7 @@ class Attack(abc.ABC):
             from robcomp.attacks.eot import EOT
 
             model = EOT(model, self.eot_samples)
+        model = with_logits(model)  # a ModelOutput / dict / tuple forward: attack its logits
         try:
             return fn(model, x, y)
         finally:

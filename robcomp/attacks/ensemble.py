@@ -37,6 +37,7 @@ from robcomp.attacks.fab import FAB
 from robcomp.attacks.fgsm import FGSM
 from robcomp.attacks.pgd import PGD
 from robcomp.attacks.square import Square
+from robcomp.outputs import with_logits
 
 __all__ = ["Ensemble", "EnsembleResult", "preset", "PRESETS", "AUTOATTACK_STANDARD", "AUTOATTACK_RAND"]
 
@@ -102,6 +103,7 @@ class Ensemble(Attack):
         ``predict(model, x) -> labels`` scores every candidate (default: argmax of one forward);
         ``white_box=False`` skips the white-box members (a model without input gradients)."""
         check_attack_inputs(model, x, y)
+        model = with_logits(model)  # a ModelOutput / dict / tuple forward: attack its logits
         predict = predict or argmax_predict
         if ids is None:
             ids = torch.arange(x.shape[0], device=x.device)
