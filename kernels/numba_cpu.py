@@ -1,8 +1,22 @@
-"""numba CPU helpers: fast int4 packing of large weights and a batch-1 int4 / int8 matrix-vector
-product for CPU inference (the torch reference dequantises the whole weight on every call).
+"""numba CPU kernels that compute straight from robcomp's packed formats (kernels/reference.py).
 
-Both produce exactly the reference format (``reference.int4_pack``) / the reference's result up to
-fp32 summation order. Import is lazy: ``available()`` says whether numba is installed.
+Each kernel streams the packed weight row by row (one output feature ``n`` at a time), so a
+memory-bound product reads only the stored bytes: 2:4 reads the kept values and 2-bit metadata
+(~half of dense), 2:4+int4 its nibbles, int8/fp8 one byte per weight. Activations are float32;
+accumulation is float32 (``fastmath`` is limited to reassociation and FMA contraction, so NaN and
+Inf still propagate).
+
+Layouts: for ``M > 1`` the activations come transposed (``xt [K, M]``) so the innermost loop is a
+length-``M`` axpy that vectorises; ``M == 1`` has its own gather-dot kernels. Outputs of the
+``M > 1`` forward kernels are ``[N, M]`` (the caller transposes). Input-gradient kernels take the
+upstream gradient transposed (``gt [N, M]``) and accumulate ``dX^T [K, M]``.
+
+Forward kernels exist in a serial and a ``parallel=True`` (``prange`` over rows) build;
+``kernels.cpu`` picks the parallel one when torch runs with more than one thread. Gradient
+kernels scatter into a shared ``dX`` and are serial.
+
+Also here: fast int4 packing of large weights and the dense unpackers used by the
+"dense-from-unpacked" path (bf16 output as raw ``uint16`` bits, round to nearest even).
 """
 from __future__ import annotations
 
@@ -15,13 +29,265 @@ try:
 except Exception:  # pragma: no cover - numba is a declared dependency
     numba = None
 
-__all__ = ["available", "int4_pack", "int4_gemv", "int8_gemv"]
+__all__ = ["available", "int4_pack", "int4_gemv", "int8_gemv", "kernel"]
+
+_FM = {"reassoc", "contract"}
 
 
 def available() -> bool:
     return numba is not None
 
 
+# ----------------------------------------------------------------------------- kernel bodies
+# Plain Python functions, compiled below in the variants used. ``_blocked(B)`` builds the
+# ``M > 1`` kernels for a fixed block of B columns of ``xt``/``gt`` (padded to a multiple of B by
+# the caller): a constant trip count lets LLVM keep the B accumulators in one vector register.
+def _sp24_fwd1(x, values, meta, out):
+    # batch 1: the kept pair of each group is expanded to the group's 4 lanes with selects (no
+    # gathers), so the loop over groups vectorises
+    n, half = values.shape
+    for r in prange(n):
+        acc = np.float32(0.0)
+        for g in range(half // 2):
+            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            v0 = values[r, 2 * g]
+            v1 = values[r, 2 * g + 1]
+            for t in range(4):
+                w = v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+                acc += w * x[4 * g + t]
+        out[r] = acc
+
+
+def _sp24_bwd1(g, values, meta, dx):
+    n, half = values.shape
+    for r in range(n):
+        gr = g[r]
+        for gg in range(half // 2):
+            nib = (meta[r, gg >> 1] >> ((gg & 1) * 4)) & 15
+            i0 = nib & 3
+            i1 = nib >> 2
+            v0 = values[r, 2 * gg] * gr
+            v1 = values[r, 2 * gg + 1] * gr
+            for t in range(4):
+                dx[4 * gg + t] += v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+
+
+def _s24i4_fwd1(x, qv, scales, zeros, meta, half_group, out):
+    # half_group kept values per scale group; two int4 codes per byte (low nibble first)
+    n = qv.shape[0]
+    nkept = qv.shape[1] * 2
+    for r in prange(n):
+        acc = np.float32(0.0)
+        for gi in range(nkept // half_group):
+            s = scales[r, gi]
+            z = zeros[r, gi]
+            part = np.float32(0.0)
+            for grp in range(gi * half_group // 2, (gi + 1) * half_group // 2):
+                nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
+                i0 = nib & 3
+                i1 = nib >> 2
+                byte = qv[r, grp]
+                v0 = np.float32(byte & 15) - z
+                v1 = np.float32(byte >> 4) - z
+                for t in range(4):
+                    w = v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+                    part += w * x[4 * grp + t]
+            acc += part * s
+        out[r] = acc
+
+
+def _s24i4_bwd1(g, qv, scales, zeros, meta, half_group, dx):
+    n = qv.shape[0]
+    nkept = qv.shape[1] * 2
+    for r in range(n):
+        for gi in range(nkept // half_group):
+            s = scales[r, gi] * g[r]
+            z = zeros[r, gi]
+            for grp in range(gi * half_group // 2, (gi + 1) * half_group // 2):
+                nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
+                i0 = nib & 3
+                i1 = nib >> 2
+                byte = qv[r, grp]
+                v0 = (np.float32(byte & 15) - z) * s
+                v1 = (np.float32(byte >> 4) - z) * s
+                for t in range(4):
+                    dx[4 * grp + t] += v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+
+
+def _lut8_fwd1(x, codes, lut, out):
+    # byte codes (int8 bits or fp8 e4m3 bits) decoded through a 256-entry float32 table
+    n, k = codes.shape
+    for r in prange(n):
+        acc = np.float32(0.0)
+        for j in range(k):
+            acc += lut[codes[r, j]] * x[j]
+        out[r] = acc
+
+
+def _lut8_bwd1(g, codes, lut, dx):
+    n, k = codes.shape
+    for r in range(n):
+        gr = g[r]
+        for j in range(k):
+            dx[j] += lut[codes[r, j]] * gr
+
+
+def _int4_bwd1(g, qw, scales, zeros, group, dx):
+    n, kh = qw.shape
+    hg = group // 2
+    for r in range(n):
+        gr = g[r]
+        for gi in range(kh // hg):
+            s = scales[r, gi] * gr
+            z = zeros[r, gi]
+            for b in range(gi * hg, (gi + 1) * hg):
+                byte = qw[r, b]
+                dx[2 * b] += (np.float32(byte & 15) - z) * s
+                dx[2 * b + 1] += (np.float32(byte >> 4) - z) * s
+
+
+def _sp24_fwdm(xt, values, meta, out):
+    n, half = values.shape
+    m = xt.shape[1]
+    for r in prange(n):
+        for g in range(half // 2):
+            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
+            k0 = 4 * g + (nib & 3)
+            k1 = 4 * g + (nib >> 2)
+            v0 = values[r, 2 * g]
+            v1 = values[r, 2 * g + 1]
+            for j in range(m):
+                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+
+
+def _s24i4_fwdm(xt, qv, scales, zeros, meta, half_group, out):
+    n = qv.shape[0]
+    m = xt.shape[1]
+    for r in prange(n):
+        for grp in range(qv.shape[1]):
+            gi = (2 * grp) // half_group
+            s = scales[r, gi]
+            z = zeros[r, gi]
+            nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
+            k0 = 4 * grp + (nib & 3)
+            k1 = 4 * grp + (nib >> 2)
+            byte = qv[r, grp]
+            v0 = (np.float32(byte & 15) - z) * s
+            v1 = (np.float32(byte >> 4) - z) * s
+            for j in range(m):
+                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+
+
+def _lut8_fwdm(xt, codes, lut, out):
+    n, k = codes.shape
+    m = xt.shape[1]
+    for r in prange(n):
+        for kk in range(k):
+            w = lut[codes[r, kk]]
+            for j in range(m):
+                out[r, j] += w * xt[kk, j]
+
+
+# dense unpackers for the dense-from-unpacked path
+def _bf16_bits(v):
+    b = np.float32(v).view(np.uint32)
+    return np.uint16((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+
+
+def _int8_unpack_bf16(q, scale, out):
+    n, k = q.shape
+    for r in prange(n):
+        s = scale[r]
+        for j in range(k):
+            out[r, j] = _bf16_bits_j(np.float32(q[r, j]) * s)
+
+
+def _int4_unpack_bf16(qw, scales, zeros, group, out):
+    n, kh = qw.shape
+    for r in prange(n):
+        for b in range(kh):
+            gi = (2 * b) // group
+            s = scales[r, gi]
+            z = zeros[r, gi]
+            byte = qw[r, b]
+            out[r, 2 * b] = _bf16_bits_j((np.float32(byte & 15) - z) * s)
+            out[r, 2 * b + 1] = _bf16_bits_j((np.float32(byte >> 4) - z) * s)
+
+
+def _lut8_unpack(codes, lut, scale, out):
+    n, k = codes.shape
+    for r in prange(n):
+        s = scale[r]
+        for j in range(k):
+            out[r, j] = lut[codes[r, j]] * s
+
+
+def _int4_unpack(qw, scales, zeros, group, out):
+    n, kh = qw.shape
+    for r in prange(n):
+        for b in range(kh):
+            gi = (2 * b) // group
+            s = scales[r, gi]
+            z = zeros[r, gi]
+            byte = qw[r, b]
+            out[r, 2 * b] = (np.float32(byte & 15) - z) * s
+            out[r, 2 * b + 1] = (np.float32(byte >> 4) - z) * s
+
+
+def _sp24_unpack(values, meta, out):
+    n, half = values.shape
+    for r in prange(n):
+        for g in range(half // 2):
+            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
+            for t in range(4):
+                out[r, 4 * g + t] = 0.0
+            out[r, 4 * g + (nib & 3)] = values[r, 2 * g]
+            out[r, 4 * g + (nib >> 2)] = values[r, 2 * g + 1]
+
+
+def _s24i4_unpack(qv, scales, zeros, meta, half_group, out):
+    n = qv.shape[0]
+    nkept = qv.shape[1] * 2
+    for r in prange(n):
+        for jj in range(0, nkept, 2):
+            grp = jj >> 1
+            gi = jj // half_group
+            s = scales[r, gi]
+            z = zeros[r, gi]
+            nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
+            for t in range(4):
+                out[r, 4 * grp + t] = 0.0
+            byte = qv[r, jj >> 1]
+            out[r, 4 * grp + (nib & 3)] = (np.float32(byte & 15) - z) * s
+            out[r, 4 * grp + (nib >> 2)] = (np.float32(byte >> 4) - z) * s
+
+
+_BODIES = {name[1:]: fn for name, fn in dict(globals()).items()
+           if name.startswith("_") and callable(fn) and name.split("_")[1] in ("sp24", "s24i4", "lut8", "int4", "int8")}
+_PARALLEL_OK = {name for name in _BODIES if "_fwd" in name or name.endswith("unpack") or "unpack_" in name}
+_COMPILED: dict = {}
+
+if numba is not None:
+    _bf16_bits_j = njit(inline="always", cache=True)(_bf16_bits)
+
+
+def kernel(name: str, parallel: bool = False):
+    """The compiled kernel ``name`` (e.g. ``"sp24_fwd1"``). ``parallel`` applies to the
+    row-parallel (forward, unpack) kernels only; gradient kernels scatter into a shared dX."""
+    if numba is None:
+        raise RuntimeError("numba is not installed; use robcomp.kernels.reference")
+    parallel = bool(parallel) and name in _PARALLEL_OK
+    key = (name, parallel)
+    fn = _COMPILED.get(key)
+    if fn is None:
+        fn = njit(parallel=parallel, cache=True, fastmath=_FM, nogil=True)(_BODIES[name])
+        _COMPILED[key] = fn
+    return fn
+
+
+# ----------------------------------------------------------------------- packing, batch-1 GEMV
 if numba is not None:
     @njit(parallel=True, cache=True, fastmath=False)
     def _int4_pack_kernel(w, group, packed, scales, zeros):

@@ -8,6 +8,7 @@ from robcomp.evaluate import evaluate  # noqa: E402
 from robcomp.recipes import (ChannelPrune, FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly,  # noqa: E402
                              MagnitudePrune, Recipe, Sparse24, Sparse24Int4)
 from robcomp.serialize import load, save  # noqa: E402
+from robcomp.tuning import tune  # noqa: E402
 
-__all__ = ["compress", "save", "load", "evaluate", "attacks", "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly",
+__all__ = ["compress", "save", "load", "evaluate", "tune", "attacks", "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly",
            "Int8Dynamic", "FP8Dynamic", "Sparse24Int4", "ChannelPrune", "MagnitudePrune"]
