@@ -6,18 +6,20 @@ Which kernel runs, and in what precision (float32 models; bf16 inputs run native
 =================  =============================================  ===========================
 format             forward                                        input gradient dX = dY W
 =================  =============================================  ===========================
-int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba, float32, from codes
-                   int8 codes; activations cast to **bf16**,
-                   output bf16 cast back to the input dtype
-int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           numba, float32, from nibbles
-                   (tinygemm) on a converted copy; **bf16**
-                   activations, output back to the input dtype
-int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  numba (straight-through,
+int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from the codes (M=1),
+                   int8 codes (K % 16 == 0); activations cast     else BLAS on the weight
+                   to **bf16**, output cast back to x's dtype     unpacked by numba, float32
+int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
+                   (tinygemm) on a converted copy (N % 16 == 0);
+                   **bf16** activations, output cast back
+int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (straight-through,
                    (exact int32), float32 rescale                  ``dY @ dequant(W)``)
-fp8 dynamic        per-token e4m3 quantisation; numba, codes       numba (straight-through)
-                   decoded by a 256-entry table, float32 accum.
-2:4                numba, kept values + metadata, float32          numba, float32
-2:4 + int4         numba, nibbles + metadata, float32              numba, float32
+fp8 dynamic        per-token e4m3; codes decoded by a 256-entry    as int8 (straight-through)
+                   table (numba at M=1, else BLAS on the decoded
+                   codes), float32 accumulation
+2:4                numba on kept values + metadata, float32        numba (M=1), else BLAS on
+                                                                   the unpacked weight
+2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
 
 The bf16 paths round each activation to 8 significant bits, so their relative output error
@@ -94,7 +96,10 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
     par = _parallel()
     if m == 1:
         out = np.empty(n, np.float32)
-        NB.kernel(name + "_fwd1", par)(_np(x2[0]), *weights, out)
+        # the 2:4 kernels take x by lane within its group of 4: xp[t, g] = x[4 g + t]
+        x1 = x2[0].reshape(-1, 4).t() if name in ("sp24", "s24i4") else x2[0]
+        hg = weights[-1] if name == "s24i4" else None
+        NB.kernel(name + "_fwd1", par, hg)(_np(x1), *weights, out)
         return torch.from_numpy(out).reshape(1, n)
     out = np.zeros((n, m), np.float32)
     NB.kernel(name + "_fwdm", par)(_np(x2.t()), *weights, out)
@@ -112,6 +117,14 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     weight once); for M > 1 the weight is unpacked by numba into float32 and multiplied by MKL
     (the numba M > 1 loops do not vectorise, so BLAS on the unpacked weight is faster)."""
     if g2.shape[0] == 1:
+        if name in ("sp24", "s24i4"):  # dX by lane within each group of 4 (see numba_cpu)
+            dxp = np.zeros((4, k // 4), np.float32)
+            NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxp)
+            return torch.from_numpy(dxp).t().reshape(1, k)
+        if name == "int4":  # even / odd k in two planes
+            dx2 = np.zeros((2, k // 2), np.float32)
+            NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx2)
+            return torch.from_numpy(dx2).t().reshape(1, k)
         dx = np.zeros(k, np.float32)
         NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx)
         return torch.from_numpy(dx).reshape(1, k)
@@ -147,6 +160,13 @@ def _lut8_fwd(x2, codes, lut):
 
 def _lut8_bwd(g2, codes, lut):
     return _run_bwd("lut8", g2, codes.shape[1], _np(codes), _np(lut))
+
+
+def _int8_bwd(g2, qweight):
+    """``dY @ q`` (int8 codes; the caller folds the per-channel scale into dY)."""
+    if g2.shape[0] == 1:
+        return _run_bwd("int8", g2, qweight.shape[1], _np(qweight))
+    return _lut8_bwd(g2, qweight.view(torch.uint8), lut_int8())
 
 
 def _int4_bwd(g2, qweight, scales, zeros, group_size):
@@ -198,6 +218,10 @@ def _lut8_bwd_op(g2: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor) -> to
     return _lut8_bwd(g2, codes, lut)
 
 
+def _int8_bwd_op(g2: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    return _int8_bwd(g2, qweight)
+
+
 def _int4_bwd_op(g2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     return _int4_bwd(g2, qweight, scales, zeros, group_size)
@@ -210,6 +234,7 @@ s24i4_bwd = _op("s24i4_bwd", _s24i4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 4))
 lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
+int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 
 
 # ------------------------------------------------------------------------- autograd Function
@@ -270,7 +295,7 @@ def int8_weight_linear(x, qweight, scale, bias, d):
         return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, d["scale_bf16"])
 
     def bwd(g2):
-        return lut8_bwd(g2 * s32, codes, lut_int8())
+        return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
 
@@ -315,7 +340,7 @@ def int8_dynamic_linear(x, qweight, scale, bias):
         return acc.to(torch.float32) * xs[:, None] * s32[None, :]
 
     def bwd(g2):
-        return lut8_bwd(g2 * s32, codes, lut_int8())
+        return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
 

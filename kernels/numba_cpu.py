@@ -2,21 +2,24 @@
 
 Each kernel streams the packed weight row by row (one output feature ``n`` at a time), so a
 memory-bound product reads only the stored bytes: 2:4 reads the kept values and 2-bit metadata
-(~half of dense), 2:4+int4 its nibbles, int8/fp8 one byte per weight. Activations are float32;
+(~half of dense), 2:4+int4 its nibbles, fp8 one byte per weight. Activations are float32;
 accumulation is float32 (``fastmath`` is limited to reassociation and FMA contraction, so NaN and
 Inf still propagate).
 
-Layouts: for ``M > 1`` the activations come transposed (``xt [K, M]``) so the innermost loop is a
-length-``M`` axpy that vectorises; ``M == 1`` has its own gather-dot kernels. Outputs of the
-``M > 1`` forward kernels are ``[N, M]`` (the caller transposes). Input-gradient kernels take the
-upstream gradient transposed (``gt [N, M]``) and accumulate ``dX^T [K, M]``.
+* ``*_fwd1`` (batch 1): the 2:4 kernels take ``x`` by lane, ``xp[t, g] = x[4 g + t]``, and expand
+  each group's kept pair to its four lanes with selects, so the loop over groups vectorises with
+  contiguous loads (no gathers). The 2:4+int4 kernel is specialised per group size.
+* ``*_fwdm`` (2:4 formats, M > 1): ``xt [K, M]``, one axpy of length M per kept value. numba does
+  not vectorise these loops well (scalar FMAs), so the dispatch prefers BLAS on the unpacked
+  weight above batch 1 unless ``robcomp.tune`` measures otherwise.
+* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight; larger batches use BLAS on the
+  weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the weight-only formats'
+  dense path, rounded to nearest even).
 
-Forward kernels exist in a serial and a ``parallel=True`` (``prange`` over rows) build;
+Forward and unpack kernels exist in a serial and a ``parallel=True`` (``prange`` over rows) build;
 ``kernels.cpu`` picks the parallel one when torch runs with more than one thread. Gradient
-kernels scatter into a shared ``dX`` and are serial.
-
-Also here: fast int4 packing of large weights and the dense unpackers used by the
-"dense-from-unpacked" path (bf16 output as raw ``uint16`` bits, round to nearest even).
+kernels scatter into a shared dX and are serial. Also here: fast int4 packing of large weights and
+the older batch-1 int4/int8 GEMV helpers.
 """
 from __future__ import annotations
 
@@ -42,78 +45,116 @@ def available() -> bool:
 # Plain Python functions, compiled below in the variants used. ``_blocked(B)`` builds the
 # ``M > 1`` kernels for a fixed block of B columns of ``xt``/``gt`` (padded to a multiple of B by
 # the caller): a constant trip count lets LLVM keep the B accumulators in one vector register.
-def _sp24_fwd1(x, values, meta, out):
-    # batch 1: the kept pair of each group is expanded to the group's 4 lanes with selects (no
-    # gathers), so the loop over groups vectorises
-    n, half = values.shape
+def _sp24_fwd1(xp, values, meta, out):
+    # batch 1, x given by lane: xp[t, g] = x[4 g + t]. Each group's kept pair is expanded to its 4
+    # lanes with selects (no gathers) and one meta byte (two groups) is decoded per step: the
+    # loop vectorises over groups with contiguous loads
+    n = values.shape[0]
     for r in prange(n):
-        acc = np.float32(0.0)
-        for g in range(half // 2):
-            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
-            i0 = nib & 3
-            i1 = nib >> 2
-            v0 = values[r, 2 * g]
-            v1 = values[r, 2 * g + 1]
-            for t in range(4):
-                w = v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
-                acc += w * x[4 * g + t]
-        out[r] = acc
+        a0 = np.float32(0.0)
+        a1 = np.float32(0.0)
+        a2 = np.float32(0.0)
+        a3 = np.float32(0.0)
+        for j in range(meta.shape[1]):
+            byte = np.int32(meta[r, j])
+            for h in range(2):
+                g = 2 * j + h
+                nib = (byte >> (4 * h)) & 15
+                i0 = nib & 3
+                i1 = nib >> 2
+                v0 = values[r, 2 * g]
+                v1 = values[r, 2 * g + 1]
+                a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
+                a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
+                a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
+                a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
+        out[r] = a0 + a1 + a2 + a3
 
 
-def _sp24_bwd1(g, values, meta, dx):
-    n, half = values.shape
+def _sp24_bwd1(g, values, meta, dxp):
+    # dX by lane (dxp[t, grp] = dX[4 grp + t]): one axpy of the expanded row per output feature
+    n = values.shape[0]
     for r in range(n):
         gr = g[r]
-        for gg in range(half // 2):
-            nib = (meta[r, gg >> 1] >> ((gg & 1) * 4)) & 15
+        for grp in range(dxp.shape[1]):
+            nib = (np.int32(meta[r, grp >> 1]) >> ((grp & 1) << 2)) & 15
             i0 = nib & 3
             i1 = nib >> 2
-            v0 = values[r, 2 * gg] * gr
-            v1 = values[r, 2 * gg + 1] * gr
-            for t in range(4):
-                dx[4 * gg + t] += v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+            v0 = values[r, 2 * grp] * gr
+            v1 = values[r, 2 * grp + 1] * gr
+            dxp[0, grp] += v0 if i0 == 0 else np.float32(0.0)
+            dxp[1, grp] += v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))
+            dxp[2, grp] += v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))
+            dxp[3, grp] += v1 if i1 == 3 else np.float32(0.0)
 
 
-def _s24i4_fwd1(x, qv, scales, zeros, meta, half_group, out):
-    # half_group kept values per scale group; two int4 codes per byte (low nibble first)
+def _s24i4_fwd1_for(half_group):
+    """The batch-1 2:4+int4 kernel for one group size: as ``_sp24_fwd1`` with codes ``q - z``
+    summed per scale group; the constant trip count (``half_group / 4`` meta bytes) lets the inner
+    loop vectorise."""
+    nbytes = half_group // 4
+
+    def s24i4_fwd1(xp, qv, scales, zeros, meta, hg, out):
+        n = qv.shape[0]
+        for r in prange(n):
+            acc = np.float32(0.0)
+            for gi in range(scales.shape[1]):
+                z = zeros[r, gi]
+                a0 = np.float32(0.0)
+                a1 = np.float32(0.0)
+                a2 = np.float32(0.0)
+                a3 = np.float32(0.0)
+                for jj in range(nbytes):
+                    j = gi * nbytes + jj
+                    byte = np.int32(meta[r, j])
+                    for h in range(2):
+                        g = 2 * j + h
+                        nib = (byte >> (4 * h)) & 15
+                        i0 = nib & 3
+                        i1 = nib >> 2
+                        code = np.int32(qv[r, g])
+                        v0 = np.float32(code & 15) - z
+                        v1 = np.float32(code >> 4) - z
+                        a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
+                        a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
+                        a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
+                        a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
+                acc += (a0 + a1 + a2 + a3) * scales[r, gi]
+            out[r] = acc
+    return s24i4_fwd1
+
+
+def _s24i4_bwd1(g, qv, scales, zeros, meta, half_group, dxp):
+    # as _sp24_bwd1 (dX by lane), kept values (q - z) * s
     n = qv.shape[0]
-    nkept = qv.shape[1] * 2
-    for r in prange(n):
-        acc = np.float32(0.0)
-        for gi in range(nkept // half_group):
-            s = scales[r, gi]
-            z = zeros[r, gi]
-            part = np.float32(0.0)
-            for grp in range(gi * half_group // 2, (gi + 1) * half_group // 2):
-                nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
-                i0 = nib & 3
-                i1 = nib >> 2
-                byte = qv[r, grp]
-                v0 = np.float32(byte & 15) - z
-                v1 = np.float32(byte >> 4) - z
-                for t in range(4):
-                    w = v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
-                    part += w * x[4 * grp + t]
-            acc += part * s
-        out[r] = acc
-
-
-def _s24i4_bwd1(g, qv, scales, zeros, meta, half_group, dx):
-    n = qv.shape[0]
-    nkept = qv.shape[1] * 2
+    nbytes = half_group // 4
     for r in range(n):
-        for gi in range(nkept // half_group):
+        for gi in range(scales.shape[1]):
             s = scales[r, gi] * g[r]
             z = zeros[r, gi]
-            for grp in range(gi * half_group // 2, (gi + 1) * half_group // 2):
-                nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
-                i0 = nib & 3
-                i1 = nib >> 2
-                byte = qv[r, grp]
-                v0 = (np.float32(byte & 15) - z) * s
-                v1 = (np.float32(byte >> 4) - z) * s
-                for t in range(4):
-                    dx[4 * grp + t] += v0 if i0 == t else (v1 if i1 == t else np.float32(0.0))
+            for j in range(gi * nbytes, (gi + 1) * nbytes):
+                byte = np.int32(meta[r, j])
+                for h in range(2):
+                    grp = 2 * j + h
+                    nib = (byte >> (4 * h)) & 15
+                    i0 = nib & 3
+                    i1 = nib >> 2
+                    code = np.int32(qv[r, grp])
+                    v0 = (np.float32(code & 15) - z) * s
+                    v1 = (np.float32(code >> 4) - z) * s
+                    dxp[0, grp] += v0 if i0 == 0 else np.float32(0.0)
+                    dxp[1, grp] += v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))
+                    dxp[2, grp] += v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))
+                    dxp[3, grp] += v1 if i1 == 3 else np.float32(0.0)
+
+
+def _int8_bwd1(g, q, dx):
+    # int8 codes converted directly (no table): vectorises as widen + convert + FMA
+    n, k = q.shape
+    for r in range(n):
+        gr = g[r]
+        for j in range(k):
+            dx[j] += np.float32(q[r, j]) * gr
 
 
 def _lut8_fwd1(x, codes, lut, out):
@@ -134,18 +175,20 @@ def _lut8_bwd1(g, codes, lut, dx):
             dx[j] += lut[codes[r, j]] * gr
 
 
-def _int4_bwd1(g, qw, scales, zeros, group, dx):
+def _int4_bwd1(g, qw, scales, zeros, group, dx2):
+    # dX of even / odd k in two planes (dx2[0, b] = dX[2 b], dx2[1, b] = dX[2 b + 1]); the zero
+    # point folded per group: (q - z) s g = q (s g) - z s g
     n, kh = qw.shape
     hg = group // 2
     for r in range(n):
         gr = g[r]
         for gi in range(kh // hg):
-            s = scales[r, gi] * gr
-            z = zeros[r, gi]
+            sg = scales[r, gi] * gr
+            zs = zeros[r, gi] * sg
             for b in range(gi * hg, (gi + 1) * hg):
-                byte = qw[r, b]
-                dx[2 * b] += (np.float32(byte & 15) - z) * s
-                dx[2 * b + 1] += (np.float32(byte >> 4) - z) * s
+                byte = np.int32(qw[r, b])
+                dx2[0, b] += np.float32(byte & 15) * sg - zs
+                dx2[1, b] += np.float32(byte >> 4) * sg - zs
 
 
 def _sp24_fwdm(xt, values, meta, out):
@@ -178,16 +221,6 @@ def _s24i4_fwdm(xt, qv, scales, zeros, meta, half_group, out):
             v1 = (np.float32(byte >> 4) - z) * s
             for j in range(m):
                 out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
-
-
-def _lut8_fwdm(xt, codes, lut, out):
-    n, k = codes.shape
-    m = xt.shape[1]
-    for r in prange(n):
-        for kk in range(k):
-            w = lut[codes[r, kk]]
-            for j in range(m):
-                out[r, j] += w * xt[kk, j]
 
 
 # dense unpackers for the dense-from-unpacked path
@@ -273,16 +306,20 @@ if numba is not None:
     _bf16_bits_j = njit(inline="always", cache=True)(_bf16_bits)
 
 
-def kernel(name: str, parallel: bool = False):
-    """The compiled kernel ``name`` (e.g. ``"sp24_fwd1"``). ``parallel`` applies to the
+def kernel(name: str, parallel: bool = False, half_group: int | None = None):
+    """The compiled kernel ``name`` (e.g. ``"sp24_fwd1"``; ``"s24i4_fwd1"`` needs ``half_group``,
+    the kept values per scale group). ``parallel`` applies to the
     row-parallel (forward, unpack) kernels only; gradient kernels scatter into a shared dX."""
     if numba is None:
         raise RuntimeError("numba is not installed; use robcomp.kernels.reference")
-    parallel = bool(parallel) and name in _PARALLEL_OK
-    key = (name, parallel)
+    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1")
+    key = (name, parallel, half_group)
     fn = _COMPILED.get(key)
     if fn is None:
-        fn = njit(parallel=parallel, cache=True, fastmath=_FM, nogil=True)(_BODIES[name])
+        if name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
+            fn = njit(parallel=parallel, cache=False, fastmath=_FM, nogil=True)(_s24i4_fwd1_for(half_group))
+        else:
+            fn = njit(parallel=parallel, cache=True, fastmath=_FM, nogil=True)(_BODIES[name])
         _COMPILED[key] = fn
     return fn
 
