@@ -87,7 +87,9 @@ def _flat(x: torch.Tensor) -> torch.Tensor:
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
-    return t.detach().contiguous().numpy()
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
 def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
@@ -174,6 +176,15 @@ def _int4_bwd(g2, qweight, scales, zeros, group_size):
                     group_size)
 
 
+def _quantize_int8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_rows_int8`` (same scale and round-half-away codes) in one numba pass."""
+    xf = _f32(x2).contiguous()
+    q = np.empty(tuple(xf.shape), np.int8)
+    scale = np.empty(xf.shape[0], np.float32)
+    NB.kernel("int8_quantize_rows")(xf.detach().numpy(), q, scale)
+    return torch.from_numpy(q), torch.from_numpy(scale)
+
+
 # torch.library wrappers so that torch.compile traces the numba kernels (eager calls skip them)
 def _op(name, impl, fake):
     lib_op = torch.library.custom_op(f"robcomp::cpu_{name}", mutates_args=())(impl)
@@ -235,6 +246,9 @@ lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
+                         lambda x2: (torch.empty_like(x2, dtype=torch.int8),
+                                     x2.new_empty((x2.shape[0],), dtype=torch.float32)))
 
 
 # ------------------------------------------------------------------------- autograd Function
@@ -335,7 +349,7 @@ def int8_dynamic_linear(x, qweight, scale, bias):
     codes, s32 = qweight.view(torch.uint8), scale.float()
 
     def fwd(x2):
-        xq, xs = ref.quantize_rows_int8(x2)
+        xq, xs = quantize_int8_rows(x2)
         acc = torch._int_mm(xq, qweight.t())
         return acc.to(torch.float32) * xs[:, None] * s32[None, :]
 

@@ -157,6 +157,23 @@ def _int8_bwd1(g, q, dx):
             dx[j] += np.float32(q[r, j]) * gr
 
 
+def _int8_quantize_rows(x, q, scale):
+    # reference.quantize_rows_int8: s = max(|x|, 1e-12) / 127, q = round half away (x / s)
+    m, k = x.shape
+    for i in range(m):
+        amax = np.float32(0.0)
+        for j in range(k):
+            a = abs(x[i, j])
+            if a > amax or a != a:  # a NaN sticks, as in torch's amax: the row's output is NaN
+                amax = a
+        s = (amax if not amax < np.float32(1e-12) else np.float32(1e-12)) / np.float32(127.0)
+        scale[i] = s
+        for j in range(k):
+            v = x[i, j] / s
+            r = np.floor(v + np.float32(0.5)) if v >= 0 else np.ceil(v - np.float32(0.5))
+            q[i, j] = np.int8(min(max(r, np.float32(-127.0)), np.float32(127.0)))
+
+
 def _lut8_fwd1(x, codes, lut, out):
     # byte codes (int8 bits or fp8 e4m3 bits) decoded through a 256-entry float32 table
     n, k = codes.shape

@@ -130,7 +130,7 @@ class CompressedLinear(nn.Module, abc.ABC):
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         path = self.select_path(x)
         if not torch.compiler.is_compiling():
-            self.last_path = path
+            self.__dict__["last_path"] = path  # plain attribute (nn.Module.__setattr__ is slow)
             self.paths_run[f"{str(x.dtype).replace('torch.', '')}|M{m_bucket(x.numel() // max(x.shape[-1], 1))}"] = path
         return self.run_path(path, x)
 
@@ -169,6 +169,13 @@ class CompressedLinear(nn.Module, abc.ABC):
     def paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
         """The paths this layer can run on ``device`` for ``dtype`` activations (tune's candidates)."""
         device = torch.device(device)
+        memo = self.__dict__.setdefault("_paths_memo", {})  # shapes and installs do not change
+        key = (device.type, dtype)
+        if key not in memo:
+            memo[key] = self._paths(device, dtype)
+        return memo[key]
+
+    def _paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
         if device.type == "cpu":
             from robcomp.kernels import cpu as cpu_kernels
             fast = self.cpu_paths if cpu_kernels.available() and dtype in cpu_kernels.native_dtypes() else ()
@@ -197,7 +204,7 @@ class CompressedLinear(nn.Module, abc.ABC):
         if path in self.inference_only and torch.is_grad_enabled() and x.requires_grad:
             path = self.fallback_path(x.device)
             if not torch.compiler.is_compiling():
-                self.last_path = path
+                self.__dict__["last_path"] = path
         if path == "reference":
             return self.forward_reference(x)
         if path == "triton":

@@ -194,3 +194,15 @@ def test_torch_compile_traces_the_cpu_paths():
     (gx,) = torch.autograd.grad(y.sum(), x)
     (gx_ref,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_row_quantiser_matches_the_reference_bit_for_bit():
+    x = torch.randn(7, 131) * torch.logspace(-3, 3, 7)[:, None]
+    x[0, :4] = torch.tensor([127.0, 63.5, -0.5 * 127 / 127, 0.0])  # exact ties round away from zero
+    x[1] = 0.0  # an all-zero row uses the 1e-12 floor
+    q, s = C.quantize_int8_rows(x)
+    q_ref, s_ref = R.quantize_rows_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    x[2, 5] = float("nan")
+    _, s_nan = C.quantize_int8_rows(x)
+    assert torch.isnan(s_nan[2]) and torch.isfinite(s_nan[3:]).all()
