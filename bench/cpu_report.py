@@ -78,6 +78,29 @@ def sweep(rows) -> str:
     return "\n\n".join(parts)
 
 
+def vs_reference(rows, threads: int = 1) -> str:
+    """Dispatched path vs the same format's reference path (what the CPU ran before these kernels)."""
+    idx = _index(rows)
+    shapes = sorted({(k, n) for (k, n, t, _d, _m, _i) in idx if t == threads}, key=lambda s: s[0] * s[1])
+    parts = []
+    for k, n in shapes:
+        for d in ("forward", "forward+grad"):
+            ms = sorted({m for (kk, nn, t, dd, m, _i) in idx if (kk, nn, t, dd) == (k, n, threads, d)})
+            if not ms:
+                continue
+            lines = [f"**{k} x {n}, {threads} thread, {d}: dispatched vs the format's reference path**", "",
+                     "| format | " + " | ".join(f"M={m}" for m in ms) + " |", "|" + "---|" * (len(ms) + 1)]
+            for fmt in FORMATS:
+                cells = []
+                for m in ms:
+                    a = idx.get((k, n, threads, d, m, f"{fmt}:dispatched"))
+                    b = idx.get((k, n, threads, d, m, f"{fmt}:reference"))
+                    cells.append(f"{b['ms'] / a['ms']:.1f}x" if a and b else "-")
+                lines.append(f"| {fmt} | " + " | ".join(cells) + " |")
+            parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def overhead(rows) -> str:
     rs = [r for r in rows if r.get("direction") == "overhead"]
     if not rs:
@@ -96,6 +119,7 @@ def main(argv=None) -> None:
           f"torch {env['torch']}, numba {env['numba']}; {env['date']}\n")
     print(targets(data["results"]) + "\n")
     print(sweep(data["results"]) + "\n")
+    print(vs_reference(data["results"]) + "\n")
     print(overhead(data["results"]))
 
 
