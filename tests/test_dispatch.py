@@ -170,3 +170,33 @@ def test_evaluate_records_the_path_of_every_layer():
                                                                  if k != "float32|M1"}}}
     assert set(record["paths"]["1"].values()) <= set(dispatch.PATHS)
     json.dumps(record)
+
+
+def test_cuda_candidates_per_format(monkeypatch):
+    """The CUDA paths each format offers robcomp.tune (listed without touching a GPU)."""
+    monkeypatch.setattr("robcomp.nn.triton_available", lambda: True)
+    lin = nn.Linear(64, 32)
+    expected = {robcomp.Sparse24(): ("triton", "semi_structured", "dense", "reference"),
+                robcomp.Int8WeightOnly(): ("triton", "dense", "reference"),
+                robcomp.Int4WeightOnly(group_size=32): ("triton", "dense", "reference"),
+                robcomp.Int8Dynamic(): ("triton", "int_mm", "reference"),
+                robcomp.FP8Dynamic(): ("triton", "scaled_mm", "reference"),
+                robcomp.Sparse24Int4(group_size=32): ("triton", "dense", "reference")}
+    from robcomp.nn import LAYER_TYPES
+    for recipe, paths in expected.items():
+        layer = LAYER_TYPES[type(recipe)].from_linear(lin, recipe)
+        assert layer.paths(torch.device("cuda"), torch.float16) == paths
+        assert layer.default_path(torch.device("cuda"), torch.float16, 1) == "triton"
+        # every listed path has an implementation (run_path raises for unknown names)
+        for p in paths:
+            assert p in dispatch.PATHS
+            assert p in ("triton", "dense", "reference") or hasattr(layer, f"forward_{p}")
+
+
+def test_inference_only_path_falls_back_when_a_gradient_is_needed():
+    layer = Sparse24Linear.from_linear(nn.Linear(64, 32))
+    x = torch.randn(2, 64, requires_grad=True)
+    y = layer.run_path("semi_structured", x)  # needs CUDA: with a gradient it runs the fallback
+    assert layer.last_path == "reference"
+    y.sum().backward()
+    assert x.grad is not None
