@@ -303,7 +303,7 @@ def int8_weight_linear(x, qweight, scale, bias, d):
     if qweight.shape[1] % 16:
         # torch's kernel reads out of bounds (segfaults) for such K at M > 1: refuse it
         raise ValueError(f"the CPU int8 kernel needs in_features divisible by 16, got {qweight.shape[1]}")
-    codes, s32 = qweight.view(torch.uint8), scale.float()
+    s32 = scale.float()
 
     def fwd(x2):
         return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, d["scale_bf16"])
@@ -346,7 +346,7 @@ def int4_linear(x, qweight, scales, zeros, group_size, bias, d):
 def int8_dynamic_linear(x, qweight, scale, bias):
     """W8A8: per-token int8 (reference rounding), ``torch._int_mm`` int32 dot, float32 rescale; STE dX."""
     _check(x, qweight.shape[1])
-    codes, s32 = qweight.view(torch.uint8), scale.float()
+    s32 = scale.float()
 
     def fwd(x2):
         xq, xs = quantize_int8_rows(x2)

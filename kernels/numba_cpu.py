@@ -315,7 +315,8 @@ def _s24i4_unpack(qv, scales, zeros, meta, half_group, out):
 
 
 _BODIES = {name[1:]: fn for name, fn in dict(globals()).items()
-           if name.startswith("_") and callable(fn) and name.split("_")[1] in ("sp24", "s24i4", "lut8", "int4", "int8")}
+           if name.startswith("_") and callable(fn) and name.split("_")[1] in ("sp24", "s24i4", "lut8", "int4", "int8")
+           and not name.endswith("_for")}
 _PARALLEL_OK = {name for name in _BODIES if "_fwd" in name or name.endswith("unpack") or "unpack_" in name}
 _COMPILED: dict = {}
 
