@@ -146,17 +146,19 @@ def test_backward_input(benchmark, recorder, device, weights, k, n, m):
     benchmark.pedantic(_sync(triton_fn), rounds=20 if CUDA else 2, warmup_rounds=2 if CUDA else 0)
 
 
-@pytest.mark.skipif(not CUDA, reason="the dispatch only chooses on CUDA (on CPU it is the kernel)")
+@pytest.mark.skipif(not CUDA, reason="the CUDA candidates (Triton, semi-structured, cuBLAS) need a GPU")
 @pytest.mark.parametrize("m", MS, ids=lambda m: f"M{m}")
 @pytest.mark.parametrize("k,n", SHAPES[:1], ids=lambda s: str(s))
 def test_layer_with_dispatch(benchmark, recorder, device, k, n, m):
     """The Sparse24 layer (Triton / semi-structured / dense chosen per shape) vs the dense layer."""
     from robcomp.nn import Sparse24Linear
     linear = torch.nn.Linear(k, n, bias=True, device=device, dtype=DTYPE)
-    layer = Sparse24Linear.from_linear(linear, backend="triton")
+    layer = Sparse24Linear.from_linear(linear, backend="auto")
     x = randn(m, k, dtype=DTYPE, device=device)
+    import robcomp
+    robcomp.tune(torch.nn.Sequential(layer), x)  # measures and records the path for this shape
     with torch.no_grad():
-        y = layer(x)  # measures and caches the dispatch decision for this shape
+        y = layer(x)
         dense_w = layer.dequantize()
         # whichever path the dispatch picked, it computes the 2:4 product (fp32 reference)
         ref = F.linear(x.float(), dense_w.float(), layer.bias.float())
@@ -169,5 +171,5 @@ def test_layer_with_dispatch(benchmark, recorder, device, k, n, m):
         lay = _record(recorder, benchmark, case, "sparse24_layer", shape, time_ms(lambda: layer(x), device),
                       nbytes(x, layer.values, layer.meta), flops)
     benchmark.extra_info.update(lay.as_dict(recorder.env), speedup_vs_dense=recorder.ratio(lay, "dense"),
-                                dense_ms=base.ms)
+                                dense_ms=base.ms, path=layer.last_path)
     benchmark.pedantic(_sync(lambda: layer(x)), rounds=20, warmup_rounds=2)

@@ -15,13 +15,15 @@ _LAZY = {
     "evaluate": ("robcomp.evaluate", "evaluate"),
     "save": ("robcomp.serialize", "save"),
     "load": ("robcomp.serialize", "load"),
+    "tune": ("robcomp.tuning", "tune"),
     "attacks": ("robcomp.attacks", None),
     **{name: ("robcomp.recipes", name) for name in (
         "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly", "Int8Dynamic", "FP8Dynamic", "Sparse24Int4",
         "ChannelPrune", "MagnitudePrune")},
 }
 
-__all__ = ["compress", "save", "load", "evaluate", "attacks", "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly",
+
+__all__ = ["compress", "save", "load", "evaluate", "tune", "attacks", "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly",
            "Int8Dynamic", "FP8Dynamic", "Sparse24Int4", "ChannelPrune", "MagnitudePrune"]
 
 

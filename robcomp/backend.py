@@ -1,4 +1,5 @@
-"""Which implementation runs a compressed layer: the torch reference, Triton kernels, or a peer library."""
+"""Which implementation runs a compressed layer: the dispatched fast path, the torch reference,
+Triton kernels, robcomp's CPU kernels, or a peer library."""
 from __future__ import annotations
 
 import functools
@@ -6,7 +7,7 @@ import os
 
 import torch
 
-BACKENDS = ("auto", "torch", "triton", "bitsandbytes", "cusparselt")
+BACKENDS = ("auto", "torch", "triton", "cpu", "bitsandbytes", "cusparselt")
 ENV_VAR = "ROBCOMP_BACKEND"
 
 
@@ -31,16 +32,13 @@ def triton_interpreter() -> bool:
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Turn ``"auto"`` into a concrete backend for ``device``.
-
-    ``auto`` means: the value of $ROBCOMP_BACKEND when set, else Triton on CUDA and the torch
-    reference everywhere else. Explicit backends are returned unchanged.
-    """
+    """The backend a layer runs with: ``$ROBCOMP_BACKEND`` replaces ``"auto"`` when it is set;
+    ``"auto"`` itself means the dispatched path (``robcomp.dispatch``: the choice recorded by
+    ``robcomp.tune`` for this device, dtype and shape, else the device's static default).
+    Explicit backends are returned unchanged."""
     if backend != "auto":
         return backend
     env = os.environ.get(ENV_VAR, "").strip()
     if env and env != "auto":
         return validate_backend(env, argument=f"${ENV_VAR}")
-    if device.type == "cuda" and triton_available():
-        return "triton"
-    return "torch"
+    return "auto"

@@ -1,44 +1,49 @@
-"""Per-shape choice between the implementations of a compressed matmul, from measured timings.
+"""Per-shape choice between the implementations ("paths") of a compressed matmul, on every device.
 
-A 2:4 Triton kernel wins where the matmul is memory-bound (small M) and can lose where it is
-compute-bound; PyTorch's semi-structured sparse path (cuSPARSELt/CUTLASS) and plain dense cuBLAS
-win elsewhere. So that a compressed layer is never slower than the dense layer it replaced, the
-layer times the candidates once per (device, versions, dtype, M bucket, N, K), keeps the fastest
-and caches the decision:
+A compressed layer can run several paths that compute the same format (see
+``CompressedLinear.paths``):
 
-* in memory, per process, and
+* CPU: ``"native"`` (robcomp's CPU kernels, ``kernels/cpu.py``), ``"dense"`` (the weight unpacked
+  per call, then ``F.linear``), ``"reference"`` (``kernels/reference.py``);
+* CUDA: ``"triton"`` (the Triton kernels), ``"dense"`` (dequantised per call into cuBLAS),
+  ``"semi_structured"`` (2:4, ``torch.sparse.to_sparse_semi_structured``), ``"int_mm"`` (W8A8,
+  ``torch._int_mm``), ``"scaled_mm"`` (FP8, ``torch._scaled_mm``), ``"reference"``.
+
+Which one is fastest depends on the machine and on the shape, so the choice is an explicit,
+recorded step: :func:`robcomp.tune` measures each compressed layer's candidates at the shapes it
+sees and stores the winner per (device key, layer format, dtype, M bucket, N, K)
+
+* in the layers (``forward`` looks it up; it never times anything), and
 * on disk in ``<cache dir>/dispatch.json`` (``$ROBCOMP_CACHE_DIR``, else ``~/.cache/robcomp``),
-  replaced atomically, so later processes skip the measurement. The key carries the device name,
-  compute capability and torch/triton versions: a decision is never reused on other hardware or
-  software.
+  replaced atomically, so a later ``tune`` on the same machine reuses the measurements. The device
+  key names the CPU model and thread count or the GPU and its compute capability, and the torch,
+  triton and numba versions: a decision is never reused on other hardware or software.
 
-Candidates (:func:`sparse24_forward_dispatch`): ``"triton"`` (the packed kernel), ``"semi_structured"``
-(``torch.sparse.to_sparse_semi_structured``, where it runs, inference only) and ``"dense"``.
-The dense and semi-structured weights are *caches* rebuilt from the packed weight on the GPU when
-(and only when) the dispatch picks them. They are plain attributes, not buffers: they are not
-saved, not counted in the model size (``tensor_bytes``), and are dropped if the packed weight
-changes. On CPU and under the Triton interpreter the dispatch is trivially the kernel, and under
-``torch.compile`` tracing it is the kernel too (no timing or file I/O while tracing).
-
-The decision rule (:func:`decide`) is a pure function of the timings, unit-tested with injected
-timings; :func:`choose` takes the measuring function as an argument for the same reason.
+Without a tuned entry a layer runs its device's static default (``CompressedLinear.default_path``).
+The decision rule (:func:`decide`) is a pure function of the timings, and :func:`choose` takes the
+measuring function as an argument, so both are unit-tested with injected timings.
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import platform
+import statistics
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-__all__ = ["cache_dir", "m_bucket", "decide", "DispatchCache", "choose", "sparse24_forward_dispatch",
-           "CANDIDATES"]
+__all__ = ["cache_dir", "m_bucket", "decide", "DispatchCache", "choose", "device_key", "dispatch_key",
+           "measure_interleaved", "PATHS"]
 
-CANDIDATES = ("triton", "semi_structured", "dense")
+#: every path name a layer may run (CompressedLinear.paths lists those of one layer and device)
+PATHS = ("native", "dense", "reference", "triton", "semi_structured", "int_mm", "scaled_mm", "bitsandbytes")
 CACHE_FILE = "dispatch.json"
 
 
@@ -86,10 +91,13 @@ class DispatchCache:
                 self._data = {}
         return self._data
 
-    def get(self, key: str) -> str | None:
+    def entry(self, key: str) -> dict | None:
         entry = self._load().get(key)
-        choice = entry.get("choice") if isinstance(entry, dict) else None
-        return choice if choice in CANDIDATES else None
+        return entry if isinstance(entry, dict) and entry.get("choice") in PATHS else None
+
+    def get(self, key: str) -> str | None:
+        entry = self.entry(key)
+        return None if entry is None else entry["choice"]
 
     def put(self, key: str, choice: str, timings: dict) -> None:
         with self._lock:
@@ -109,7 +117,7 @@ class DispatchCache:
 _DEFAULT_CACHE: DispatchCache | None = None
 
 
-def _default_cache() -> DispatchCache:
+def default_cache() -> DispatchCache:
     global _DEFAULT_CACHE
     path = cache_dir() / CACHE_FILE
     if _DEFAULT_CACHE is None or _DEFAULT_CACHE.path != path:
@@ -117,124 +125,126 @@ def _default_cache() -> DispatchCache:
     return _DEFAULT_CACHE
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+@functools.lru_cache(maxsize=None)
+def _versions() -> str:
+    out = [f"torch {torch.__version__}"]
+    for mod in ("triton", "numba"):
+        try:
+            out.append(f"{mod} {__import__(mod).__version__}")
+        except Exception:
+            out.append(f"{mod} -")
+    return "|".join(out)
+
+
 def device_key(device: torch.device) -> str:
-    import triton
+    """Hardware and software a measurement holds for: GPU name and compute capability, or the CPU
+    model and torch's thread count; plus the torch, triton and numba versions."""
+    device = torch.device(device)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        cc = "%d.%d" % torch.cuda.get_device_capability(device)
+        hw = f"{name}|cc%d.%d" % torch.cuda.get_device_capability(device)
+    elif device.type == "cpu":
+        hw = f"{_cpu_model()}|threads{torch.get_num_threads()}"
     else:
-        name, cc = device.type, "-"
-    return f"{name}|cc{cc}|torch {torch.__version__}|triton {triton.__version__}"
+        hw = device.type
+    return f"{hw}|{_versions()}"
 
 
-def _do_bench_ms(fn: Callable[[], object]) -> float:
-    import triton.testing
-    return float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+def dispatch_key(op: str, device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype) -> str:
+    m, n, k = shape
+    return f"{op}|{device_key(device)}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}|N{n}|K{k}"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_interleaved(candidates: dict[str, Callable[[], object]], device: torch.device, *,
+                        budget_s: float = 0.5, max_rounds: int = 15, min_rounds: int = 3) -> dict[str, float | None]:
+    """Median milliseconds of each candidate, timed round-robin (one call of each per round) so
+    that a noisy, shared machine slows all of them alike. On CUDA ``triton.testing.do_bench``
+    (CUDA events) per candidate. A candidate that raises gets ``None``."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        import triton.testing
+        out = {}
+        for name, fn in candidates.items():
+            try:
+                out[name] = float(triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median"))
+            except Exception:
+                out[name] = None
+        return out
+    alive: dict[str, Callable[[], object]] = {}
+    first: dict[str, float] = {}
+    out: dict[str, float | None] = {}
+    for name, fn in candidates.items():  # warm-up call (compiles numba kernels, builds derived weights)
+        try:
+            fn()
+            t0 = time.perf_counter()
+            fn()
+            first[name] = time.perf_counter() - t0
+            alive[name] = fn
+        except Exception:
+            out[name] = None
+    if not alive:
+        return out
+    per_round = sum(first.values())
+    rounds = int(max(min_rounds, min(max_rounds, budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [first[name]] for name in alive}
+    for _ in range(rounds - 1):
+        for name, fn in alive.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append(time.perf_counter() - t0)
+    out.update({name: statistics.median(s) * 1e3 for name, s in samples.items()})
+    return out
 
 
 def choose(op: str, device: torch.device, shape: tuple[int, int, int], dtype: torch.dtype,
            candidates: Callable[[], dict[str, Callable[[], object]]], *,
            measure: Callable[[Callable[[], object]], float] | None = None,
            cache: DispatchCache | None = None, preferred: str = "triton") -> str:
-    """Choice for ``op`` at ``shape = (M, N, K)``: cached, else measured with ``measure`` (default
-    ``triton.testing.do_bench`` median) over ``candidates()`` (name -> zero-argument callable) and
-    stored. A candidate that raises is recorded as failed. Off CUDA, or while ``torch.compile``
-    traces, the answer is ``preferred`` without measuring."""
-    if device.type != "cuda" or torch.compiler.is_compiling():
-        return preferred
-    m, n, k = shape
-    key = f"{op}|{device_key(device)}|{str(dtype).replace('torch.', '')}|M{m_bucket(m)}|N{n}|K{k}"
-    cache = cache or _default_cache()
-    hit = cache.get(key)
+    """Choice for ``op`` at ``shape = (M, N, K)``: cached, else measured and stored. ``measure``
+    times one zero-argument callable (default: :func:`measure_interleaved` over all of
+    ``candidates()``); a candidate that raises is recorded as failed. Never measures while
+    ``torch.compile`` traces (the answer is then ``preferred``)."""
+    return choose_entry(op, device, shape, dtype, candidates, measure=measure, cache=cache,
+                        preferred=preferred)["choice"]
+
+
+def choose_entry(op, device, shape, dtype, candidates, *, measure=None, cache=None, preferred="triton") -> dict:
+    """:func:`choose` with its record: ``{"choice", "timings_ms", "key", "cached"}``."""
+    if torch.compiler.is_compiling():
+        return {"choice": preferred, "timings_ms": {}, "key": None, "cached": False}
+    device = torch.device(device)
+    key = dispatch_key(op, device, shape, dtype)
+    cache = cache or default_cache()
+    hit = cache.entry(key)
     if hit is not None:
-        return hit
-    measure = measure or _do_bench_ms
-    timings: dict[str, float | None] = {}
+        return {"choice": hit["choice"], "timings_ms": hit.get("timings_ms", {}), "key": key, "cached": True}
     with torch.no_grad():
-        for name, fn in candidates().items():
-            try:
-                timings[name] = measure(fn)
-            except Exception:
-                timings[name] = None
+        fns = candidates()
+        if measure is None:
+            timings = measure_interleaved(fns, device)
+        else:
+            timings = {}
+            for name, fn in fns.items():
+                try:
+                    timings[name] = measure(fn)
+                except Exception:
+                    timings[name] = None
     choice = decide(timings, preferred)
     cache.put(key, choice, timings)
-    return choice
-
-
-# ------------------------------------------------------------------------------------ 2:4 layer
-def _weight_caches(layer) -> dict:
-    """Per-layer dict of derived weights, reset when the packed weight changes."""
-    stamp = (layer.values.data_ptr(), layer.values._version, layer.meta._version, layer.values.device)
-    caches = layer.__dict__.get("_dispatch_caches")
-    if caches is None or caches.get("stamp") != stamp:
-        caches = {"stamp": stamp}
-        layer.__dict__["_dispatch_caches"] = caches
-    return caches
-
-
-def _dense_weight(layer, dtype):
-    caches = _weight_caches(layer)
-    key = ("dense", dtype)
-    if key not in caches:
-        from robcomp.kernels import reference as ref
-        caches[key] = ref.sparse24_unpack(layer.values, layer.meta, layer.in_features).to(dtype).detach()
-    return caches[key]
-
-
-def _semi_structured_weight(layer, dtype):
-    caches = _weight_caches(layer)
-    key = ("semi", dtype)
-    if key not in caches:
-        from torch.sparse import to_sparse_semi_structured
-        caches[key] = to_sparse_semi_structured(_dense_weight(layer, dtype))
-    return caches[key]
-
-
-def _keep_only(layer, choice: str, dtype) -> None:
-    """Drop the derived weights that measuring built but no decision of this layer uses (a layer
-    called at several shapes keeps every weight one of its shapes was routed to)."""
-    caches = layer.__dict__.get("_dispatch_caches")
-    if not caches:
-        return
-    needed = caches.setdefault("needed", set())
-    key = {"dense": ("dense", dtype), "semi_structured": ("semi", dtype)}.get(choice)
-    if key is not None:
-        needed.add(key)
-    for k in [k for k in caches if k not in ("stamp", "needed") and k not in needed]:
-        del caches[k]
-
-
-def sparse24_forward_dispatch(layer, x: torch.Tensor, kernels) -> torch.Tensor:
-    """Forward of a :class:`robcomp.nn.Sparse24Linear` through the fastest path for this shape."""
-    import torch.nn.functional as F
-
-    if x.device.type != "cuda" or torch.compiler.is_compiling():
-        return kernels.sparse24_linear(x, layer.values, layer.meta, layer.bias)
-    m = x.numel() // max(x.shape[-1], 1)
-    n, k = layer.out_features, layer.in_features
-    needs_grad = torch.is_grad_enabled() and x.requires_grad
-    bias = None if layer.bias is None else layer.bias.to(x.dtype)
-
-    def candidates():
-        xs = torch.randn(m, k, device=x.device, dtype=x.dtype)
-        b = None if bias is None else bias.detach()
-        c = {"triton": lambda: kernels.sparse24_forward(xs, layer.values, layer.meta, b),
-             "dense": (lambda w=_dense_weight(layer, x.dtype): F.linear(xs, w, b))}
-        if not needs_grad and x.dtype in (torch.float16, torch.bfloat16):
-            try:
-                ws = _semi_structured_weight(layer, x.dtype)
-                c["semi_structured"] = lambda: F.linear(xs, ws, b)
-            except Exception:
-                pass
-        return c
-
-    choice = choose("sparse24_linear", x.device, (m, n, k), x.dtype, candidates)
-    _keep_only(layer, choice, x.dtype)
-    if choice == "dense":
-        return F.linear(x, _dense_weight(layer, x.dtype), bias)
-    if choice == "semi_structured" and not needs_grad:
-        try:
-            return F.linear(x, _semi_structured_weight(layer, x.dtype), bias)
-        except Exception:
-            pass
-    return kernels.sparse24_linear(x, layer.values, layer.meta, layer.bias)
+    return {"choice": choice, "timings_ms": timings, "key": key, "cached": False}

@@ -433,6 +433,9 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
     else:
         record["latency"] = {}
     record["env"] = environment(device)
+    # which implementation each compressed layer ran, per dtype and row bucket (robcomp.dispatch)
+    from robcomp.nn import layer_paths
+    record["paths"] = layer_paths(model)
     return record
 
 

@@ -10,7 +10,15 @@ the bias, never to the packed weight. Fine-tune masked or fake-quantised dense w
 pack at the end.
 
 Backends: ``"torch"`` runs the plain-PyTorch reference (``robcomp.kernels.reference``),
-``"triton"`` the Triton kernels, ``"auto"`` picks per input device (see ``robcomp.backend``).
+``"triton"`` the Triton kernels, ``"cpu"`` robcomp's CPU kernels (``robcomp.kernels.cpu``) and
+``"auto"`` the dispatched path: each layer lists the paths it can run on a device
+(:meth:`CompressedLinear.paths`), runs the one ``robcomp.tune`` recorded for the input's device,
+dtype and row count, else its static default (:meth:`CompressedLinear.default_path`), and records
+what it ran (``last_path``, ``paths_run``). ``forward`` never times anything (``robcomp.dispatch``).
+
+Derived weights a path needs (the tinygemm copy of an int4 weight, bf16 scales, a semi-structured
+2:4 weight) are built once per layer on first use, kept as plain attributes (not saved), and
+counted in :func:`tensor_bytes` and ``compressed_bytes()``: no hidden memory.
 """
 from __future__ import annotations
 
@@ -19,8 +27,10 @@ from typing import ClassVar
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
-from robcomp.backend import resolve_backend, validate_backend
+from robcomp.backend import resolve_backend, triton_available, validate_backend
+from robcomp.dispatch import m_bucket
 from robcomp.inputs import check_float_input
 from robcomp.kernels import reference as ref
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4
@@ -36,13 +46,23 @@ __all__ = [
     "LAYER_TYPES",
     "register_layer",
     "tensor_bytes",
+    "layer_paths",
 ]
 
 
 def tensor_bytes(module: nn.Module) -> int:
-    """Bytes held by a module's parameters and buffers (what a saved model would occupy)."""
+    """Bytes held by a module's parameters and buffers plus the derived weights its compressed
+    layers built for a fast path (what the model occupies in memory)."""
     tensors = list(module.parameters()) + list(module.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    derived = sum(m.derived_bytes() for m in module.modules() if isinstance(m, CompressedLinear))
+    return sum(t.numel() * t.element_size() for t in tensors) + derived
+
+
+def layer_paths(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``{layer name: {"<dtype>|M<bucket>": path}}``: which path each compressed layer ran, per
+    dtype and row bucket, since it was built (what ``rc.evaluate`` records)."""
+    return {name: dict(m.paths_run) for name, m in model.named_modules()
+            if isinstance(m, CompressedLinear) and m.paths_run}
 
 
 class CompressedLinear(nn.Module, abc.ABC):
@@ -100,18 +120,165 @@ class CompressedLinear(nn.Module, abc.ABC):
         """The buffers (name -> tensor) that store ``weight`` in this format."""
 
     # ------------------------------------------------------------------ running
+    #: paths this format has on CPU / CUDA, beyond "reference" (availability: :meth:`paths`)
+    cpu_paths: ClassVar[tuple[str, ...]] = ("native", "dense")
+    cuda_paths: ClassVar[tuple[str, ...]] = ("triton", "dense")
+    #: paths that give no input gradient; a call that needs one runs ``fallback_path`` instead
+    inference_only: ClassVar[frozenset[str]] = frozenset()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_input(x, f"{type(self).__name__}.forward")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
+        path = self.select_path(x)
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_path"] = path  # plain attribute (nn.Module.__setattr__ is slow)
+            self.paths_run[f"{str(x.dtype).replace('torch.', '')}|M{m_bucket(x.numel() // max(x.shape[-1], 1))}"] = path
+        return self.run_path(path, x)
+
+    @property
+    def paths_run(self) -> dict[str, str]:
+        return self.__dict__.setdefault("_paths_run", {})
+
+    def select_path(self, x: torch.Tensor) -> str:
+        """The path ``forward`` runs for ``x``: fixed by an explicit backend, else the tuned choice
+        for (device type, dtype, M bucket), else :meth:`default_path`."""
         backend = resolve_backend(self.backend, x.device)
         if backend == "torch":
+            return "reference"
+        if backend in ("triton", "bitsandbytes"):
+            return backend
+        if backend == "cpu":
+            if x.device.type != "cpu":
+                raise ValueError(f"backend='cpu' runs robcomp's CPU kernels; the input is on {x.device}")
+            return "native" if "native" in self.paths(x.device, x.dtype) else "reference"
+        if backend != "auto":
+            raise ValueError(f"backend {backend!r} is not supported by {type(self).__name__}; "
+                             "use 'auto', 'torch', 'cpu' or 'triton'")
+        m = x.numel() // max(x.shape[-1], 1)
+        path = self.tuned_paths.get((x.device.type, x.dtype, m_bucket(m)))
+        if path is None:
+            path = self.default_path(x.device, x.dtype, m)
+        if torch.compiler.is_compiling() and not self.ready_for(path, x.device):
+            return "reference"  # no derived weight may be built while tracing
+        return path
+
+    @property
+    def tuned_paths(self) -> dict:
+        """``{(device type, dtype, M bucket): path}`` recorded by ``robcomp.tune``."""
+        return self.__dict__.setdefault("_tuned_paths", {})
+
+    def paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        """The paths this layer can run on ``device`` for ``dtype`` activations (tune's candidates)."""
+        device = torch.device(device)
+        memo = self.__dict__.setdefault("_paths_memo", {})  # shapes and installs do not change
+        key = (device.type, dtype)
+        if key not in memo:
+            memo[key] = self._paths(device, dtype)
+        return memo[key]
+
+    def _paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        if device.type == "cpu":
+            from robcomp.kernels import cpu as cpu_kernels
+            fast = self.cpu_paths if cpu_kernels.available() and dtype in cpu_kernels.native_dtypes() else ()
+            out = tuple(p for p in fast if self.can_run(p, device))
+        elif device.type == "cuda":
+            out = tuple(p for p in self.cuda_paths if p != "triton" or triton_available())
+        else:
+            out = ()
+        return out + ("reference",)
+
+    def can_run(self, path: str, device: torch.device) -> bool:
+        """False where a path exists for the format but not for this layer's shape."""
+        return True
+
+    def default_path(self, device: torch.device, dtype: torch.dtype, m: int) -> str:
+        """Static choice without a tuned entry: the first of :meth:`paths` (on CPU the native
+        kernel where one exists for ``dtype``, on CUDA the Triton kernel)."""
+        return self.paths(device, dtype)[0]
+
+    def ready_for(self, path: str, device: torch.device) -> bool:
+        """Whether ``path`` can run without building a derived weight first."""
+        return True
+
+    def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """Run ``path`` (one of :data:`robcomp.dispatch.PATHS`) on ``x``."""
+        if path in self.inference_only and torch.is_grad_enabled() and x.requires_grad:
+            path = self.fallback_path(x.device)
+            if not torch.compiler.is_compiling():
+                self.__dict__["last_path"] = path
+        if path == "reference":
             return self.forward_reference(x)
-        if backend == "triton":
+        if path == "triton":
             return self.forward_triton(x)
-        if backend == "bitsandbytes":
+        if path == "bitsandbytes":
             return self.forward_bitsandbytes(x)
-        raise ValueError(f"backend {backend!r} is not supported by {type(self).__name__}; use 'torch' or 'triton'")
+        if path == "native":
+            if x.device.type != "cpu":
+                raise ValueError(f"path 'native' runs robcomp's CPU kernels; the input is on {x.device}")
+            return self.forward_cpu(x)
+        if path == "dense":
+            w = self.dense_weight(x)  # in the path's compute dtype (bf16 for weight-only formats on CPU)
+            if w.dtype == x.dtype:
+                return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bias added (and its gradient summed) in x's dtype
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        method = getattr(self, f"forward_{path}", None)
+        if method is None:
+            raise ValueError(f"path {path!r} is not available for {type(self).__name__}; "
+                             f"it has {self.paths(x.device, x.dtype)}")
+        return method(x)
+
+    def fallback_path(self, device: torch.device) -> str:
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through robcomp's CPU kernels (``robcomp.kernels.cpu``)."""
+        raise ValueError(f"{type(self).__name__} has no CPU kernel")
+
+    def dense_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight the "dense" path multiplies with, unpacked for this call."""
+        return self.dequantize().to(x.dtype)
+
+    # ------------------------------------------------------------------ derived weights
+    def _stamp(self) -> tuple:
+        bufs = [b for _, b in sorted(self._buffers.items()) if b is not None]
+        return tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+
+    def derived(self, name: str, build) -> object:
+        """The derived weight ``name`` (built by ``build()`` once; rebuilt when a buffer changes)."""
+        cache = self.__dict__.get("_derived")
+        if torch.compiler.is_compiling():  # select_path checked that it exists; never build while tracing
+            return cache[name]
+        stamp = self._stamp()
+        if cache is None or cache.get("stamp") != stamp:
+            cache = {"stamp": stamp}
+            self.__dict__["_derived"] = cache
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
+
+    def has_derived(self, name: str) -> bool:
+        cache = self.__dict__.get("_derived")
+        if torch.compiler.is_compiling():
+            return bool(cache) and name in cache
+        return bool(cache) and cache.get("stamp") == self._stamp() and name in cache
+
+    def derived_bytes(self) -> int:
+        """Bytes of the derived weights this layer holds now."""
+        cache = self.__dict__.get("_derived") or {}
+        if cache and cache.get("stamp") != self._stamp():  # stale: a packed buffer changed or moved
+            self.__dict__.pop("_derived", None)
+            return 0
+        total = 0
+        for key, value in cache.items():
+            if key == "stamp":
+                continue
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    total += _storage_bytes(t)
+        return total
 
     def forward_bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:
         """Forward through bitsandbytes' layers, for the formats it has."""
@@ -137,11 +304,21 @@ class CompressedLinear(nn.Module, abc.ABC):
         return self.dequantize().detach()
 
     def compressed_bytes(self) -> int:
+        """Bytes of the stored format plus the derived weights held now."""
         return tensor_bytes(self)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, recipe={self.recipe.label()}, backend={self.backend}")
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, including a semi-structured sparse one (its packed parts)."""
+    parts = [getattr(t, a, None) for a in ("packed", "meta")] if not type(t) is torch.Tensor else []
+    parts = [p for p in parts if isinstance(p, torch.Tensor)]
+    if parts:
+        return sum(p.numel() * p.element_size() for p in parts)
+    return t.numel() * t.element_size()
 
 
 LAYER_TYPES: dict[type[Recipe], type[CompressedLinear]] = {}
@@ -173,15 +350,43 @@ class Sparse24Linear(CompressedLinear):
     def forward_reference(self, x):
         return ref.sparse24_linear(x, self.values, self.meta, self.bias)
 
+    cuda_paths = ("triton", "semi_structured", "dense")
+    inference_only = frozenset({"semi_structured"})
+
     def forward_triton(self, x):
-        # On CUDA, robcomp.dispatch picks per shape between the Triton kernel, torch semi-structured
-        # sparse and dense (cached derived weights, never counted in the model size); elsewhere and
-        # under torch.compile it is the kernel (custom op robcomp::sparse24_linear).
-        # imported here: triton is only needed by this backend
-        from robcomp.dispatch import sparse24_forward_dispatch
+        # imported here: triton is only needed by this backend (custom op robcomp::sparse24_linear)
         from robcomp.kernels import sparse24 as kernels
 
-        return sparse24_forward_dispatch(self, x, kernels)
+        return kernels.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def forward_semi_structured(self, x):
+        """torch semi-structured sparse (cuSPARSELt/CUTLASS, fp16/bf16 CUDA, inference only) on a
+        derived copy of the weight, counted in the layer's bytes."""
+        from torch.sparse import to_sparse_semi_structured
+
+        w = self.derived(f"semi_structured_{x.dtype}", lambda: to_sparse_semi_structured(self.dequantize().to(x.dtype)))
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def default_path(self, device, dtype, m):
+        # CPU: the numba kernel streams half the bytes at batch 1; above that BLAS on the unpacked
+        # weight is faster than the kernel's scalar loops (bench/RESULTS.md, CPU section)
+        paths = self.paths(device, dtype)
+        if torch.device(device).type == "cpu" and m > 1 and "dense" in paths:
+            return "dense"
+        return paths[0]
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):
+            from robcomp.kernels import cpu
+
+            w = cpu.dense_weight("sparse24", self.values, self.meta)
+            return w if x.dtype == torch.float32 else w.to(x.dtype)
+        return self.dequantize().to(x.dtype)
 
     def dequantize(self):
         return ref.sparse24_unpack(self.values, self.meta, self.in_features)
@@ -212,6 +417,27 @@ class Int8WeightOnlyLinear(CompressedLinear):
         from robcomp.kernels import lowbit
 
         return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
+
+    def can_run(self, path, device):
+        # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
+        return path != "native" or self.in_features % 16 == 0
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        d = self.derived("cpu_int8", lambda: cpu.derived_int8(self.scale))
+        return cpu.int8_weight_linear(x, self.qweight, self.scale, self.bias, d)
+
+    def ready_for(self, path, device):
+        return path != "native" or self.has_derived("cpu_int8")
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            from robcomp.kernels import cpu
+
+            if cpu.available():
+                return cpu.dense_weight("int8", self.qweight, self.scale)  # bf16, as the native kernel
+        return self.dequantize().to(x.dtype)
 
     def dequantize(self):
         return ref.int8_weight_unpack(self.qweight, self.scale)
@@ -253,6 +479,29 @@ class Int4WeightOnlyLinear(CompressedLinear):
 
         return lowbit.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
+    def can_run(self, path, device):
+        # tinygemm's CPU kernel takes N divisible by 16 and groups of 32..256
+        return path != "native" or (self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256))
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        d = self.derived("cpu_int4", lambda: cpu.derived_int4(self.qweight, self.scales, self.zeros, self.group_size))
+        if d is None:
+            return self.forward_reference(x)
+        return cpu.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias, d)
+
+    def ready_for(self, path, device):
+        return path != "native" or self.has_derived("cpu_int4")
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            from robcomp.kernels import cpu
+
+            if cpu.available():
+                return cpu.dense_weight("int4", self.qweight, self.scales, self.zeros, group_size=self.group_size)
+        return self.dequantize().to(x.dtype)
+
     def dequantize(self):
         return ref.int4_unpack(self.qweight, self.scales, self.zeros, self.group_size)
 
@@ -280,6 +529,26 @@ class Int8DynamicLinear(CompressedLinear):
         from robcomp.kernels import lowbit
 
         return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+
+    # "dense" would drop the activation rounding, so it is no path of this format
+    cpu_paths = ("native",)
+    cuda_paths = ("triton", "int_mm")
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_int_mm(self, x):
+        """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""
+        q, s = self.qweight, self.scale.float()
+
+        def fn(xd):
+            x2 = xd.reshape(-1, self.in_features)
+            xq, xs = ref.quantize_rows_int8(x2)
+            y = torch._int_mm(xq, q.t()).to(torch.float32) * xs[:, None] * s[None, :]
+            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
+        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
 
     def dequantize(self):
         return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
@@ -312,6 +581,27 @@ class FP8DynamicLinear(CompressedLinear):
 
         return lowbit.fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
+    cpu_paths = ("native",)
+    cuda_paths = ("triton", "scaled_mm")
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_scaled_mm(self, x):
+        """``torch._scaled_mm`` (FP8 tensor cores, row-wise scales) on the reference's per-token
+        e4m3 activations; STE gradient."""
+        q, s = self.qweight, self.scale.float()
+
+        def fn(xd):
+            x2 = xd.reshape(-1, self.in_features)
+            xq, xs = ref.quantize_rows_fp8(x2)
+            y = torch._scaled_mm(xq, q.t(), scale_a=xs[:, None].contiguous(), scale_b=s[None, :].contiguous(),
+                                 out_dtype=torch.bfloat16 if xd.dtype == torch.float32 else xd.dtype)
+            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
+        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+
     def dequantize(self):
         return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
 
@@ -342,6 +632,22 @@ class Sparse24Int4Linear(CompressedLinear):
 
         return sparse24_lowbit.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta,
                                                    self.group_size, self.bias)
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
+
+    default_path = Sparse24Linear.default_path
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):
+            from robcomp.kernels import cpu
+
+            w = cpu.dense_weight("sparse24_int4", self.qvalues, self.scales, self.zeros, self.meta,
+                                 group_size=self.group_size)
+            return w if x.dtype == torch.float32 else w.to(x.dtype)
+        return self.dequantize().to(x.dtype)
 
     def dequantize(self):
         return ref.sparse24_int4_unpack(self.qvalues, self.scales, self.zeros, self.meta, self.group_size)

@@ -19,6 +19,8 @@ LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ 
 # activations quantised at run time: bound the relative error norm ||y - y_ref|| / ||y_ref||. Measured
 # worst over 12 input seeds x mlp/cnn/vit: int8 0.014, fp8 (e4m3, 3 mantissa bits) 0.036.
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.06}
+# the weight-only formats' CPU kernels run bf16 activations (robcomp.kernels.cpu): relative 1e-2
+BF16_ON_CPU = ("int8_weight_only", "int4_weight_only")
 
 
 class ConvNet(nn.Module):
@@ -61,13 +63,18 @@ def _dense_reference(model):
 
 def _check_bytes(model):
     s = model.compression_summary
-    assert s.bytes_after == model_bytes(model) == sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    derived = sum(m.derived_bytes() for m in model.modules() if isinstance(m, CompressedLinear))
+    stored = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    # derived copies a fast path built after compress (e.g. tinygemm int4) count in the model's bytes
+    assert s.bytes_after + derived == model_bytes(model) == stored + derived
     final = {}
     for r in s.layers:
         final[r.name] = r
     for r in final.values():
         if r.action == "compressed":
-            assert r.after_bytes == tensor_bytes(model.get_submodule(r.name))
+            module = model.get_submodule(r.name)
+            stored_layer = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+            assert r.after_bytes == stored_layer <= tensor_bytes(module)
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "vit"])
@@ -85,7 +92,8 @@ def test_every_model_every_recipe(name, recipe):
         rel = ((y - y_ref).norm() / y_ref.norm()).item()
         assert rel < DYNAMIC[recipe.name], rel
     else:
-        assert torch.allclose(y, y_ref, atol=1e-4, rtol=0), (y - y_ref).abs().max()
+        tol = 1e-2 * y_ref.abs().max().item() if recipe.name in BF16_ON_CPU else 1e-4
+        assert torch.allclose(y, y_ref, atol=tol, rtol=0), (y - y_ref).abs().max()
     _check_bytes(model)
     assert model.compression_summary.bytes_after < model.compression_summary.bytes_before
 
@@ -152,8 +160,9 @@ def test_conv1x1_through_matmul_layers_and_kxk_stay_dense():
     assert by_name["conv"].action == "skipped" and "stays dense" in by_name["conv"].reason
     assert by_name["stem"].action == "skipped"
     assert by_name["head"].action == "skipped"
-    with torch.no_grad():
-        assert torch.allclose(model(x), _dense_reference(model)(x), atol=1e-5)
+    with torch.no_grad():  # the CPU int8 kernel runs bf16 activations: relative 1e-2
+        y, y_ref = model(x), _dense_reference(model)(x)
+        assert torch.allclose(y, y_ref, atol=1e-2 * y_ref.abs().max().item())
     # gradients reach the input through the 1x1 layers (what attacks need)
     xg = x.clone().requires_grad_(True)
     model(xg).sum().backward()

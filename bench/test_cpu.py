@@ -1,0 +1,286 @@
+"""CPU benchmarks: every robcomp format's CPU paths and its dispatched path against the CPU peers,
+in the same run (pytest-benchmark, timing through bench/harness.py).
+
+Peers: dense fp32 and bf16 ``F.linear``, ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8,
+forward only: it has no input gradient). robcomp: for each format every path the layer has on CPU
+(``native``, ``dense``, ``reference``) and ``dispatched``: the path ``robcomp.tune`` picks when fed
+this run's timings (same mechanism as a real tune; being the minimum of noisy medians it is
+slightly optimistic). Directions: ``forward`` and ``forward+grad`` (forward plus the input
+gradient ``dX``, what an attack step pays). Candidates are timed round-robin (one call of each per
+round, median over rounds) because the machine is shared and noisy.
+
+Sizes: tiny by default (CI: ``pytest bench --benchmark-disable`` runs each case once and checks
+every output against the float64 product of the stored weight). ``ROBCOMP_BENCH_CPU=full`` runs
+K x N in {1024x1024, 4096x4096, 4096x14336}, M in {1, 4, 16, 64, 256}, 1 thread and all threads,
+and writes ``bench/results/cpu-<date>-<machine>.json`` (CPU model, ISA flags, threads, versions)
+after every case (atomic replace; a later run the same day adds to the file, replacing the cases
+it measures again). ``ROBCOMP_BENCH_CPU_SHAPES=4096x4096,...``,
+``ROBCOMP_BENCH_CPU_MS=1,16`` and ``ROBCOMP_BENCH_CPU_THREADS=1`` narrow a full run;
+``ROBCOMP_BENCH_CPU_BUDGET_S`` is the timing budget per case (default 6 s, at least 3 rounds).
+
+Summarise a results file: ``python -m bench.cpu_report bench/results/cpu-....json``.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import robcomp
+from bench.harness import RESULTS_DIR, matmul_flops
+from robcomp.kernels import cpu as CPU
+from robcomp.nn import LAYER_TYPES, tensor_bytes
+from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
+
+FULL = os.environ.get("ROBCOMP_BENCH_CPU", "").strip() == "full"
+
+
+def _env_list(name, default, parse):
+    raw = os.environ.get(name, "").strip()
+    return [parse(v) for v in raw.split(",") if v.strip()] if raw else default
+
+
+SHAPES = _env_list("ROBCOMP_BENCH_CPU_SHAPES", [(1024, 1024), (4096, 4096), (4096, 14336)] if FULL else [(256, 256)],
+                   lambda s: tuple(int(v) for v in s.lower().split("x")))  # (K, N)
+MS = _env_list("ROBCOMP_BENCH_CPU_MS", [1, 4, 16, 64, 256] if FULL else [1, 16], int)
+THREADS = _env_list("ROBCOMP_BENCH_CPU_THREADS", sorted({1, os.cpu_count() or 1}) if FULL else [1], int)
+BUDGET_S = float(os.environ.get("ROBCOMP_BENCH_CPU_BUDGET_S", "6"))
+RECIPES = {"sparse24": Sparse24(), "int8_weight_only": Int8WeightOnly(), "int4_weight_only_g128": Int4WeightOnly(128),
+           "int8_dynamic": Int8Dynamic(), "fp8_dynamic": FP8Dynamic(), "sparse24_int4_g128": Sparse24Int4(128)}
+CPU_ONLY = pytest.mark.skipif(not CPU.available(), reason="numba (a declared dependency) is missing")
+
+
+def machine() -> dict:
+    """CPU model, ISA flags that matter for these kernels, threads, versions, date."""
+    info = {"cpu_model": platform.processor() or platform.machine(), "flags": []}
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        for line in text.splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                info["cpu_model"] = value.strip()
+            if key.strip() == "flags":
+                flags = set(value.split())
+                info["flags"] = sorted(f for f in flags if f.startswith(("avx", "amx", "fma", "f16c")))
+                break
+    except OSError:
+        pass
+    import numba
+    info.update(logical_cpus=os.cpu_count(), torch=torch.__version__, numba=numba.__version__,
+                numpy=__import__("numpy").__version__, python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                note="shared 2-core VM; ratios are same-run medians of round-robin timings")
+    return info
+
+
+class _Results:
+    def __init__(self):
+        self.env = machine()
+        self.rows: list[dict] = []
+        self.path: Path | None = None
+
+    def _key(self, r):
+        return tuple(r.get(k) for k in ("K", "N", "M", "threads", "direction", "impl"))
+
+    def add(self, rows: list[dict]) -> None:
+        if not self.rows and FULL:  # a later invocation on the same day and machine adds to the file
+            self._file()
+            if self.path.exists():
+                try:
+                    self.rows = json.loads(self.path.read_text())["results"]
+                except (OSError, ValueError, KeyError):
+                    self.rows = []
+        new = {self._key(r) for r in rows}
+        self.rows = [r for r in self.rows if self._key(r) not in new] + rows
+        if FULL and os.environ.get("ROBCOMP_BENCH_CPU_WRITE", "1") != "0":
+            self.write()
+
+    def _file(self) -> None:
+        if self.path is None:
+            slug = "".join(c if c.isalnum() else "-" for c in self.env["cpu_model"]).strip("-").lower()
+            self.path = RESULTS_DIR / f"cpu-{self.env['date'][:10]}-{slug}.json"
+
+    def write(self) -> None:
+        self._file()
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=".cpu-", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump({"environment": self.env, "results": self.rows}, f, indent=1)
+        os.replace(tmp, self.path)
+
+
+@pytest.fixture(scope="module")
+def results():
+    return _Results()
+
+
+def _round_robin(fns: dict, budget_s: float, min_rounds: int = 3) -> dict[str, float]:
+    """Median ms of each callable, one call of each per round, until the budget is spent."""
+    for fn in fns.values():
+        fn()  # warm-up: numba compilation, derived weights
+    samples = {k: [] for k in fns}
+    t_start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - t_start < budget_s and rounds < 25):
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[k].append((time.perf_counter() - t0) * 1e3)
+        rounds += 1
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _weight(n, k):
+    return torch.randn(n, k) * (1.0 / k ** 0.5)
+
+
+_LAYERS: dict = {}
+
+
+def _layers(k, n):
+    """The dense layer and every format's layer for one shape, packed once per session."""
+    if (k, n) not in _LAYERS:
+        _LAYERS.clear()  # one shape at a time: the 4096x14336 layers are large
+        torch.manual_seed(0)
+        linear = nn.Linear(k, n, bias=False)
+        linear.weight.data = _weight(n, k)
+        _LAYERS[(k, n)] = linear, {fmt: LAYER_TYPES[type(r)].from_linear(linear, r) for fmt, r in RECIPES.items()}
+    return _LAYERS[(k, n)]
+
+
+def _quantize_dynamic(linear):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from torch.ao.quantization import quantize_dynamic
+        return quantize_dynamic(nn.Sequential(copy.deepcopy(linear)), {nn.Linear}, dtype=torch.qint8)
+
+
+def _case_fns(layers, linear, x, g, grad):
+    """name -> (callable, path label) for every peer and every path of every format."""
+    w32, wbf = linear.weight.detach(), linear.weight.detach().bfloat16()
+    xb = x.bfloat16()
+    out = {}
+    if grad:
+        def fwd_bwd(f, inp):
+            def run():
+                xi = inp.detach().requires_grad_()
+                f(xi).backward(g if inp.dtype == torch.float32 else g.to(inp.dtype))
+            return run
+        out["dense_fp32"] = fwd_bwd(lambda t: F.linear(t, w32), x)
+        out["dense_bf16"] = fwd_bwd(lambda t: F.linear(t, wbf), xb)
+        for fmt, layer in layers.items():
+            for p in layer.paths(x.device, x.dtype):
+                out[f"{fmt}:{p}"] = fwd_bwd(lambda t, layer=layer, p=p: layer.run_path(p, t), x)
+    else:
+        qd = _quantize_dynamic(linear)
+        out["dense_fp32"] = lambda: F.linear(x, w32)
+        out["dense_bf16"] = lambda: F.linear(xb, wbf)
+        out["quantize_dynamic_int8"] = lambda: qd(x)
+        for fmt, layer in layers.items():
+            for p in layer.paths(x.device, x.dtype):
+                out[f"{fmt}:{p}"] = lambda layer=layer, p=p: layer.run_path(p, x)
+    return out
+
+
+def _check_outputs(layers, x):
+    """Every path of every format against the float64 product of its stored weight."""
+    for fmt, layer in layers.items():
+        w = layer.dequantize().double()
+        for p in layer.paths(x.device, x.dtype):
+            y = layer.run_path(p, x).double()
+            ref = layer.forward_reference(x).double() if layer.gradient == "straight-through" else x.double() @ w.T
+            err = ((y - ref).norm() / ref.norm()).item()
+            assert err < 1.5e-2, (fmt, p, err)
+
+
+@CPU_ONLY
+@pytest.mark.parametrize("direction", ["forward", "forward+grad"])
+@pytest.mark.parametrize("threads", THREADS)
+@pytest.mark.parametrize("m", MS)
+@pytest.mark.parametrize("k,n", SHAPES)
+def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, tmp_path):
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        linear, layers = _layers(k, n)
+        torch.manual_seed(m)
+        x = torch.randn(m, k)
+        g = torch.randn(m, n)
+        if benchmark.disabled:  # CI smoke run: correctness of every path, then one call of each peer
+            _check_outputs(layers, x)
+            for fn in _case_fns(layers, linear, x, g, direction != "forward").values():
+                fn()
+            return
+        fns = _case_fns(layers, linear, x, g, direction != "forward")
+        budget = BUDGET_S * (1.0 if m <= 16 or k * n <= 2 ** 24 else 2.0)
+        ms = _round_robin(fns, budget)
+        rows = []
+        base = ms["dense_fp32"]
+        peers = {kk: v for kk, v in ms.items() if ":" not in kk and kk != "dense_fp32"}
+        best_peer = min(peers.items(), key=lambda kv: kv[1]) if peers else None
+        common = {"K": k, "N": n, "M": m, "threads": threads, "direction": direction, "dtype": "float32"}
+        for name, t in ms.items():
+            rows.append({**common, "impl": name, "ms": round(t, 4), "speedup_vs_dense_fp32": round(base / t, 3),
+                         "gflops": round(matmul_flops(m, n, k) / (t * 1e-3) / 1e9, 2)})
+        # the dispatched path: robcomp.tune fed this run's timings (the same decision rule)
+        cache = robcomp.dispatch.DispatchCache(tmp_path / "dispatch.json")
+        for fmt, layer in layers.items():
+            table = robcomp.tune(nn.Sequential(layer), x, cache=cache,
+                                 measure=lambda fn, fmt=fmt: ms[f"{fmt}:{fn.args[0]}"])
+            choice = table["0"][f"float32|M{robcomp.dispatch.m_bucket(m)}"]["choice"]
+            t = ms[f"{fmt}:{choice}"]
+            row = {**common, "impl": f"{fmt}:dispatched", "path": choice, "ms": round(t, 4),
+                   "speedup_vs_dense_fp32": round(base / t, 3), "weight_bytes": tensor_bytes(layer),
+                   "dense_fp32_weight_bytes": 4 * n * k}
+            if best_peer is not None:
+                row.update(best_peer=best_peer[0], speedup_vs_best_peer=round(best_peer[1] / t, 3))
+            if direction == "forward":
+                row["speedup_vs_quantize_dynamic"] = round(ms["quantize_dynamic_int8"] / t, 3)
+            rows.append(row)
+        results.add(rows)
+        benchmark.extra_info.update(case=common, ms=ms)
+        benchmark.pedantic(fns["dense_fp32"], rounds=1, iterations=1)
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+@CPU_ONLY
+def test_per_call_overhead_of_a_small_layer(benchmark, results):
+    """Python cost of one compressed layer call (dispatch, checks, autograd.Function entry) at
+    256x256, M=1, next to dense F.linear and the raw kernel."""
+    torch.set_num_threads(1)
+    linear = nn.Linear(256, 256, bias=False)
+    linear.weight.data = _weight(256, 256)
+    x = torch.randn(1, 256)
+    layer = LAYER_TYPES[Int8Dynamic].from_linear(linear, Int8Dynamic())
+    sp = LAYER_TYPES[Sparse24].from_linear(linear, Sparse24())
+    raw_v, raw_m = sp.values, sp.meta
+    fns = {"dense_fp32": lambda: F.linear(x, linear.weight),
+           "int8_dynamic:layer": lambda: layer(x),
+           "sparse24:layer": lambda: sp(x),
+           "sparse24:raw_kernel": lambda: CPU.sp24_fwd(x, raw_v, raw_m),
+           "sparse24:select_path_only": lambda: sp.select_path(x)}
+    if benchmark.disabled:
+        for fn in fns.values():
+            fn()
+        return
+
+    def many(fn):
+        return lambda: [fn() for _ in range(200)]
+    ms = _round_robin({kk: many(f) for kk, f in fns.items()}, 3.0)
+    results.add([{"K": 256, "N": 256, "M": 1, "threads": 1, "direction": "overhead", "impl": kk,
+                  "us_per_call": round(v * 1e3 / 200, 2)} for kk, v in ms.items()])
+    benchmark.extra_info.update(us_per_call={kk: v * 1e3 / 200 for kk, v in ms.items()})
+    benchmark.pedantic(fns["sparse24:layer"], rounds=1, iterations=1)

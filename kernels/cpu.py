@@ -1,0 +1,417 @@
+"""CPU fast paths of every compressed format: host launchers around PyTorch's native CPU kernels
+and the numba kernels of ``kernels/numba_cpu.py``.
+
+Which kernel runs, and in what precision (float32 models; bf16 inputs run natively where noted):
+
+=================  =============================================  ===========================
+format             forward                                        input gradient dX = dY W
+=================  =============================================  ===========================
+int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from the codes (M=1),
+                   int8 codes (K % 16 == 0); activations cast     else BLAS on the weight
+                   to **bf16**, output cast back to x's dtype     unpacked by numba, float32
+int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
+                   (tinygemm) on a converted copy (N % 16 == 0);
+                   **bf16** activations, output cast back
+int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (straight-through,
+                   (exact int32), float32 rescale                  ``dY @ dequant(W)``)
+fp8 dynamic        per-token e4m3; codes decoded by a 256-entry    as int8 (straight-through)
+                   table (numba at M=1, else BLAS on the decoded
+                   codes), float32 accumulation
+2:4                numba on kept values + metadata, float32        numba (M=1), else BLAS on
+                                                                   the unpacked weight
+2:4 + int4         numba on nibbles + metadata, float32            as 2:4
+=================  =============================================  ===========================
+
+The bf16 paths round each activation to 8 significant bits, so their relative output error
+against the float64 product of the stored weight is bounded by about ``2**-8`` (input rounding,
+products accumulated in float32, output rounded to bf16): tests hold them to 1e-2 relative
+Frobenius error; the float32 paths to 1e-5.
+
+Derived weights (the tinygemm copy of an int4 weight with ``zp = (8 - z) * s`` scales/zeros, bf16
+scales for int8) are built once per layer by :func:`derived` and counted in the layer's bytes.
+The tinygemm conversion is exact: robcomp's ``(q - z) * s`` equals tinygemm's ``(q - 8) * s + zp``.
+
+Under ``torch.compile`` the numba kernels run through ``torch.library`` custom ops
+(``robcomp::cpu_*``) with fake implementations; in eager mode they are called directly to keep
+the per-call overhead small.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from robcomp.kernels import numba_cpu as NB
+from robcomp.kernels import reference as ref
+
+__all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int4_linear",
+           "int8_dynamic_linear", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
+           "dense_weight", "lut_int8", "lut_fp8"]
+
+#: activation dtypes the native CPU paths accept (others use the reference path)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def available() -> bool:
+    return NB.available()
+
+
+def native_dtypes() -> tuple[torch.dtype, ...]:
+    return NATIVE_DTYPES
+
+
+def _parallel() -> bool:
+    threads = torch.get_num_threads()
+    if threads > 1 and NB.numba is not None:
+        NB.numba.set_num_threads(min(threads, NB.numba.config.NUMBA_NUM_THREADS))
+        return True
+    return False
+
+
+@functools.lru_cache(maxsize=None)
+def lut_int8() -> torch.Tensor:
+    """float32 value of each int8 bit pattern (index = the code's uint8 view)."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).to(torch.float32)
+
+
+@functools.lru_cache(maxsize=None)
+def lut_fp8() -> torch.Tensor:
+    """float32 value of each float8_e4m3fn bit pattern."""
+    return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4m3fn).to(torch.float32)
+
+
+# ------------------------------------------------------------------------- numba entry points
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    if t.requires_grad:
+        t = t.detach()
+    return (t if t.is_contiguous() else t.contiguous()).numpy()
+
+
+def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
+    """``[M, K] float32 -> [M, N] float32`` through the numba forward kernel ``name``."""
+    m = x2.shape[0]
+    par = _parallel()
+    if m == 1:
+        out = np.empty(n, np.float32)
+        # the 2:4 kernels take x by lane within its group of 4: xp[t, g] = x[4 g + t]
+        x1 = x2[0].reshape(-1, 4).t() if name in ("sp24", "s24i4") else x2[0]
+        hg = weights[-1] if name == "s24i4" else None
+        NB.kernel(name + "_fwd1", par, hg)(_np(x1), *weights, out)
+        return torch.from_numpy(out).reshape(1, n)
+    out = np.zeros((n, m), np.float32)
+    NB.kernel(name + "_fwdm", par)(_np(x2.t()), *weights, out)
+    return torch.from_numpy(out).t()
+
+
+def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
+    out = np.empty(shape, np.float32)
+    NB.kernel(name + "_unpack", _parallel())(*weights, out)
+    return torch.from_numpy(out)
+
+
+def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
+    """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
+    weight once); for M > 1 the weight is unpacked by numba into float32 and multiplied by MKL
+    (the numba M > 1 loops do not vectorise, so BLAS on the unpacked weight is faster)."""
+    if g2.shape[0] == 1:
+        if name in ("sp24", "s24i4"):  # dX by lane within each group of 4 (see numba_cpu)
+            dxp = np.zeros((4, k // 4), np.float32)
+            NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxp)
+            return torch.from_numpy(dxp).t().reshape(1, k)
+        if name == "int4":  # even / odd k in two planes
+            dx2 = np.zeros((2, k // 2), np.float32)
+            NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx2)
+            return torch.from_numpy(dx2).t().reshape(1, k)
+        dx = np.zeros(k, np.float32)
+        NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx)
+        return torch.from_numpy(dx).reshape(1, k)
+    unpack_weights = weights if name != "lut8" else (*weights, np.ones(g2.shape[1], np.float32))
+    return g2 @ _unpack_f32(name, (g2.shape[1], k), *unpack_weights)
+
+
+def _sp24_fwd(x2, values, meta):
+    return _run_fwd("sp24", x2, values.shape[0], _np(values.float()), _np(meta))
+
+
+def _sp24_bwd(g2, values, meta):
+    return _run_bwd("sp24", g2, values.shape[1] * 2, _np(values.float()), _np(meta))
+
+
+def _s24i4_fwd(x2, qv, scales, zeros, meta, group_size):
+    return _run_fwd("s24i4", x2, qv.shape[0], _np(qv), _np(scales.float()), _np(zeros.float()), _np(meta),
+                    group_size // 2)
+
+
+def _s24i4_bwd(g2, qv, scales, zeros, meta, group_size):
+    return _run_bwd("s24i4", g2, qv.shape[1] * 4, _np(qv), _np(scales.float()), _np(zeros.float()), _np(meta),
+                    group_size // 2)
+
+
+def _lut8_fwd(x2, codes, lut):
+    # M > 1: table-decode the codes once (numba) and let MKL multiply: same float32 accumulation
+    if x2.shape[0] == 1:
+        return _run_fwd("lut8", x2, codes.shape[0], _np(codes), _np(lut))
+    w = _unpack_f32("lut8", tuple(codes.shape), _np(codes), _np(lut), np.ones(codes.shape[0], np.float32))
+    return x2 @ w.t()
+
+
+def _lut8_bwd(g2, codes, lut):
+    return _run_bwd("lut8", g2, codes.shape[1], _np(codes), _np(lut))
+
+
+def _int8_bwd(g2, qweight):
+    """``dY @ q`` (int8 codes; the caller folds the per-channel scale into dY)."""
+    if g2.shape[0] == 1:
+        return _run_bwd("int8", g2, qweight.shape[1], _np(qweight))
+    return _lut8_bwd(g2, qweight.view(torch.uint8), lut_int8())
+
+
+def _int4_bwd(g2, qweight, scales, zeros, group_size):
+    return _run_bwd("int4", g2, qweight.shape[1] * 2, _np(qweight), _np(scales.float()), _np(zeros.float()),
+                    group_size)
+
+
+def _quantize_int8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_rows_int8`` (same scale and round-half-away codes) in one numba pass."""
+    xf = _f32(x2).contiguous()
+    q = np.empty(tuple(xf.shape), np.int8)
+    scale = np.empty(xf.shape[0], np.float32)
+    NB.kernel("int8_quantize_rows")(xf.detach().numpy(), q, scale)
+    return torch.from_numpy(q), torch.from_numpy(scale)
+
+
+# torch.library wrappers so that torch.compile traces the numba kernels (eager calls skip them)
+def _op(name, impl, fake):
+    lib_op = torch.library.custom_op(f"robcomp::cpu_{name}", mutates_args=())(impl)
+    lib_op.register_fake(fake)
+
+    def call(*args):
+        return lib_op(*args) if torch.compiler.is_compiling() else impl(*args)
+    return call
+
+
+def _fake_fwd(n_of):
+    return lambda x2, w, *rest: x2.new_empty((x2.shape[0], n_of(w)), dtype=torch.float32)
+
+
+def _fake_bwd(k_of):
+    return lambda g2, w, *rest: g2.new_empty((g2.shape[0], k_of(w)), dtype=torch.float32)
+
+
+def _sp24_fwd_op(x2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    return _sp24_fwd(x2, values, meta)
+
+
+def _sp24_bwd_op(g2: torch.Tensor, values: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    return _sp24_bwd(g2, values, meta)
+
+
+def _s24i4_fwd_op(x2: torch.Tensor, qv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _s24i4_fwd(x2, qv, scales, zeros, meta, group_size)
+
+
+def _s24i4_bwd_op(g2: torch.Tensor, qv: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                  meta: torch.Tensor, group_size: int) -> torch.Tensor:
+    return _s24i4_bwd(g2, qv, scales, zeros, meta, group_size)
+
+
+def _lut8_fwd_op(x2: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    return _lut8_fwd(x2, codes, lut)
+
+
+def _lut8_bwd_op(g2: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor) -> torch.Tensor:
+    return _lut8_bwd(g2, codes, lut)
+
+
+def _int8_bwd_op(g2: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    return _int8_bwd(g2, qweight)
+
+
+def _int4_bwd_op(g2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    return _int4_bwd(g2, qweight, scales, zeros, group_size)
+
+
+sp24_fwd = _op("sp24_fwd", _sp24_fwd_op, _fake_fwd(lambda w: w.shape[0]))
+sp24_bwd = _op("sp24_bwd", _sp24_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
+s24i4_fwd = _op("s24i4_fwd", _s24i4_fwd_op, _fake_fwd(lambda w: w.shape[0]))
+s24i4_bwd = _op("s24i4_bwd", _s24i4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 4))
+lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
+lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
+int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
+                         lambda x2: (torch.empty_like(x2, dtype=torch.int8),
+                                     x2.new_empty((x2.shape[0],), dtype=torch.float32)))
+
+
+# ------------------------------------------------------------------------- autograd Function
+class _Linear(torch.autograd.Function):
+    """``y = fwd(x2) + bias`` with ``dX = bwd(dY)``; the packed weight is frozen (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, bias, fwd, bwd, n):
+        ctx.bwd, ctx.x_dtype = bwd, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        y = fwd(_flat(x))
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+    @staticmethod
+    def backward(ctx, gy):
+        g2 = _flat(gy).to(torch.float32)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            gx = ctx.bwd(g2).to(ctx.x_dtype).reshape(*gy.shape[:-1], -1)
+        gb = None
+        if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
+            gb = g2.sum(0).to(ctx.bias_dtype)
+        return gx, gb, None, None, None
+
+
+def _check(x: torch.Tensor, k: int) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+    if x.device.type != "cpu":
+        raise ValueError(f"the CPU kernels take CPU tensors; x is on {x.device}")
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension is {x.shape[-1]}, expected in_features={k}")
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}); nothing to multiply")
+
+
+def _f32(x2: torch.Tensor) -> torch.Tensor:
+    return x2 if x2.dtype == torch.float32 else x2.float()
+
+
+# ------------------------------------------------------------------------------- the formats
+def derived_int8(scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """bf16 scales for ``_weight_int8pack_mm`` (its scales must have the activation dtype)."""
+    return {"scale_bf16": scale.detach().to(torch.bfloat16).contiguous()}
+
+
+def int8_weight_linear(x, qweight, scale, bias, d):
+    """W8A16 forward with ``_weight_int8pack_mm`` (bf16 activations); dX from the int8 codes."""
+    _check(x, qweight.shape[1])
+    if qweight.shape[1] % 16:
+        # torch's kernel reads out of bounds (segfaults) for such K at M > 1: refuse it
+        raise ValueError(f"the CPU int8 kernel needs in_features divisible by 16, got {qweight.shape[1]}")
+    s32 = scale.float()
+
+    def fwd(x2):
+        return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, d["scale_bf16"])
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def derived_int4(qweight, scales, zeros, group_size) -> dict[str, torch.Tensor] | None:
+    """The tinygemm copy of a robcomp int4 weight: packed codes and ``[K/g, N, 2]`` bf16
+    (scale, zp) with ``zp = (8 - zero) * scale``; None where tinygemm cannot take the shape."""
+    n, kh = qweight.shape
+    if group_size not in (32, 64, 128, 256) or (2 * kh) % group_size:
+        return None
+    q = torch.stack([qweight & 0xF, qweight >> 4], dim=-1).reshape(n, 2 * kh).to(torch.int32)
+    try:
+        packed = torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
+    except RuntimeError:
+        return None
+    s = scales.float()
+    zp = (8.0 - zeros.float()) * s
+    sz = torch.stack([s, zp], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+    return {"int4pack": packed, "scales_zeros": sz}
+
+
+def int4_linear(x, qweight, scales, zeros, group_size, bias, d):
+    """W4A16 forward with tinygemm's CPU kernel (bf16 activations); dX from the stored nibbles."""
+    _check(x, qweight.shape[1] * 2)
+
+    def fwd(x2):
+        return torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16).contiguous(), d["int4pack"], group_size,
+                                                 d["scales_zeros"])
+
+    def bwd(g2):
+        return int4_bwd(g2, qweight, scales, zeros, group_size)
+    return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def int8_dynamic_linear(x, qweight, scale, bias):
+    """W8A8: per-token int8 (reference rounding), ``torch._int_mm`` int32 dot, float32 rescale; STE dX."""
+    _check(x, qweight.shape[1])
+    s32 = scale.float()
+
+    def fwd(x2):
+        xq, xs = quantize_int8_rows(x2)
+        acc = torch._int_mm(xq, qweight.t())
+        return acc.to(torch.float32) * xs[:, None] * s32[None, :]
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def fp8_dynamic_linear(x, qweight, scale, bias):
+    """FP8 e4m3: per-token e4m3 (reference rounding), table-decoded codes, float32 accumulation; STE dX."""
+    _check(x, qweight.shape[1])
+    codes, s32 = qweight.view(torch.uint8), scale.float()
+
+    def fwd(x2):
+        xq, xs = ref.quantize_rows_fp8(x2)
+        return lut8_fwd(xq.to(torch.float32), codes, lut_fp8()) * xs[:, None] * s32[None, :]
+
+    def bwd(g2):
+        return lut8_bwd(g2 * s32, codes, lut_fp8())
+    return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def sparse24_linear(x, values, meta, bias):
+    """2:4 from kept values + metadata (numba, float32)."""
+    _check(x, values.shape[1] * 2)
+    return _Linear.apply(x, bias, lambda x2: sp24_fwd(_f32(x2), values, meta),
+                         lambda g2: sp24_bwd(g2, values, meta), values.shape[0])
+
+
+def sparse24_int4_linear(x, qvalues, scales, zeros, meta, group_size, bias):
+    """2:4 + int4 from nibbles + metadata (numba, float32)."""
+    _check(x, qvalues.shape[1] * 4)
+    return _Linear.apply(x, bias, lambda x2: s24i4_fwd(_f32(x2), qvalues, scales, zeros, meta, group_size),
+                         lambda g2: s24i4_bwd(g2, qvalues, scales, zeros, meta, group_size), qvalues.shape[0])
+
+
+# ----------------------------------------------------------------------- dense-from-unpacked
+def dense_weight(kind: str, *tensors, group_size: int | None = None) -> torch.Tensor:
+    """The dense weight unpacked by numba: ``"int8"``/``"int4"`` into bf16 (the weight-only
+    formats' CPU activation precision), ``"sparse24"``/``"sparse24_int4"``/``"fp8"`` into float32."""
+    par = _parallel()
+    if kind == "fp8":
+        q, s = tensors
+        return _unpack_f32("lut8", tuple(q.shape), _np(q.view(torch.uint8)), _np(lut_fp8()), _np(s.float()))
+    if kind == "int8":
+        q, s = tensors
+        out = np.empty(tuple(q.shape), np.uint16)
+        NB.kernel("int8_unpack_bf16", par)(_np(q), _np(s.float()), out)
+        return torch.from_numpy(out).view(torch.bfloat16)
+    if kind == "int4":
+        q, s, z = tensors
+        out = np.empty((q.shape[0], q.shape[1] * 2), np.uint16)
+        NB.kernel("int4_unpack_bf16", par)(_np(q), _np(s.float()), _np(z.float()), group_size, out)
+        return torch.from_numpy(out).view(torch.bfloat16)
+    if kind == "sparse24":
+        v, m = tensors
+        out = np.empty((v.shape[0], v.shape[1] * 2), np.float32)
+        NB.kernel("sp24_unpack", par)(_np(v.float()), _np(m), out)
+        return torch.from_numpy(out)
+    if kind == "sparse24_int4":
+        q, s, z, m = tensors
+        out = np.empty((q.shape[0], q.shape[1] * 4), np.float32)
+        NB.kernel("s24i4_unpack", par)(_np(q), _np(s.float()), _np(z.float()), _np(m), group_size // 2, out)
+        return torch.from_numpy(out)
+    raise ValueError(f"kind must be one of 'int8', 'int4', 'sparse24', 'sparse24_int4', got {kind!r}")
