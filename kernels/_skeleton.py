@@ -405,7 +405,11 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
     if interpreting() if interp is None else interp:
         bn = min(bn, 32)
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=GEMV_WARPS, num_stages=1)
+    # dense codes: fewer warps when 8 would leave a thread under 16 bytes of codes (no 16-byte
+    # vector load); 2:4 tiles keep 8 (their selects need the registers)
+    code_bytes = bn * bk // (2 if fmt == INT4 else 1)
+    warps = 4 if fmt not in SPARSE and block_m <= 2 and code_bytes < 16 * 32 * GEMV_WARPS else GEMV_WARPS
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
 def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Optional[bool] = None) -> triton.Config:
@@ -416,7 +420,7 @@ def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Opt
     bm = next(b for b in GEMM_MEDIUM_BLOCK_MS if m <= b or b == GEMM_MEDIUM_BLOCK_MS[-1])
     if fmt in SPARSE:  # the select tile is 4x the weight tile: more warps, fewer stages
         return cfg(bm, 64, _bk_cap(fmt, group, 64), 8 if bm >= 32 else 4, 2 if bm == 32 else 3)
-    return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 4)
+    return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 3 if bm == 32 else 4)
 
 
 def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:
