@@ -138,8 +138,9 @@ def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
     rows = offs_n.to(tl.int64)
     if FORMAT == INT4:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :],
-                    mask=n_mask[:, None] & (offs_b < K // 2)[None, :], other=0)
+        # no K mask: BLOCK_K divides the group, which divides K, so a tile never crosses K (and
+        # the load stays one 16-byte vector per thread)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
         s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
         lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
         hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
@@ -166,8 +167,11 @@ def sparse_parts(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_
     contiguous bytes per row, split into nibbles in registers."""
     rows = offs_n.to(tl.int64)
     offs_mb = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    mb = tl.load(meta_ptr + rows[:, None] * stride_mn + offs_mb[None, :],
-                 mask=n_mask[:, None] & (offs_mb < (K + 7) // 8)[None, :], other=0)
+    if FORMAT == S24I4:  # grouped: the tile never crosses K (see dense_tile)
+        mb = tl.load(meta_ptr + rows[:, None] * stride_mn + offs_mb[None, :], mask=n_mask[:, None], other=0)
+    else:
+        mb = tl.load(meta_ptr + rows[:, None] * stride_mn + offs_mb[None, :],
+                     mask=n_mask[:, None] & (offs_mb < (K + 7) // 8)[None, :], other=0)
     nib = tl.reshape(tl.join(mb & 0xF, mb >> 4), (BLOCK_N, BLOCK_K // 4)).to(tl.int32)
     i0 = nib & 3
     i1 = nib >> 2
@@ -178,8 +182,7 @@ def sparse_parts(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_
         v0, v1 = tl.split(tl.reshape(v.to(VDT).to(DQ), (BLOCK_N, BLOCK_K // 4, 2)))
     else:
         offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
-        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :],
-                    mask=n_mask[:, None] & (offs_b < K // 4)[None, :], other=0)
+        q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
         s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
         v0 = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
         v1 = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
@@ -378,7 +381,7 @@ GEMM_LARGE = {
     "sparse": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 8, 3), cfg(64, 128, 32, 8, 3)],
 }
 DX_LARGE = {
-    "dense": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
+    "dense": [cfg(64, 64, 64, 4, 3), cfg(128, 64, 32, 8, 3)],
     "sparse": [cfg(64, 64, 64, 8, 3), cfg(128, 64, 32, 8, 3)],
 }
 #: fp32 activations: IEEE fp32 dots on the FMA units; tensor-core tiles spill there
@@ -397,12 +400,16 @@ def _bk_cap(fmt: int, group: Optional[int], cap: int) -> int:
 def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> triton.Config:
     """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
     columns = 64 kept pairs), BLOCK_N filling the register budget."""
-    bk = _bk_cap(fmt, group, 256 if fmt in SPARSE else 128)
+    bk = _bk_cap(fmt, group, 256)
     acc_k = bk // 4 if fmt in SPARSE else bk
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
     if interpreting() if interp is None else interp:
         bn = min(bn, 32)
-    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=GEMV_WARPS, num_stages=1)
+    # dense codes: fewer warps when 8 would leave a thread under 16 bytes of codes (no 16-byte
+    # vector load); 2:4 tiles keep 8 (their selects need the registers)
+    code_bytes = bn * bk // (2 if fmt == INT4 else 1)
+    warps = 4 if fmt not in SPARSE and block_m <= 2 and code_bytes < 16 * 32 * GEMV_WARPS else GEMV_WARPS
+    return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
 def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Optional[bool] = None) -> triton.Config:
@@ -413,7 +420,7 @@ def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Opt
     bm = next(b for b in GEMM_MEDIUM_BLOCK_MS if m <= b or b == GEMM_MEDIUM_BLOCK_MS[-1])
     if fmt in SPARSE:  # the select tile is 4x the weight tile: more warps, fewer stages
         return cfg(bm, 64, _bk_cap(fmt, group, 64), 8 if bm >= 32 else 4, 2 if bm == 32 else 3)
-    return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 4)
+    return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 3 if bm == 32 else 4)
 
 
 def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:
