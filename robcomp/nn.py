@@ -125,6 +125,10 @@ class CompressedLinear(nn.Module, abc.ABC):
     cuda_paths: ClassVar[tuple[str, ...]] = ("triton", "dense")
     #: paths that give no input gradient; a call that needs one runs ``fallback_path`` instead
     inference_only: ClassVar[frozenset[str]] = frozenset()
+    #: per-process run-time state kept in ``__dict__`` (paths, tuned choices, derived weights):
+    #: never saved by ``robcomp.save``, rebuilt on use
+    transient_attrs: ClassVar[frozenset[str]] = frozenset(
+        {"last_path", "_paths_run", "_tuned_paths", "_paths_memo", "_derived", "_bnb_cache"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_float_input(x, f"{type(self).__name__}.forward")

@@ -256,7 +256,7 @@ def _describe(module: nn.Module, name: str, skip_params: set[str] = frozenset(),
     cls = parametrize.type_before_parametrizations(module)
     attrs = {}
     for key, value in module.__dict__.items():
-        if key in _MODULE_INTERNALS or key in _SKIP_ATTRS:
+        if key in _MODULE_INTERNALS or key in _SKIP_ATTRS or key in getattr(module, "transient_attrs", ()):
             continue
         attrs[key] = _encode(value, f"attribute {key!r} of module {name or '<root>'!r} ({cls.__name__})")
     entry = {"name": name, "type": _type_name(cls), "attrs": attrs,

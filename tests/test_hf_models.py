@@ -26,6 +26,8 @@ LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ 
 MIN_SQNR = {"int8_weight_only": 30.0, "int8_dynamic": 26.0, "fp8_dynamic": 16.0, "int4_weight_only": 13.0}
 # activations quantised at run time: relative error against the dequantised dense model (worst
 # measured: int8 0.018, fp8 0.060)
+# weight-only formats whose CPU kernels take bf16 activations (robcomp.kernels.cpu)
+BF16_ON_CPU = ("int8_weight_only", "int4_weight_only")
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.08}
 
 
@@ -129,6 +131,8 @@ def test_every_model_every_recipe(dense, name, recipe, tmp_path):
     assert torch.isfinite(y).all()
     if recipe.name in DYNAMIC:
         assert ((y - y_ref).norm() / y_ref.norm()).item() < DYNAMIC[recipe.name]
+    elif recipe.name in BF16_ON_CPU:  # the CPU kernels run these with bf16 activations (8 mantissa bits)
+        assert ((y - y_ref).norm() / y_ref.norm()).item() < 1e-2
     else:  # weight-only formats compute exactly the dequantised (2:4: masked) dense model
         assert torch.allclose(y, y_ref, atol=1e-5 * y_ref.abs().max().item(), rtol=1e-4), (y - y_ref).abs().max()
     if recipe.name in MIN_SQNR:
@@ -144,6 +148,8 @@ def test_every_model_every_recipe(dense, name, recipe, tmp_path):
     assert torch.isfinite(g).all() and g.abs().sum() > 0
     if recipe.name in DYNAMIC:  # straight-through: the gradient of the dequantised model, at nearby activations
         assert torch.nn.functional.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.99
+    elif recipe.name in BF16_ON_CPU:  # bf16 activations in the CPU kernels' forward and dX
+        assert ((g - g_ref).norm() / g_ref.norm()).item() < 1e-2
     else:
         assert torch.allclose(g, g_ref, atol=1e-5 * g_ref.abs().max().item(), rtol=1e-4)
 
