@@ -252,28 +252,38 @@ quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
 
 
 # ------------------------------------------------------------------------- autograd Function
-class _Linear(torch.autograd.Function):
-    """``y = fwd(x2) + bias`` with ``dX = bwd(dY)``; the packed weight is frozen (no gradient)."""
+class _Linear2d(torch.autograd.Function):
+    """``y = fwd(x2) + bias`` on 2-D ``x2`` with ``dX = bwd(dY)``; the packed weight is frozen.
+    The output is never a view (in-place ops after the layer, e.g. ReLU(inplace=True), stay legal)."""
 
     @staticmethod
-    def forward(ctx, x, bias, fwd, bwd, n):
-        ctx.bwd, ctx.x_dtype = bwd, x.dtype
+    def forward(ctx, x2, bias, fwd, bwd):
+        ctx.bwd, ctx.x_dtype = bwd, x2.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
-        y = fwd(_flat(x))
+        y = fwd(x2)
         if bias is not None:
             y = y + bias.to(y.dtype)
-        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+        y = y.to(x2.dtype)
+        if y._base is not None:  # a view of a kernel's buffer (numpy-backed or transposed)
+            y = y.clone(memory_format=torch.contiguous_format)
+        return y
 
     @staticmethod
     def backward(ctx, gy):
-        g2 = _flat(gy).to(torch.float32)
-        gx = None
-        if ctx.needs_input_grad[0]:
-            gx = ctx.bwd(g2).to(ctx.x_dtype).reshape(*gy.shape[:-1], -1)
+        g2 = gy.to(torch.float32)
+        gx = ctx.bwd(g2).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None
         gb = None
         if ctx.bias_dtype is not None and ctx.needs_input_grad[1]:
             gb = g2.sum(0).to(ctx.bias_dtype)
-        return gx, gb, None, None, None
+        return gx, gb, None, None
+
+
+class _Linear:
+    """Flattens the leading dimensions outside the autograd Function (views are legal there)."""
+
+    @staticmethod
+    def apply(x, bias, fwd, bwd, n):
+        return _Linear2d.apply(_flat(x), bias, fwd, bwd).reshape(*x.shape[:-1], n)
 
 
 def _check(x: torch.Tensor, k: int) -> None:

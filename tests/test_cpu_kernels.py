@@ -206,3 +206,15 @@ def test_int8_row_quantiser_matches_the_reference_bit_for_bit():
     x[2, 5] = float("nan")
     _, s_nan = C.quantize_int8_rows(x)
     assert torch.isnan(s_nan[2]) and torch.isfinite(s_nan[3:]).all()
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_inplace_op_after_a_cpu_layer_keeps_gradients(m):
+    """The CPU kernels return buffers they own; an in-place ReLU after them must stay legal."""
+    layer = _layer(Sparse24Linear, Sparse24(), 32, 64, bias=False)
+    x = torch.randn(m, 64, requires_grad=True)
+    y = torch.relu_(layer.run_path("native", x))
+    y.sum().backward()
+    w = layer.dequantize().double()
+    mask = (x.double() @ w.T > 0).double()
+    assert _rel(x.grad, mask @ w) < F32_TOL
