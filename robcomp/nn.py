@@ -222,7 +222,9 @@ class CompressedLinear(nn.Module, abc.ABC):
                 raise ValueError(f"path 'native' runs robcomp's CPU kernels; the input is on {x.device}")
             return self.forward_cpu(x)
         if path == "dense":
-            w = self.dense_weight(x)  # in the path's compute dtype (bf16 for weight-only formats on CPU)
+            # in the path's compute dtype (bf16 for weight-only formats on CPU); the CPU unpackers are
+            # numba kernels dynamo cannot trace, so a traced graph unpacks with the torch reference
+            w = self.dequantize().to(x.dtype) if torch.compiler.is_compiling() else self.dense_weight(x)
             if w.dtype == x.dtype:
                 return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
             y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bias added (and its gradient summed) in x's dtype
