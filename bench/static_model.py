@@ -24,13 +24,13 @@ and by how much, a GPU run says the rest.
 Interface (every kernel module): ``perf_cases(m, n, k, dtype=torch.float16, sm_count=132)`` ->
 one dict per op the launchers run for ``x [m, k]``, weight ``[n, k]``::
 
-    {"op": "<format>.forward" | "<format>.backward_input", "launches": int,
+    {"op": "<format>_forward" | "<format>_backward_input", "launches": int,
      "bytes": int (minimum: packed weight + scales/zeros/meta + x + y), "flops": int,
      "candidates": [{"spec": <name in aot_specs() or aot_specs_fp8()>, "ctas": int,
                      "weights_per_iter": int (dense weights ONE CTA consumes per loop iteration),
                      "num_warps": int}, ...]}
 
-Op names are ``<format>.forward`` / ``<format>.backward_input`` (``GATED`` finds the gated forward
+Op names are ``<format>_forward`` / ``<format>_backward_input`` (``GATED`` finds the gated forward
 ops by module and name: ``int8_weight``/``w8a16`` and ``int4``/``w4a16`` in lowbit, anything in
 sparse24 and sparse24_lowbit). A candidate whose spec has a ``BLOCK_M`` constexpr re-reads the
 weight once per M tile (``ceil(M / BLOCK_M)``); one without (the matrix-vector kernels) reads it once.

@@ -192,9 +192,9 @@ def test_command_line_writes_the_table_and_json(tmp_path, capsys):
     data = json.loads(js.read_text())
     assert data["meta"]["triton"] == triton.__version__ and data["command"].startswith("python bench/static_model.py")
     assert {(r["op"], r["device"]) for r in data["rows"]} == {
-        (op, d) for op in ("sparse24.forward", "sparse24.backward_input") for d in ("h100", "h200")}
+        (op, d) for op in ("sparse24_forward", "sparse24_backward_input") for d in ("h100", "h200")}
     text = md.read_text()
-    assert f"triton {triton.__version__}" in text and "| sparse24.forward | 1 | 4096 x 4096 |" in text
+    assert f"triton {triton.__version__}" in text and "| sparse24_forward | 1 | 4096 x 4096 |" in text
 
 
 def test_robcomp_bench_static_runs_the_model(monkeypatch, tmp_path):
