@@ -41,11 +41,8 @@ def import_robcomp():
 def tune(model, example_inputs: tuple) -> str:
     """Run ``robcomp.tune(model, example_inputs)``; returns ``"tuned"`` or why it did not run."""
     import robcomp
-    fn = getattr(robcomp, "tune", None)
-    if fn is None:
-        return "robcomp.tune unavailable"
     try:
-        fn(model, example_inputs)
+        robcomp.tune(model, example_inputs)
     except Exception as e:  # a failed tune is recorded; the layer still runs its default path
         return f"tune failed: {type(e).__name__}: {e}"[:300]
     return "tuned"

@@ -28,7 +28,9 @@ not wrap; codes are read as contiguous K runs (int4 ``[N, K/2]``: 64 codes per r
 ``tl.join``); integer codes become floats without an int-to-float conversion where the dtype allows
 (the magic-number trick: ``(q | 0x6400)`` read as fp16 is ``1024 + q``, ``(q | 0x4B000000)`` read as
 fp32 is ``2**23 + q``); the bias is subtracted together with the zero point,
-``w = (h - (1024 + zero)) * scale`` (exact subtraction, one rounding, as the reference).
+``w = (h - (1024 + zero)) * scale`` (exact subtraction, one rounding, as the reference) in fp16
+tiles; fp32 tiles (the GEMVs, fp32 and bf16 activations) shift an int4 code into the mantissa of
+1.0 and dequantise with one FMA, the zero folded in: ``(1 + q/16) * 16s - (16 + z) s``.
 bf16 tiles are dequantised in fp32 and cast (the bf16 bit trick would need ``q < 128`` and the
 interpreter cannot bitcast bf16).
 
@@ -131,6 +133,23 @@ def _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.const
 
 
 @triton.jit
+def _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.constexpr):
+    """fp32 values of the low and high codes of the bytes ``q``: each code shifted into the
+    mantissa of 1.0 (``1 + q/16``, no I2F), then one FMA with the zero folded in:
+    ``(1 + q/16) * 16s - (16 + z) s = (q - z) s``. 16s is exact, so the only roundings are those of
+    ``(16 + z) s`` and of the fused result (the magic-number form needs a subtract and a multiply)."""
+    g = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + rows * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows * stride_sn + g, mask=n_mask, other=0.0).to(tl.float32)
+    s16 = (16.0 * s)[:, None]
+    c = ((16.0 + z) * s)[:, None]
+    q32 = q.to(tl.int32)
+    lo = ((((q32 & 0xF) << 19) | 0x3F800000).to(tl.float32, bitcast=True)) * s16 - c
+    hi = ((((q32 & 0xF0) << 15) | 0x3F800000).to(tl.float32, bitcast=True)) * s16 - c
+    return lo, hi
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -141,9 +160,12 @@ def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
         # no K mask: BLOCK_K divides the group, which divides K, so a tile never crosses K (and
         # the load stays one 16-byte vector per thread)
         q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
-        s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
-        lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
-        hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+        if DQ == tl.float32:
+            lo, hi = _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE)
+        else:
+            s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
+            lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
+            hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -183,9 +205,12 @@ def sparse_parts(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_
     else:
         offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
         q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
-        s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
-        v0 = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
-        v1 = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+        if DQ == tl.float32:
+            v0, v1 = _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE)
+        else:
+            s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
+            v0 = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
+            v1 = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
     return v0, v1, i0, i1
 
 
