@@ -150,6 +150,19 @@ def _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl
 
 
 @triton.jit
+def _int4_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.constexpr, DQ: tl.constexpr):
+    """Dequantised low and high codes of the bytes ``q`` in DQ (fp32: one FMA each; fp16: the
+    magic-number form, exact subtraction then one multiply)."""
+    if DQ == tl.float32:
+        lo, hi = _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE)
+    else:
+        s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
+        lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
+        hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+    return lo, hi
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -160,12 +173,7 @@ def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
         # no K mask: BLOCK_K divides the group, which divides K, so a tile never crosses K (and
         # the load stays one 16-byte vector per thread)
         q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
-        if DQ == tl.float32:
-            lo, hi = _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE)
-        else:
-            s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
-            lo = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
-            hi = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+        lo, hi = _int4_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
         w = tl.reshape(tl.join(lo, hi), (BLOCK_N, BLOCK_K))
     else:
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -205,12 +213,7 @@ def sparse_parts(FORMAT: tl.constexpr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_
     else:
         offs_b = k0 // 4 + tl.arange(0, BLOCK_K // 4)
         q = tl.load(w_ptr + rows[:, None] * stride_wn + offs_b[None, :], mask=n_mask[:, None], other=0)
-        if DQ == tl.float32:
-            v0, v1 = _int4_fp32_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE)
-        else:
-            s, zb = _group_scale(s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
-            v0 = (_biased(q & 0xF, DQ) - zb[:, None]) * s[:, None]
-            v1 = (_biased(q >> 4, DQ) - zb[:, None]) * s[:, None]
+        v0, v1 = _int4_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE, DQ)
     return v0, v1, i0, i1
 
 
