@@ -78,6 +78,7 @@ def machine() -> dict:
     except OSError:
         pass
     import numba
+    info["device"] = f"cpu ({info['cpu_model']})"  # the key every recorded figure carries
     info.update(logical_cpus=os.cpu_count(), torch=torch.__version__, numba=numba.__version__,
                 numpy=__import__("numpy").__version__, python=platform.python_version(),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
