@@ -9,12 +9,10 @@ pruned shapes.
 
 Attention: modules exposing ``qkv`` (an nn.Linear) and ``num_heads`` are pruned head-consistently
 (every head loses the same number of dimensions, q, k and v alike, with ``proj`` inputs matching);
-``head_dim`` is updated afterwards. Any other attention (separate q/k/v projections, grouped KV
-heads, Hugging Face transformers modules that reshape by their config's head count) is refused
-with a ValueError naming the modules, rather than pruned into a model with inconsistent heads. On
-BERT- and ViT-style transformers models (FFN ``intermediate.dense`` / ``mlp.fc1``) only the FFN
-hidden width is pruned: attention, heads and the residual width are left alone, and the pruned
-model is run once before returning. ``importance="bn_scale"`` needs BatchNorm layers.
+``head_dim`` is updated afterwards. Hugging Face transformers models go through
+:mod:`robcomp.prune_hf` (FFN width everywhere, whole heads on BERT and ViT, checked after pruning).
+Any other attention (separate q/k/v projections, grouped KV heads) is refused with a ValueError
+naming the modules, rather than pruned into a model with inconsistent heads. ``importance="bn_scale"`` needs BatchNorm layers.
 ``MagnitudePrune`` (unstructured masks) is dispatched to ``robcomp.masks``.
 """
 from __future__ import annotations
@@ -25,6 +23,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from robcomp.conv import is_hf_conv1d
 from robcomp.nn import tensor_bytes
 from robcomp.outputs import logits_of
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Recipe
@@ -99,32 +98,15 @@ _HEAD_ATTRS = ("num_heads", "num_attention_heads", "n_head", "num_key_value_head
 
 def _unsupported_attention(model: nn.Module) -> list[str]:
     """Modules whose head layout channel pruning cannot keep consistent: attention that is not the
-    ``qkv`` + ``num_heads`` form (separate q/k/v projections, grouped KV heads, head counts held in a
-    config and used in the module's own reshape), and every Hugging Face transformers module with
-    head counts or a config (their forwards reshape by ``config.num_attention_heads``). BERT/ViT-style
-    transformers models are pruned in their FFN hidden width only (:func:`_hf_ffn_up_projections`)."""
+    ``qkv`` + ``num_heads`` form (separate q/k/v projections, grouped KV heads, head counts used in
+    the module's own reshape). Transformers models are handled by :mod:`robcomp.prune_hf` instead."""
     found = []
     for name, m in model.named_modules():
         if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int):
             continue  # pruned head-consistently (see channel_prune)
-        has_heads = any(isinstance(getattr(m, a, None), int) for a in _HEAD_ATTRS if a in vars(m))
-        hf = type(m).__module__.split(".")[0] == "transformers" and (has_heads or "config" in vars(m))
-        if has_heads or hf:
+        if any(isinstance(getattr(m, a, None), int) for a in _HEAD_ATTRS if a in vars(m)):
             found.append(name or "<root>")
     return found
-
-
-#: the first Linear of the feed-forward block of the transformers architectures whose FFN hidden
-#: width channel pruning can take alone (BERT-style, ViT); Llama's gated MLP makes torch-pruning's
-#: grouping hang and GPT-2's Conv1D is not a layer torch-pruning knows
-_HF_FFN_UP = ("intermediate.dense", "mlp.fc1")
-
-
-def _hf_ffn_up_projections(model: nn.Module) -> list[str]:
-    """Names of the FFN up-projections of a transformers BERT/ViT-style model (empty otherwise)."""
-    if not any(type(m).__module__.split(".")[0] == "transformers" for m in model.modules()):
-        return []
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.endswith(_HF_FFN_UP)]
 
 
 def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
@@ -141,9 +123,10 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
     import torch_pruning as tp
 
     from robcomp.compress import LayerReport
+    from robcomp.prune_hf import is_transformers_model
 
-    ffn_up = _hf_ffn_up_projections(model)
-    attention = [] if ffn_up else _unsupported_attention(model)
+    hf = is_transformers_model(model)
+    attention = [] if hf else _unsupported_attention(model)
     if attention:
         raise ValueError(f"ChannelPrune cannot prune this model: {attention[:3]} hold attention heads (or a "
                          "transformers config) whose layout pruning would break (heads of unequal width, a "
@@ -170,9 +153,10 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
         raise ValueError(f"ChannelPrune.ignored names modules the model does not have: {unknown}")
     ignored = _head_modules(model) + [names[n] for n in recipe.ignored]
     if filter_fn is not None:
-        ignored += [m for n, m in names.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and not filter_fn(m, n)]
-    if ffn_up:  # transformers: only the FFN hidden width; heads and the residual width are left as they are
-        ignored += [m for n, m in names.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and n not in ffn_up]
+        ignored += [m for n, m in names.items()
+                    if (isinstance(m, (nn.Linear, nn.Conv2d)) or is_hf_conv1d(m)) and not filter_fn(m, n)]
+    if hf:
+        return _prune_transformers(model, recipe, example_inputs, ignored, names)
     heads = _attention_heads(model)
     before = _layer_shapes(model)
     with _traceable(model):
@@ -181,7 +165,7 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
             global_pruning=recipe.global_pruning, pruning_ratio=recipe.ratio,
             iterative_steps=recipe.iterative_steps, round_to=recipe.round_to,
             ignored_layers=ignored, num_heads=heads,
-            unwrapped_parameters=[] if ffn_up else _unwrapped_parameters(model), prune_head_dims=True,
+            unwrapped_parameters=_unwrapped_parameters(model), prune_head_dims=True,
             prune_num_heads=False,
             output_transform=logits_of,  # trace through a dict / tuple / ModelOutput forward
         )
@@ -198,8 +182,6 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
             if qkv.out_features % (3 * heads):
                 raise RuntimeError(f"pruning left {qkv.out_features} qkv outputs, not a multiple of 3 x {heads} heads")
             attn.head_dim = qkv.out_features // (3 * heads)
-    if ffn_up:
-        _check_runs(model, example_inputs)
     after = _layer_shapes(model)
     _check_something_removed(recipe, before, after, [n for n, m in names.items() if m in ignored])
     reports = []
@@ -212,13 +194,28 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
     return reports
 
 
-def _check_runs(model: nn.Module, example_inputs) -> None:
-    """Run the pruned model once: a width its own forward cannot take must fail here, not later."""
-    try:
-        with torch.no_grad():
-            logits_of(model(example_inputs))
-    except Exception as e:
-        raise RuntimeError(f"the pruned model no longer runs ({type(e).__name__}: {e})") from e
+def _prune_transformers(model: nn.Module, recipe: ChannelPrune, example_inputs, ignored: list[nn.Module],
+                       names: dict[str, nn.Module]) -> list:
+    """Transformers models: FFN width and whole heads through :mod:`robcomp.prune_hf`; one report per layer."""
+    from robcomp.compress import LayerReport
+    from robcomp.prune_hf import layer_shapes, prune_transformers
+
+    ignored_ids = {id(m) for m in ignored}
+    before, kept = prune_transformers(model, recipe, example_inputs, ignored, _importance(recipe.importance),
+                                      lambda m: _traceable(m))
+    after = layer_shapes(model)
+    _check_something_removed(recipe, {n: v[:2] for n, v in before.items()}, {n: v[:2] for n, v in after.items()},
+                             [n for n, m in names.items() if id(m) in ignored_ids])
+    reports = []
+    for name, (shape, size, kind) in before.items():
+        new_shape, new_size, new_kind = after[name]
+        action = "pruned" if new_shape != shape else "skipped"
+        reason = "" if action == "pruned" else kept.get(name) or (
+            "kept: classifier head or ignored" if id(names[name]) in ignored_ids
+            else "kept: residual width (embeddings, norms and the layers writing it are not pruned)")
+        reports.append(LayerReport(name, recipe.label(), action, shape, new_shape, size, new_size, reason=reason,
+                                   before_type=kind, after_type=new_kind))
+    return reports
 
 
 def _check_something_removed(recipe: ChannelPrune, before: dict, after: dict, ignored: list[str]) -> None:
