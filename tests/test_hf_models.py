@@ -2,6 +2,7 @@
 through every layer recipe: logits against the dense model they stand for, input gradients,
 save/load, torch.compile and a short evaluation."""
 import copy
+import math
 import os
 
 import pytest
@@ -31,15 +32,15 @@ BF16_ON_CPU = ("int8_weight_only", "int4_weight_only")
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.08}
 
 
-def _bert():
+def _bert(heads=2):
     return tf.BertForSequenceClassification(tf.BertConfig(
-        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128,
+        vocab_size=VOCAB, hidden_size=64, num_hidden_layers=1, num_attention_heads=heads, intermediate_size=128,
         max_position_embeddings=16, num_labels=3))
 
 
-def _vit():
+def _vit(heads=2):
     return tf.ViTForImageClassification(tf.ViTConfig(
-        image_size=16, patch_size=4, num_channels=4, hidden_size=64, num_hidden_layers=1, num_attention_heads=2,
+        image_size=16, patch_size=4, num_channels=4, hidden_size=64, num_hidden_layers=1, num_attention_heads=heads,
         intermediate_size=128, num_labels=3))
 
 
@@ -206,51 +207,186 @@ def test_evaluate_bert_in_embedding_space(dense):
     assert record["clean_accuracy"] == 1.0 and record["robust_accuracy"]["PGD-3 Linf eps=0.2"] < 1.0
 
 
-FFN = {"bert": ("bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.0.output.dense"),
-       "vit": ("vit.layers.0.mlp.fc1", "vit.layers.0.mlp.fc2")}
+# ChannelPrune: per architecture, the FFN up-projection(s), the layer taking the FFN hidden width,
+# and (BERT/ViT) the attention's q/k/v and output projection whose heads are removed whole
+FFN = {"bert": (["bert.encoder.layer.0.intermediate.dense"], "bert.encoder.layer.0.output.dense"),
+       "vit": (["vit.layers.0.mlp.fc1"], "vit.layers.0.mlp.fc2"),
+       "gpt2": (["transformer.h.0.mlp.c_fc"], "transformer.h.0.mlp.c_proj"),
+       "llama": (["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], "model.layers.0.mlp.down_proj")}
+ATTENTION = {"bert": ("bert.encoder.layer.0.attention.self", ["query", "key", "value"],
+                      "bert.encoder.layer.0.attention.output.dense"),
+             "vit": ("vit.layers.0.attention", ["q_proj", "k_proj", "v_proj"], "vit.layers.0.attention.o_proj")}
+HEADS, HEAD_DIM = 4, 16  # the head-pruning models: 4 heads of 16 (hidden 64)
+
+
+def _example(name):
+    """What ChannelPrune traces with: pixels for ViT, token ids otherwise."""
+    return _input(name) if name == "vit" else torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
+
+
+def _rows(m):
+    """A Linear's or Conv1D's weight as [out, in]."""
+    return m.weight if isinstance(m, nn.Linear) else m.weight.t()
+
+
+def _kept(pruned, original):
+    """Indices of the original output rows that the pruned layer kept (rows are copied, not changed)."""
+    a, b = _rows(pruned).detach(), _rows(original).detach()
+    return [int((b == row).all(1).nonzero()) for row in a]
+
+
+def _zero_inputs(layer, drop):
+    """Zero the input channels ``drop`` of a Linear / Conv1D: the dense model a pruned one stands for."""
+    with torch.no_grad():
+        if isinstance(layer, nn.Linear):
+            layer.weight[:, drop] = 0
+        else:  # Conv1D: weight [in, out]
+            layer.weight[drop, :] = 0
+
+
+def _masked(original, model, name):
+    """The original model with the channels (and heads) ``model`` lost zeroed where they are consumed:
+    pruning removed exactly those, so both compute the same function."""
+    masked = copy.deepcopy(original)
+    ups, down = FFN[name]
+    kept = [_kept(model.get_submodule(u), original.get_submodule(u)) for u in ups]
+    assert all(k == kept[0] for k in kept)  # gate and up lose the same channels
+    drop = torch.ones(_rows(original.get_submodule(ups[0])).shape[0], dtype=torch.bool)
+    drop[kept[0]] = False
+    _zero_inputs(masked.get_submodule(down), drop)
+    if name in ATTENTION:
+        attn, qkv, out = ATTENTION[name]
+        rows = [_kept(model.get_submodule(f"{attn}.{p}"), original.get_submodule(f"{attn}.{p}")) for p in qkv]
+        assert rows[0] == rows[1] == rows[2]  # the same heads from q, k and v
+        drop = torch.ones(_rows(original.get_submodule(f"{attn}.{qkv[0]}")).shape[0], dtype=torch.bool)
+        drop[rows[0]] = False
+        heads_kept = sorted({i // HEAD_DIM for i in rows[0]})
+        assert rows[0] == [h * HEAD_DIM + d for h in heads_kept for d in range(HEAD_DIM)]  # whole heads, in order
+        _zero_inputs(masked.get_submodule(out), drop)
+    return masked
+
+
+def _expected_parameters(original, summary, model):
+    """The original parameter count less what the summary says each pruned layer lost (weight + bias)."""
+    removed = 0
+    for r in summary.layers:
+        if r.action == "pruned":
+            bias = model.get_submodule(r.name).bias is not None
+            removed += math.prod(r.before_shape) - math.prod(r.after_shape) + bias * (r.before_shape[0] - r.after_shape[0])
+    return sum(p.numel() for p in original.parameters()) - removed
+
+
+def _pruning_original(name):
+    torch.manual_seed(5)
+    return (_bert(HEADS) if name == "bert" else _vit(HEADS) if name == "vit" else BUILDERS[name]()).eval()
+
+
+@pytest.mark.parametrize("name", list(BUILDERS))
+def test_channel_prune_heads_and_ffn(name, tmp_path):
+    """ChannelPrune(0.5): BERT/ViT lose 2 of 4 whole heads (q, k, v and the output projection alike) and
+    half the FFN width; GPT-2 and Llama half the FFN width, heads kept with the reason. The pruned model
+    computes the original with those channels zeroed, its heads, config and parameter count agree with
+    the summary, its input gradient is finite and it saves and loads bit-exactly."""
+    original = _pruning_original(name)
+    model = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5)], example_inputs=_example(name))
+    summary = model.compression_summary
+    ups, down = FFN[name]
+    pruned = {r.name for r in summary.layers if r.action == "pruned"}
+    expected = set(ups) | {down}
+    if name in ATTENTION:
+        attn, qkv, out = ATTENTION[name]
+        expected |= {f"{attn}.{p}" for p in qkv} | {out}
+        module = model.get_submodule(attn)
+        assert module.num_attention_heads == HEADS // 2 and model.config.num_attention_heads == HEADS // 2
+        assert model.config.head_dim == HEAD_DIM and all(
+            model.get_submodule(f"{attn}.{p}").out_features == HEADS // 2 * HEAD_DIM for p in qkv)
+        assert model.get_submodule(out).in_features == HEADS // 2 * HEAD_DIM
+    else:
+        kept = {r.name: r.reason for r in summary.layers if r.reason.startswith("heads kept")}
+        assert len(kept) == (2 if name == "gpt2" else 4) and not set(kept) & pruned
+        assert ("fused c_attn" if name == "gpt2" else "does not finish") in next(iter(kept.values()))
+    assert pruned == expected  # embeddings, norms, the residual width and the head left alone
+    width = 128 if name == "gpt2" else 64  # FFN 128 (GPT-2: 4 x 64) halved
+    assert all(_rows(model.get_submodule(u)).shape[0] == width for u in ups)
+    assert getattr(model.config, "n_inner" if name == "gpt2" else "intermediate_size") == width
+    params = sum(p.numel() for p in model.parameters())
+    assert params == _expected_parameters(original, summary, model) < sum(p.numel() for p in original.parameters())
+    with torch.device("meta"):  # the updated config rebuilds these shapes (BERT derives head size from hidden)
+        rebuilt = type(model)(model.config)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if name != "bert":
+        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+
+    x = _input(name)
+    with torch.no_grad():
+        y, y_masked, y_dense = (_logits(m, name, x) for m in (model, _masked(original, model, name), original))
+    assert torch.isfinite(y).all() and y.shape == y_dense.shape
+    assert torch.allclose(y, y_masked, atol=1e-5 * y_masked.abs().max().item(), rtol=1e-4), (y - y_masked).abs().max()
+    assert ((y - y_dense).norm() / y_dense.norm()).item() > 1e-3  # and it differs from the unpruned model
+    g = _input_gradient(model, name, x, torch.randn(y.shape, generator=torch.Generator().manual_seed(2)))
+    assert torch.isfinite(g).all() and g.abs().sum() > 0
+
+    loaded = rc.load(rc.save(model, tmp_path / f"{name}-pruned.safetensors"))
+    assert loaded.config.to_dict() == model.config.to_dict()
+    if name in ATTENTION:
+        assert loaded.get_submodule(ATTENTION[name][0]).num_attention_heads == HEADS // 2
+    with torch.no_grad():
+        assert torch.equal(_logits(loaded, name, x), y)
+    sd, sd_loaded = model.state_dict(), loaded.state_dict()
+    assert list(sd) == list(sd_loaded) and all(torch.equal(sd[k], sd_loaded[k]) for k in sd)
 
 
 @pytest.mark.parametrize("name", ["bert", "vit"])
-def test_channel_prune_takes_the_ffn_width_only_and_composes(dense, name, tmp_path):
-    """BERT/ViT: ChannelPrune removes FFN hidden channels (heads untouched) rounded for the int4 group
-    that follows; the pruned model equals the dense model with those channels masked out."""
-    original, model = dense[name], copy.deepcopy(dense[name])
-    x = _input(name)
-    example = x if name == "vit" else torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(4))
-    compress(model, [rc.ChannelPrune(0.3)], example_inputs=example)
-    up_name, down_name = FFN[name]
-    up, up0 = model.get_submodule(up_name), original.get_submodule(up_name)
-    assert up.out_features == 88 < up0.out_features  # 128 * 0.7 = 89.6, rounded down to round_to=8
-    pruned = {r.name for r in model.compression_summary.layers if r.action == "pruned"}
-    assert pruned == {up_name, down_name}  # attention and residual width left alone
-    kept = [int((up0.weight == row).all(1).nonzero()) for row in up.weight]
-    masked = copy.deepcopy(original)
-    drop = torch.ones(up0.out_features, dtype=torch.bool)
-    drop[kept] = False
-    with torch.no_grad():
-        masked.get_submodule(down_name).weight[:, drop] = 0
-        assert torch.allclose(_logits(model, name, x), _logits(masked, name, x), atol=1e-5)
-
-    composed = compress(copy.deepcopy(original), [rc.ChannelPrune(0.3), rc.Sparse24Int4(group_size=32)],
+def test_channel_prune_composes_with_int4(name, tmp_path):
+    """Before Sparse24Int4(group 32), ChannelPrune rounds its widths to 32: FFN 128 -> 64 and 2 heads of 16
+    kept (32 wide) so that the output projections take int4 groups; the result saves and loads."""
+    original = _pruning_original(name)
+    example = _example(name)
+    composed = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5), rc.Sparse24Int4(group_size=32)],
                         example_inputs=example)
-    assert composed.get_submodule(up_name).out_features % 32 == 0
-    assert isinstance(composed.get_submodule(down_name), CompressedLinear)  # its pruned in_features fit group 32
+    ups, down = FFN[name]
+    attn, qkv, out = ATTENTION[name]
+    assert composed.get_submodule(attn).num_attention_heads == 2
+    assert all(isinstance(composed.get_submodule(n), CompressedLinear) for n in (down, out))
+    assert composed.get_submodule(out).in_features == 32 and composed.get_submodule(down).in_features == 64
     assert any("round_to raised" in n for n in composed.compression_summary.notes)
+    x = _input(name)
     loaded = rc.load(rc.save(composed, tmp_path / "pruned.safetensors"))  # pruned shapes come back as saved
     with torch.no_grad():
         assert torch.equal(_logits(loaded, name, x), _logits(composed, name, x))
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama"])
-def test_channel_prune_refuses_attention_and_leaves_model_unchanged(dense, name):
-    model = copy.deepcopy(dense[name])
+@pytest.mark.parametrize("ratio, heads_left", [(0.2, 4), (0.3, 3), (0.75, 1)])
+def test_channel_prune_head_count_is_the_floor_of_the_ratio(ratio, heads_left):
+    """floor(ratio x 4) heads go: 0.2 removes none (FFN width only), 0.3 one, 0.75 three."""
+    model = compress(_pruning_original("vit"), [rc.ChannelPrune(ratio, round_to=None)], example_inputs=_example("vit"))
+    attn = model.get_submodule(ATTENTION["vit"][0])
+    assert attn.num_attention_heads == heads_left == model.config.num_attention_heads
+    assert attn.q_proj.out_features == heads_left * HEAD_DIM
+    if heads_left == HEADS:
+        assert "removes none" in next(r.reason for r in model.compression_summary.layers if r.name.endswith("q_proj"))
+
+
+@pytest.mark.parametrize("name", ["bert", "gpt2"])
+def test_channel_prune_taylor_importance(name):
+    """Taylor scores come from the gradient of a loss on the model's logits ([B, C] or a causal LM's [B, T, V])."""
+    original = _pruning_original(name)
+    model = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5, importance="taylor")], example_inputs=_example(name))
+    x = _input(name)
+    with torch.no_grad():
+        y, y_masked = _logits(model, name, x), _logits(_masked(original, model, name), name, x)
+    assert torch.allclose(y, y_masked, atol=1e-5 * y_masked.abs().max().item(), rtol=1e-4)
+
+
+def test_channel_prune_that_removes_nothing_leaves_the_model_unchanged(dense):
+    model = copy.deepcopy(dense["gpt2"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="ChannelPrune cannot prune this model.*attention"):
-        compress(model, [rc.ChannelPrune(0.3), rc.Sparse24Int4(group_size=32)], example_inputs=_input(name))
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="removed no channel"):  # round_to=256 keeps all 256 FFN channels
+        compress(model, [rc.ChannelPrune(0.3, round_to=256)], example_inputs=_example("gpt2"))
     after = model.state_dict()
     assert list(after) == list(before) and all(torch.equal(after[k], before[k]) for k in before)
-    assert not hasattr(model, "compression_summary")
-
+    assert [type(m) for m in model.modules()] == types and not hasattr(model, "compression_summary")
 
 def test_failed_recipe_list_undoes_the_layers_it_had_swapped(dense):
     model = copy.deepcopy(dense["gpt2"])
