@@ -11,14 +11,17 @@ attention or MLP module holds (so RoBERTa, DeiT, Mistral, ... are covered like t
   matching inputs of the output projection; the head size (and so the attention scaling) is kept.
   ``floor(ratio * heads)`` heads go (at least one stays), lowered until the remaining width is a
   multiple of ``round_to``. The FFN hidden width is pruned by ``ratio``.
-- **GPT-2** (``Conv1D``): the FFN hidden width (``mlp.c_fc`` -> ``mlp.c_proj``), traced as the
-  ``nn.Linear`` each Conv1D stands for and put back as a Conv1D. Heads are kept: ``c_attn`` is one
-  fused ``[3, heads, head_dim]`` output that torch-pruning's head grouping (``[heads, 3 * head_dim]``)
-  does not address.
-- **Llama** (gated MLP, grouped KV heads, rotary embeddings): the FFN hidden width (``gate_proj`` and
-  ``up_proj`` together, ``down_proj``'s inputs). Heads are kept: torch-pruning 1.6's dependency graph
-  does not finish on this attention (over 100 s on a one-layer model), so its layers are never traced
-  as prunable.
+- **GPT-2** (``Conv1D``) and **Llama** (gated MLP, grouped KV heads, rotary embeddings): the FFN
+  hidden width (GPT-2 ``mlp.c_fc`` -> ``mlp.c_proj``; Llama ``gate_proj`` and ``up_proj`` together ->
+  ``down_proj``) through torch-pruning, Conv1Ds traced as the ``nn.Linear`` they stand for and put back.
+  Heads: torch-pruning cannot group these (GPT-2's fused ``c_attn`` is laid out ``[3, heads, head_dim]``,
+  its head grouping assumes ``[heads, 3 * head_dim]``; on Llama's attention its dependency graph does
+  not finish, over 100 s on a one-layer model), so those layers are never traced as prunable; heads
+  are scored here (the squared L2 norm, or for ``importance="taylor"`` the ``|w * grad|``, of each
+  head's q/k/v rows and output-projection columns; ``"lamp"`` ranks like the L2 norm within a layer)
+  and removed with torch-pruning's Linear pruners. Grouped KV (Llama): the same number of query
+  heads, ``floor(ratio * queries_per_kv_head)``, leaves every KV group (KV heads are shared, and kept);
+  with as many KV heads as query heads whole heads go, k and v alike.
 
 The residual (hidden) width, embeddings, norms and heads not listed above are left alone. After
 pruning, the head attributes and ``config.num_attention_heads`` / ``head_dim`` /
@@ -43,10 +46,6 @@ __all__ = ["is_transformers_model", "prune_transformers"]
 
 #: the first layer(s) of a feed-forward block, whose outputs are the FFN hidden width
 FFN_UP = ("intermediate.dense", "mlp.fc1", "mlp.c_fc", "mlp.gate_proj", "mlp.up_proj")
-GPT2_HEADS_KEPT = ("heads kept: GPT-2's fused c_attn is laid out [3, heads, head_dim], which torch-pruning's "
-                   "head grouping does not address")
-LLAMA_HEADS_KEPT = ("heads kept: torch-pruning's dependency graph does not finish on rotary / grouped-KV "
-                    "attention (>100 s on a one-layer Llama)")
 
 
 def is_transformers_model(model: nn.Module) -> bool:
@@ -55,17 +54,26 @@ def is_transformers_model(model: nn.Module) -> bool:
 
 @dataclass
 class _Attention:
+    kind: str  # "bert", "vit" (heads through torch-pruning's graph), "gpt2", "llama" (scored here)
     module: nn.Module
-    qkv: list[nn.Module]
-    out: nn.Module | None  # the projection taking the heads' outputs (its inputs shrink with them)
+    qkv: list[str]  # layer names: GPT-2 swaps its Conv1Ds, so layers are looked up by name
+    out: str  # the projection taking the heads' outputs (its inputs shrink with them)
     heads: int
     head_dim: int
+    kv_heads: int = 0  # Llama: key/value heads (each shared by heads // kv_heads query heads)
     kept_reason: str = ""  # non-empty: heads are not pruned, and why
-    remove: int = 0  # heads to remove
+    remove: int = 0  # heads to remove (grouped KV: query heads per KV head)
+    heads_after: int = 0  # set once pruned
+    kv_after: int = 0
 
     @property
-    def layers(self) -> list[nn.Module]:
-        return self.qkv + ([self.out] if self.out is not None else [])
+    def layers(self) -> list[str]:
+        return self.qkv + [self.out]
+
+    @property
+    def groups(self) -> int:
+        """Query heads per KV head, where they are grouped (1 otherwise)."""
+        return self.heads // self.kv_heads if self.kind == "llama" else 1
 
 
 @dataclass
@@ -80,46 +88,60 @@ def _linear(m) -> bool:
 
 def _attentions(model: nn.Module) -> list[_Attention]:
     parents = {id(child): parent for parent in model.modules() for child in parent.children()}
+    names = {id(m): n for n, m in model.named_modules()}
     found = []
     for m in model.modules():
         heads = getattr(m, "num_attention_heads", None)
+        at = names[id(m)] + "." if names[id(m)] else ""
         if all(_linear(getattr(m, n, None)) for n in ("query", "key", "value")) and isinstance(heads, int):
             # BERT-style: the output projection sits in the parent (BertAttention.output.dense)
             out = getattr(getattr(parents.get(id(m)), "output", None), "dense", None)
-            found.append(_Attention(m, [m.query, m.key, m.value], out if _linear(out) else None, heads,
-                                    int(m.attention_head_size)))
+            if _linear(out):  # else: no output projection to go by, its layers stay as they are (ignored)
+                found.append(_Attention("bert", m, [at + "query", at + "key", at + "value"], names[id(out)],
+                                        heads, int(m.attention_head_size)))
         elif all(_linear(getattr(m, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
-            head_dim = int(getattr(m, "head_dim", 0))
-            if isinstance(heads, int) and m.k_proj.out_features == m.q_proj.out_features and head_dim:
-                found.append(_Attention(m, [m.q_proj, m.k_proj, m.v_proj], m.o_proj, heads, head_dim))
-            else:  # Llama-style (no head count attribute; grouped KV heads, rotary)
-                found.append(_Attention(m, [m.q_proj, m.k_proj, m.v_proj], m.o_proj,
-                                        m.q_proj.out_features // max(head_dim, 1), head_dim, LLAMA_HEADS_KEPT))
-        elif is_hf_conv1d(getattr(m, "c_attn", None)) and is_hf_conv1d(getattr(m, "c_proj", None)):
-            found.append(_Attention(m, [m.c_attn], m.c_proj, int(m.num_heads), int(m.head_dim), GPT2_HEADS_KEPT))
+            head_dim = int(getattr(m, "head_dim", 0) or 0)
+            layers = [at + "q_proj", at + "k_proj", at + "v_proj"]
+            if not head_dim or m.q_proj.out_features % head_dim or m.k_proj.out_features % head_dim:
+                continue  # no head size to go by: its layers stay as they are (ignored)
+            if isinstance(heads, int) and m.k_proj.out_features == m.q_proj.out_features:
+                found.append(_Attention("vit", m, layers, at + "o_proj", heads, head_dim))
+            elif isinstance(getattr(m, "num_key_value_groups", None), int):  # Llama-style
+                found.append(_Attention("llama", m, layers, at + "o_proj", m.q_proj.out_features // head_dim,
+                                        head_dim, kv_heads=m.k_proj.out_features // head_dim))
+        elif is_hf_conv1d(getattr(m, "c_attn", None)) and is_hf_conv1d(getattr(m, "c_proj", None)) \
+                and not getattr(m, "is_cross_attention", False):
+            found.append(_Attention("gpt2", m, [at + "c_attn"], at + "c_proj", int(m.num_heads), int(m.head_dim)))
     return found
 
 
-def _heads_to_remove(ratio: float, heads: int, head_dim: int, round_to: int | None) -> int:
-    """``floor(ratio * heads)``, at most ``heads - 1``, lowered until the kept width fits ``round_to``."""
-    k = min(math.floor(ratio * heads + 1e-9), heads - 1)
-    while k > 0 and round_to and ((heads - k) * head_dim) % round_to:
+def _heads_to_remove(ratio: float, heads: int, head_dim: int, round_to: int | None, groups: int = 1) -> int:
+    """``floor(ratio * heads)`` (grouped KV: ``floor(ratio * groups)`` query heads per KV head), all but
+    one at most, lowered until the kept q width fits ``round_to``."""
+    n = groups if groups > 1 else heads  # what the ratio applies to
+
+    def kept_width(k: int) -> int:
+        return (heads // groups * (groups - k) if groups > 1 else heads - k) * head_dim
+
+    k = min(math.floor(ratio * n + 1e-9), n - 1)
+    while k > 0 and round_to and kept_width(k) % round_to:
         k -= 1
     return k
 
 
-def _plan(model: nn.Module, recipe, ignored: set[int]) -> _Plan:
+def _plan(model: nn.Module, recipe, ignored: set[str]) -> _Plan:
     plan = _Plan(attentions=_attentions(model))
     for a in plan.attentions:
-        if not a.kept_reason and any(id(m) in ignored for m in a.layers):
+        if any(n in ignored for n in a.layers):
             a.kept_reason = "heads kept: a projection of this attention is ignored"
-        if not a.kept_reason:
-            a.remove = _heads_to_remove(recipe.ratio, a.heads, a.head_dim, recipe.round_to)
-            if not a.remove:
-                a.kept_reason = (f"heads kept: ratio={recipe.ratio:g} of {a.heads} heads removes none"
-                                 + (f" that leaves a multiple of round_to={recipe.round_to}" if recipe.round_to else ""))
+            continue
+        a.remove = _heads_to_remove(recipe.ratio, a.heads, a.head_dim, recipe.round_to, a.groups)
+        if not a.remove:
+            what = f"{a.groups} query heads per KV head" if a.groups > 1 else f"{a.heads} heads"
+            a.kept_reason = (f"heads kept: ratio={recipe.ratio:g} of {what} removes none"
+                             + (f" that leaves a multiple of round_to={recipe.round_to}" if recipe.round_to else ""))
     plan.ffn_up = [n for n, m in model.named_modules()
-                   if (_linear(m) or is_hf_conv1d(m)) and n.endswith(FFN_UP) and id(m) not in ignored]
+                   if (_linear(m) or is_hf_conv1d(m)) and n.endswith(FFN_UP) and n not in ignored]
     return plan
 
 
@@ -174,34 +196,32 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
     """
     import torch_pruning as tp
 
-    ignored_ids = {id(m) for m in ignored}
-    plan = _plan(model, recipe, ignored_ids)
+    names = {id(m): n for n, m in model.named_modules()}
+    ignored_names = {names[id(m)] for m in ignored}
+    plan = _plan(model, recipe, ignored_names)
     pruned_heads = [a for a in plan.attentions if not a.kept_reason]
     if not plan.ffn_up and not pruned_heads:
         raise ValueError("ChannelPrune cannot prune this transformers model: it has no FFN layer it knows "
                          f"({', '.join(FFN_UP)}) and no attention whose heads it can remove"
                          + "".join(f"; {a.kept_reason}" for a in plan.attentions[:1]))
-    names = {id(m): n for n, m in model.named_modules()}
-    kept = {}
-    for a in plan.attentions:
-        if a.kept_reason:
-            kept.update({names[id(m)]: a.kept_reason for m in a.layers})
+    kept = {n: a.kept_reason for a in plan.attentions if a.kept_reason for n in a.layers}
+    kept.update({n: "kept: KV heads are shared by grouped query heads (each group loses the same number)"
+                 for a in pruned_heads if a.groups > 1 for n in a.qkv[1:]})
     before = layer_shapes(model)
     params_before = sum(p.numel() for p in model.parameters())
     with torch.no_grad():
         reference = logits_of(_call(model, example_inputs))
-    head_layers = {id(m) for a in pruned_heads for m in a.qkv}
+    in_graph = [a for a in pruned_heads if a.kind in ("bert", "vit")]  # heads torch-pruning groups itself
     _swap_conv1d(model, to_linear=True)
     try:
         layers = {n: m for n, m in model.named_modules() if _linear(m) or isinstance(m, nn.Conv2d)}
-        prunable = set(plan.ffn_up) | {names[i] for i in head_layers}
-        skip = [m for n, m in layers.items() if n not in prunable or id(m) in ignored_ids]
-        qkv_now = {n: layers[n] for n in (names[i] for i in head_layers)}
+        prunable = set(plan.ffn_up) | {n for a in in_graph for n in a.qkv}
+        skip = [m for n, m in layers.items() if n not in prunable or n in ignored_names]
         num_heads, head_ratio = {}, {}
-        for a in pruned_heads:
-            for m in a.qkv:  # torch-pruning removes ceil(ratio * heads)
-                num_heads[qkv_now[names[id(m)]]] = a.heads
-                head_ratio[qkv_now[names[id(m)]]] = (a.remove - 0.5) / a.heads
+        for a in in_graph:
+            for n in a.qkv:  # torch-pruning removes ceil(ratio * heads)
+                num_heads[layers[n]] = a.heads
+                head_ratio[layers[n]] = (a.remove - 0.5) / a.heads
         with traceable(model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # norms: residual width kept
             pruner = tp.pruner.MetaPruner(
@@ -211,34 +231,99 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
                 head_pruning_ratio=0.0, head_pruning_ratio_dict=head_ratio,
                 output_transform=logits_of, forward_fn=lambda m, x: _call(m, x, trace=True),
             )
-            if recipe.importance == "taylor":  # Taylor scores need gradients of a loss
+            taylor = recipe.importance == "taylor"
+            if taylor:  # Taylor scores need gradients of a loss
                 model.zero_grad()
                 logits = logits_of(_call(model, example_inputs))
                 flat = logits.reshape(-1, logits.shape[-1])
                 nn.functional.cross_entropy(flat, flat.argmax(-1)).backward()
             pruner.step()
+            for a in pruned_heads:
+                if a not in in_graph:
+                    _prune_heads_directly(model, a, taylor)
             model.zero_grad(set_to_none=True)
     finally:
         _swap_conv1d(model, to_linear=False)
-    _update_heads(pruned_heads)
+    for a in pruned_heads:
+        _update_heads(model, a)
     _update_config(model, plan, pruned_heads)
-    _check(model, example_inputs, reference, before, params_before, pruned_heads)
+    _check(model, example_inputs, reference, before, params_before)
     return before, kept
 
 
-def _update_heads(attentions: list[_Attention]) -> None:
-    """Head counts follow the pruned q/k/v widths (whole heads went; the head size is unchanged)."""
-    for a in attentions:
-        widths = {m.out_features for m in a.qkv} | ({a.out.in_features} if a.out is not None else set())
-        if len(widths) != 1 or next(iter(widths)) % a.head_dim:
-            raise RuntimeError(f"pruning left q/k/v/output widths {sorted(widths)}, not one multiple of the "
-                               f"head size {a.head_dim}: heads would be inconsistent")
-        heads = next(iter(widths)) // a.head_dim
-        if heads != a.heads - a.remove:
-            raise RuntimeError(f"pruning left {heads} heads of {a.heads}, expected {a.heads - a.remove}")
-        a.module.num_attention_heads = heads
+def _row_scores(layer: nn.Linear, taylor: bool, dim: int) -> torch.Tensor:
+    """Per output row (``dim=1``) or input column (``dim=0``): squared L2 norm of the weights (bias
+    included for rows), or ``|w * grad|`` summed for Taylor."""
+    def score(p: torch.Tensor) -> torch.Tensor:
+        if taylor:
+            if p.grad is None:
+                raise RuntimeError("Taylor importance found no gradient on an attention projection")
+            return (p.detach() * p.grad).abs()
+        return p.detach() ** 2
+
+    s = score(layer.weight).sum(dim)
+    if dim == 1 and layer.bias is not None:
+        s = s + score(layer.bias)
+    return s
+
+
+def _prune_heads_directly(model: nn.Module, a: _Attention, taylor: bool) -> None:
+    """GPT-2 / Llama heads (see the module docstring): score each head over its q/k/v rows and output
+    columns, remove the lowest with torch-pruning's Linear pruners (weights, bias and grads)."""
+    import torch_pruning as tp
+
+    d, out = a.head_dim, model.get_submodule(a.out)
+    out_score = _row_scores(out, taylor, 0).view(-1, d).sum(1)  # per query head
+    if a.kind == "gpt2":  # c_attn rows: [q | k | v], each [heads, head_dim]
+        c_attn = model.get_submodule(a.qkv[0])
+        score = _row_scores(c_attn, taylor, 1).view(3, a.heads, d).sum((0, 2)) + out_score
+        drop = torch.topk(score, a.remove, largest=False).indices.tolist()
+        heads_rows = [h * d + i for h in sorted(drop) for i in range(d)]
+        tp.prune_linear_out_channels(c_attn, [seg * a.heads * d + r for seg in range(3) for r in heads_rows])
+        tp.prune_linear_in_channels(out, heads_rows)
+        return
+    q, k, v = (model.get_submodule(n) for n in a.qkv)
+    score = _row_scores(q, taylor, 1).view(-1, d).sum(1) + out_score
+    if a.groups == 1:  # one KV head per query head: whole heads, k and v alike
+        score = score + sum(_row_scores(m, taylor, 1).view(-1, d).sum(1) for m in (k, v))
+        drop = torch.topk(score, a.remove, largest=False).indices.tolist()
+        kv_rows = [h * d + i for h in sorted(drop) for i in range(d)]
+        tp.prune_linear_out_channels(k, kv_rows)
+        tp.prune_linear_out_channels(v, kv_rows)
+    else:  # the same number of query heads from every KV group (the KV heads are shared: kept)
+        per_group = torch.topk(score.view(a.kv_heads, a.groups), a.remove, dim=1, largest=False).indices
+        drop = [g * a.groups + int(j) for g in range(a.kv_heads) for j in per_group[g]]
+    rows = [h * d + i for h in sorted(drop) for i in range(d)]
+    tp.prune_linear_out_channels(q, rows)
+    tp.prune_linear_in_channels(out, rows)
+
+
+def _width(layer: nn.Module, dim: str) -> int:
+    """``in`` or ``out`` features of a Linear or a Conv1D (weight [in, out])."""
+    if _linear(layer):
+        return layer.in_features if dim == "in" else layer.out_features
+    return layer.weight.shape[0 if dim == "in" else 1]
+
+
+def _update_heads(model: nn.Module, a: _Attention) -> None:
+    """Head attributes follow the pruned widths (whole heads went; the head size is unchanged); the
+    widths must be one consistent head layout."""
+    d, expected = a.head_dim, a.heads - a.remove * (a.kv_heads if a.groups > 1 else 1)
+    widths = [_width(model.get_submodule(n), "out") for n in a.qkv] + [_width(model.get_submodule(a.out), "in")]
+    kv = a.kv_heads if a.groups > 1 else expected
+    want = {"gpt2": [3 * expected * d, expected * d]}.get(a.kind, [expected * d, kv * d, kv * d, expected * d])
+    if widths != want:
+        raise RuntimeError(f"pruning left {a.kind} attention {a.qkv[0].rpartition('.')[0]!r} with q/k/v/output widths "
+                           f"{widths}, not {want} ({expected} heads of {d}): heads would be inconsistent")
+    if a.kind == "gpt2":
+        a.module.num_heads, a.module.split_size = expected, expected * d
+    elif a.kind == "llama":
+        a.module.num_key_value_groups = expected // kv
+    else:
+        a.module.num_attention_heads = expected
         if hasattr(a.module, "all_head_size"):
-            a.module.all_head_size = heads * a.head_dim
+            a.module.all_head_size = expected * d
+    a.heads_after, a.kv_after = expected, kv
 
 
 def _configs(model: nn.Module) -> list:
@@ -253,22 +338,23 @@ def _configs(model: nn.Module) -> list:
 def _update_config(model: nn.Module, plan: _Plan, attentions: list[_Attention]) -> None:
     """Write the pruned head count / head size / FFN width into the config where every layer agrees
     (with global pruning they may not: the module shapes, which rc.save records, are then the truth)."""
-    named = dict(model.named_modules())
-    ffn = {named[n].out_features if _linear(named[n]) else named[n].weight.shape[1] for n in plan.ffn_up}
-    heads = {a.module.num_attention_heads for a in attentions}
+    ffn = {_width(model.get_submodule(n), "out") for n in plan.ffn_up}
+    heads = {(a.heads_after, a.kv_after, a.kind) for a in attentions}
     for config in _configs(model):
-        if len(heads) == 1 and attentions:
-            config.num_attention_heads = next(iter(heads))
+        if len(heads) == 1 and len(attentions) == len(plan.attentions):
+            count, kv, kind = next(iter(heads))
+            config.num_attention_heads = count
+            if kind == "llama":
+                config.num_key_value_heads = kv
             config.head_dim = attentions[0].head_dim  # no longer hidden_size // num_attention_heads
-        if len(ffn) == 1 and plan.ffn_up:
-            width = next(iter(ffn))
+        if len(ffn) == 1:
             for attr in ("intermediate_size", "n_inner"):
-                if attr in vars(config) or attr in type(config).__dict__:
-                    setattr(config, attr, width)
+                if attr in vars(config):
+                    setattr(config, attr, next(iter(ffn)))
                     break
 
 
-def _check(model, example_inputs, reference, before, params_before, attentions) -> None:
+def _check(model, example_inputs, reference, before, params_before) -> None:
     """Run the pruned model once; its output shape, head counts and parameter count must agree with
     what was removed, or pruning fails here rather than later."""
     try:

@@ -44,15 +44,15 @@ def _vit(heads=2):
         intermediate_size=128, num_labels=3))
 
 
-def _gpt2():
-    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=64, n_layer=1, n_head=2,
+def _gpt2(heads=2):
+    return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=64, n_layer=1, n_head=heads,
                                             bos_token_id=0, eos_token_id=0))
 
 
-def _llama():
+def _llama(heads=2, kv_heads=1):
     return tf.LlamaForCausalLM(tf.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, max_position_embeddings=16, bos_token_id=0, eos_token_id=0, pad_token_id=0))
 
 
 BUILDERS = {"bert": _bert, "vit": _vit, "gpt2": _gpt2, "llama": _llama}
@@ -207,16 +207,32 @@ def test_evaluate_bert_in_embedding_space(dense):
     assert record["clean_accuracy"] == 1.0 and record["robust_accuracy"]["PGD-3 Linf eps=0.2"] < 1.0
 
 
-# ChannelPrune: per architecture, the FFN up-projection(s), the layer taking the FFN hidden width,
-# and (BERT/ViT) the attention's q/k/v and output projection whose heads are removed whole
+# ChannelPrune: per architecture, the FFN up-projection(s), the layer taking the FFN hidden width, and
+# the attention: its q/k/v projections and the output projection whose inputs lose the heads
 FFN = {"bert": (["bert.encoder.layer.0.intermediate.dense"], "bert.encoder.layer.0.output.dense"),
        "vit": (["vit.layers.0.mlp.fc1"], "vit.layers.0.mlp.fc2"),
-       "gpt2": (["transformer.h.0.mlp.c_fc"], "transformer.h.0.mlp.c_proj"),
-       "llama": (["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"], "model.layers.0.mlp.down_proj")}
+       "gpt2": (["transformer.h.0.mlp.c_fc"], "transformer.h.0.mlp.c_proj")}
+FFN["llama"] = FFN["llama_mha"] = (["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"],
+                                   "model.layers.0.mlp.down_proj")
 ATTENTION = {"bert": ("bert.encoder.layer.0.attention.self", ["query", "key", "value"],
                       "bert.encoder.layer.0.attention.output.dense"),
-             "vit": ("vit.layers.0.attention", ["q_proj", "k_proj", "v_proj"], "vit.layers.0.attention.o_proj")}
-HEADS, HEAD_DIM = 4, 16  # the head-pruning models: 4 heads of 16 (hidden 64)
+             "vit": ("vit.layers.0.attention", ["q_proj", "k_proj", "v_proj"], "vit.layers.0.attention.o_proj"),
+             "gpt2": ("transformer.h.0.attn", ["c_attn"], "transformer.h.0.attn.c_proj")}
+ATTENTION["llama"] = ATTENTION["llama_mha"] = ("model.layers.0.self_attn", ["q_proj", "k_proj", "v_proj"],
+                                               "model.layers.0.self_attn.o_proj")
+HEADS, HEAD_DIM = 4, 16  # the pruning models: 4 heads of 16 (hidden 64); Llama: 2 KV heads, or 4 (llama_mha)
+PRUNED_MODELS = ["bert", "vit", "gpt2", "llama", "llama_mha"]
+
+
+def _arch(name):
+    return "llama" if name.startswith("llama") else name
+
+
+def _pruning_original(name):
+    torch.manual_seed(5)
+    build = {"bert": _bert, "vit": _vit, "gpt2": _gpt2, "llama": lambda h: _llama(h, 2),
+             "llama_mha": lambda h: _llama(h, h)}[name]
+    return build(HEADS).eval()
 
 
 def _example(name):
@@ -244,8 +260,26 @@ def _zero_inputs(layer, drop):
             layer.weight[drop, :] = 0
 
 
+def _kept_heads(original, model, name):
+    """The original query heads the pruned attention kept, checked to be whole heads, in order, taken
+    alike from q, k and v (GPT-2: from each third of c_attn; grouped KV: k and v untouched)."""
+    attn, qkv, _ = ATTENTION[name]
+    rows = [_kept(model.get_submodule(f"{attn}.{p}"), original.get_submodule(f"{attn}.{p}")) for p in qkv]
+    width = HEADS * HEAD_DIM
+    if name == "gpt2":  # [q | k | v]
+        thirds = [[r - i * width for r in rows[0] if i * width <= r < (i + 1) * width] for i in range(3)]
+        assert thirds[0] == thirds[1] == thirds[2]
+        rows = [thirds[0]]
+    elif name == "llama":  # the shared KV heads are kept
+        assert rows[1] == rows[2] == list(range(original.get_submodule(f"{attn}.k_proj").out_features))
+        rows = rows[:1]
+    heads = sorted({i // HEAD_DIM for i in rows[0]})
+    assert all(r == [h * HEAD_DIM + d for h in heads for d in range(HEAD_DIM)] for r in rows)
+    return heads
+
+
 def _masked(original, model, name):
-    """The original model with the channels (and heads) ``model`` lost zeroed where they are consumed:
+    """The original model with the FFN channels and heads ``model`` lost zeroed where they are consumed:
     pruning removed exactly those, so both compute the same function."""
     masked = copy.deepcopy(original)
     ups, down = FFN[name]
@@ -254,15 +288,10 @@ def _masked(original, model, name):
     drop = torch.ones(_rows(original.get_submodule(ups[0])).shape[0], dtype=torch.bool)
     drop[kept[0]] = False
     _zero_inputs(masked.get_submodule(down), drop)
-    if name in ATTENTION:
-        attn, qkv, out = ATTENTION[name]
-        rows = [_kept(model.get_submodule(f"{attn}.{p}"), original.get_submodule(f"{attn}.{p}")) for p in qkv]
-        assert rows[0] == rows[1] == rows[2]  # the same heads from q, k and v
-        drop = torch.ones(_rows(original.get_submodule(f"{attn}.{qkv[0]}")).shape[0], dtype=torch.bool)
-        drop[rows[0]] = False
-        heads_kept = sorted({i // HEAD_DIM for i in rows[0]})
-        assert rows[0] == [h * HEAD_DIM + d for h in heads_kept for d in range(HEAD_DIM)]  # whole heads, in order
-        _zero_inputs(masked.get_submodule(out), drop)
+    drop = torch.ones(HEADS * HEAD_DIM, dtype=torch.bool)
+    for h in _kept_heads(original, model, name):
+        drop[h * HEAD_DIM:(h + 1) * HEAD_DIM] = False
+    _zero_inputs(masked.get_submodule(ATTENTION[name][2]), drop)
     return masked
 
 
@@ -276,46 +305,45 @@ def _expected_parameters(original, summary, model):
     return sum(p.numel() for p in original.parameters()) - removed
 
 
-def _pruning_original(name):
-    torch.manual_seed(5)
-    return (_bert(HEADS) if name == "bert" else _vit(HEADS) if name == "vit" else BUILDERS[name]()).eval()
+def _head_count(module, name):
+    """The head count the attention module's own forward goes by."""
+    if name == "gpt2":
+        assert module.split_size == module.num_heads * HEAD_DIM
+        return module.num_heads
+    if name.startswith("llama"):
+        return module.num_key_value_groups * module.k_proj.out_features // HEAD_DIM
+    return module.num_attention_heads
 
 
-@pytest.mark.parametrize("name", list(BUILDERS))
+@pytest.mark.parametrize("name", PRUNED_MODELS)
 def test_channel_prune_heads_and_ffn(name, tmp_path):
-    """ChannelPrune(0.5): BERT/ViT lose 2 of 4 whole heads (q, k, v and the output projection alike) and
-    half the FFN width; GPT-2 and Llama half the FFN width, heads kept with the reason. The pruned model
-    computes the original with those channels zeroed, its heads, config and parameter count agree with
-    the summary, its input gradient is finite and it saves and loads bit-exactly."""
+    """ChannelPrune(0.5) removes 2 of 4 whole heads (Llama with 2 KV heads: one query head per KV head,
+    KV heads kept) and half the FFN width. The pruned model computes the original with those heads
+    and channels zeroed; its head attributes, config and parameter count agree with the summary, its
+    input gradient is finite and it saves and loads bit-exactly."""
     original = _pruning_original(name)
     model = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5)], example_inputs=_example(name))
     summary = model.compression_summary
     ups, down = FFN[name]
+    attn, qkv, out = ATTENTION[name]
     pruned = {r.name for r in summary.layers if r.action == "pruned"}
-    expected = set(ups) | {down}
-    if name in ATTENTION:
-        attn, qkv, out = ATTENTION[name]
-        expected |= {f"{attn}.{p}" for p in qkv} | {out}
-        module = model.get_submodule(attn)
-        assert module.num_attention_heads == HEADS // 2 and model.config.num_attention_heads == HEADS // 2
-        assert model.config.head_dim == HEAD_DIM and all(
-            model.get_submodule(f"{attn}.{p}").out_features == HEADS // 2 * HEAD_DIM for p in qkv)
-        assert model.get_submodule(out).in_features == HEADS // 2 * HEAD_DIM
-    else:
-        kept = {r.name: r.reason for r in summary.layers if r.reason.startswith("heads kept")}
-        assert len(kept) == (2 if name == "gpt2" else 4) and not set(kept) & pruned
-        assert ("fused c_attn" if name == "gpt2" else "does not finish") in next(iter(kept.values()))
-    assert pruned == expected  # embeddings, norms, the residual width and the head left alone
+    shrunk = qkv[:1] if name == "llama" else qkv  # grouped KV: k and v are shared, kept
+    assert pruned == set(ups) | {down, out} | {f"{attn}.{p}" for p in shrunk}  # embeddings, residual, head kept
+    if name == "llama":
+        assert all("KV heads are shared" in r.reason for r in summary.layers if r.name.endswith(("k_proj", "v_proj")))
+    assert _head_count(model.get_submodule(attn), name) == HEADS // 2 == model.config.num_attention_heads
+    assert model.config.head_dim == HEAD_DIM
+    if name.startswith("llama"):
+        assert model.config.num_key_value_heads == (2 if name == "llama" else HEADS // 2)
     width = 128 if name == "gpt2" else 64  # FFN 128 (GPT-2: 4 x 64) halved
     assert all(_rows(model.get_submodule(u)).shape[0] == width for u in ups)
     assert getattr(model.config, "n_inner" if name == "gpt2" else "intermediate_size") == width
     params = sum(p.numel() for p in model.parameters())
     assert params == _expected_parameters(original, summary, model) < sum(p.numel() for p in original.parameters())
-    with torch.device("meta"):  # the updated config rebuilds these shapes (BERT derives head size from hidden)
+    with torch.device("meta"):  # BERT and GPT-2 derive the head size from hidden_size / heads: only rc.load rebuilds
         rebuilt = type(model)(model.config)
-    shapes = {k: v.shape for k, v in model.state_dict().items()}
-    if name != "bert":
-        assert {k: v.shape for k, v in rebuilt.state_dict().items()} == shapes
+    same = {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    assert same == (name not in ("bert", "gpt2"))
 
     x = _input(name)
     with torch.no_grad():
@@ -328,8 +356,7 @@ def test_channel_prune_heads_and_ffn(name, tmp_path):
 
     loaded = rc.load(rc.save(model, tmp_path / f"{name}-pruned.safetensors"))
     assert loaded.config.to_dict() == model.config.to_dict()
-    if name in ATTENTION:
-        assert loaded.get_submodule(ATTENTION[name][0]).num_attention_heads == HEADS // 2
+    assert _head_count(loaded.get_submodule(attn), name) == HEADS // 2
     with torch.no_grad():
         assert torch.equal(_logits(loaded, name, x), y)
     sd, sd_loaded = model.state_dict(), loaded.state_dict()
@@ -367,9 +394,10 @@ def test_channel_prune_head_count_is_the_floor_of_the_ratio(ratio, heads_left):
         assert "removes none" in next(r.reason for r in model.compression_summary.layers if r.name.endswith("q_proj"))
 
 
-@pytest.mark.parametrize("name", ["bert", "gpt2"])
+@pytest.mark.parametrize("name", ["bert", "gpt2", "llama"])
 def test_channel_prune_taylor_importance(name):
-    """Taylor scores come from the gradient of a loss on the model's logits ([B, C] or a causal LM's [B, T, V])."""
+    """Taylor scores come from the gradient of a loss on the model's logits ([B, C] or a causal LM's [B, T, V]);
+    on GPT-2 and Llama they also rank the heads robcomp removes itself."""
     original = _pruning_original(name)
     model = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5, importance="taylor")], example_inputs=_example(name))
     x = _input(name)
