@@ -139,7 +139,8 @@ def _plan(model: nn.Module, recipe, ignored: set[str]) -> _Plan:
         if not a.remove:
             what = f"{a.groups} query heads per KV head" if a.groups > 1 else f"{a.heads} heads"
             a.kept_reason = (f"heads kept: ratio={recipe.ratio:g} of {what} removes none"
-                             + (f" that leaves a multiple of round_to={recipe.round_to}" if recipe.round_to else ""))
+                             + (f" (the kept width stays a multiple of round_to={recipe.round_to})"
+                                if recipe.round_to else ""))
     plan.ffn_up = [n for n, m in model.named_modules()
                    if (_linear(m) or is_hf_conv1d(m)) and n.endswith(FFN_UP) and n not in ignored]
     return plan
@@ -194,8 +195,6 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
     importance; ``traceable``: the context manager that makes the model traceable. Returns the
     layer shapes before pruning and the reason each layer was left alone (by name).
     """
-    import torch_pruning as tp
-
     names = {id(m): n for n, m in model.named_modules()}
     ignored_names = {names[id(m)] for m in ignored}
     plan = _plan(model, recipe, ignored_names)
@@ -214,30 +213,22 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
     in_graph = [a for a in pruned_heads if a.kind in ("bert", "vit")]  # heads torch-pruning groups itself
     _swap_conv1d(model, to_linear=True)
     try:
-        layers = {n: m for n, m in model.named_modules() if _linear(m) or isinstance(m, nn.Conv2d)}
-        prunable = set(plan.ffn_up) | {n for a in in_graph for n in a.qkv}
-        skip = [m for n, m in layers.items() if n not in prunable or n in ignored_names]
-        num_heads, head_ratio = {}, {}
-        for a in in_graph:
-            for n in a.qkv:  # torch-pruning removes ceil(ratio * heads)
-                num_heads[layers[n]] = a.heads
-                head_ratio[layers[n]] = (a.remove - 0.5) / a.heads
+        taylor = recipe.importance == "taylor"
         with traceable(model), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Unwrapped parameters detected")  # norms: residual width kept
-            pruner = tp.pruner.MetaPruner(
-                model, example_inputs, importance=importance, global_pruning=recipe.global_pruning,
-                pruning_ratio=recipe.ratio, iterative_steps=1, round_to=recipe.round_to,
-                ignored_layers=skip, num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
-                head_pruning_ratio=0.0, head_pruning_ratio_dict=head_ratio,
-                output_transform=logits_of, forward_fn=lambda m, x: _call(m, x, trace=True),
-            )
-            taylor = recipe.importance == "taylor"
             if taylor:  # Taylor scores need gradients of a loss
                 model.zero_grad()
                 logits = logits_of(_call(model, example_inputs))
                 flat = logits.reshape(-1, logits.shape[-1])
                 nn.functional.cross_entropy(flat, flat.argmax(-1)).backward()
-            pruner.step()
+            heads = {n for a in in_graph for n in a.qkv}
+            # heads are chosen per layer (one count for the config); with global_pruning the FFN widths
+            # are ranked across layers in a second pass (torch-pruning's global head ranking fails)
+            passes = ([(heads, False), (set(plan.ffn_up), True)] if recipe.global_pruning and heads
+                      else [(heads | set(plan.ffn_up), recipe.global_pruning)])
+            for prunable, global_pruning in passes:
+                _graph_step(model, example_inputs, recipe, importance, prunable - ignored_names, in_graph,
+                            global_pruning)
             for a in pruned_heads:
                 if a not in in_graph:
                     _prune_heads_directly(model, a, taylor)
@@ -249,6 +240,30 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
     _update_config(model, plan, pruned_heads)
     _check(model, example_inputs, reference, before, params_before)
     return before, kept
+
+
+def _graph_step(model: nn.Module, example_inputs, recipe, importance, prunable: set[str],
+                attentions: list[_Attention], global_pruning: bool) -> None:
+    """One torch-pruning pass over the layers named in ``prunable`` (every other layer ignored), heads
+    of ``attentions`` among them removed whole."""
+    import torch_pruning as tp
+
+    layers = {n: m for n, m in model.named_modules() if _linear(m) or isinstance(m, nn.Conv2d)}
+    num_heads, head_ratio = {}, {}
+    for a in attentions:
+        for n in a.qkv:
+            if n in prunable:  # torch-pruning removes ceil(ratio * heads)
+                num_heads[layers[n]] = a.heads
+                head_ratio[layers[n]] = (a.remove - 0.5) / a.heads
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs, importance=importance, global_pruning=global_pruning,
+        pruning_ratio=recipe.ratio, iterative_steps=1, round_to=recipe.round_to,
+        ignored_layers=[m for n, m in layers.items() if n not in prunable],
+        num_heads=num_heads, prune_num_heads=bool(num_heads), prune_head_dims=False,
+        head_pruning_ratio=0.0, head_pruning_ratio_dict=head_ratio,
+        output_transform=logits_of, forward_fn=lambda m, x: _call(m, x, trace=True),
+    )
+    pruner.step()
 
 
 def _row_scores(layer: nn.Linear, taylor: bool, dim: int) -> torch.Tensor:

@@ -406,6 +406,30 @@ def test_channel_prune_taylor_importance(name):
     assert torch.allclose(y, y_masked, atol=1e-5 * y_masked.abs().max().item(), rtol=1e-4)
 
 
+@pytest.mark.parametrize("name", ["vit", "llama"])
+def test_channel_prune_global_keeps_one_head_count(name, tmp_path):
+    """global_pruning ranks FFN channels across layers (widths may differ) but removes the same number of
+    heads from every layer, so the config keeps one head count; intermediate_size is updated only if
+    every layer agrees."""
+    config = _pruning_original(name).config
+    config.num_hidden_layers = 2
+    torch.manual_seed(6)
+    original = type(_pruning_original(name))(config).eval()
+    model = compress(copy.deepcopy(original), [rc.ChannelPrune(0.5, global_pruning=True)], example_inputs=_example(name))
+    attentions = [m for n, m in model.named_modules() if n.endswith(("attention", "self_attn"))]
+    assert len(attentions) == 2 and {_head_count(m, name) for m in attentions} == {HEADS // 2}
+    assert model.config.num_attention_heads == HEADS // 2
+    ups = [m for n, m in model.named_modules() if n.endswith(("mlp.fc1", "mlp.up_proj"))]
+    widths = [m.out_features for m in ups]
+    assert len(widths) == 2 and sum(widths) < 2 * 128  # FFN channels went, ranked across both layers
+    assert model.config.intermediate_size == (widths[0] if len(set(widths)) == 1 else 128)
+    x = _input(name)
+    loaded = rc.load(rc.save(model, tmp_path / "global.safetensors"))
+    with torch.no_grad():
+        y = _logits(model, name, x)
+        assert torch.isfinite(y).all() and torch.equal(_logits(loaded, name, x), y)
+
+
 def test_channel_prune_that_removes_nothing_leaves_the_model_unchanged(dense):
     model = copy.deepcopy(dense["gpt2"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
