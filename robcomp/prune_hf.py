@@ -208,8 +208,13 @@ def prune_transformers(model: nn.Module, recipe, example_inputs, ignored: list[n
                  for a in pruned_heads if a.groups > 1 for n in a.qkv[1:]})
     before = layer_shapes(model)
     params_before = sum(p.numel() for p in model.parameters())
-    with torch.no_grad():
-        reference = logits_of(_call(model, example_inputs))
+    try:
+        with torch.no_grad():
+            reference = logits_of(_call(model, example_inputs))
+    except Exception as e:  # nothing changed yet: say what was called
+        raise ValueError(f"ChannelPrune traces model(example_inputs), which failed ({type(e).__name__}: {e}); "
+                         "pass what the model's forward takes first (token ids, pixel values) or a dict "
+                         "of its keyword arguments") from e
     in_graph = [a for a in pruned_heads if a.kind in ("bert", "vit")]  # heads torch-pruning groups itself
     _swap_conv1d(model, to_linear=True)
     try:

@@ -430,6 +430,17 @@ def test_channel_prune_global_keeps_one_head_count(name, tmp_path):
         assert torch.isfinite(y).all() and torch.equal(_logits(loaded, name, x), y)
 
 
+def test_channel_prune_takes_a_dict_and_names_bad_example_inputs(dense):
+    """example_inputs may be the forward's keyword arguments; inputs the forward cannot take are
+    named in the error, before anything changed."""
+    ids = _example("bert")
+    model = compress(_pruning_original("bert"), [rc.ChannelPrune(0.5)],
+                     example_inputs={"input_ids": ids, "attention_mask": torch.ones_like(ids)})
+    assert model.get_submodule(ATTENTION["bert"][0]).num_attention_heads == HEADS // 2
+    with pytest.raises(ValueError, match="ChannelPrune traces model.example_inputs."):
+        compress(copy.deepcopy(dense["bert"]), [rc.ChannelPrune(0.5)], example_inputs=_input("bert"))  # embeddings
+
+
 def test_channel_prune_that_removes_nothing_leaves_the_model_unchanged(dense):
     model = copy.deepcopy(dense["gpt2"])
     before = {k: v.clone() for k, v in model.state_dict().items()}
