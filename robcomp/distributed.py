@@ -101,6 +101,8 @@ def evaluate_distributed(model, data, *, out: str | os.PathLike | None = None,
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     backend = dist.get_backend(group)
     device = torch.device(device) if device is not None else local_device(group)
+    if backend == "nccl" and device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     t0 = time.perf_counter()
     shard = evaluate(model, data, rank=rank, world_size=world, device=device, measure=False, per_example=True,
