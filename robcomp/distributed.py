@@ -79,6 +79,15 @@ def _gather_outcomes(per_example: dict, group, comm_device) -> dict:
     return {k: joined[:, i].tolist() for i, k in enumerate(_OUTCOMES)}
 
 
+def _batch_count(data, batch_size: int) -> int | None:
+    if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
+        return -(-len(data[0]) // batch_size)
+    try:
+        return len(data)
+    except TypeError:  # an iterable dataset: unknown until iterated
+        return None
+
+
 def evaluate_distributed(model, data, *, out: str | os.PathLike | None = None,
                          state_path: str | os.PathLike | None = None, device=None, group=None,
                          measure: bool = True, **kwargs) -> dict:
@@ -104,6 +113,11 @@ def evaluate_distributed(model, data, *, out: str | os.PathLike | None = None,
     if backend == "nccl" and device.type == "cuda":
         torch.cuda.set_device(device)  # NCCL's object collectives use the current device
     comm_device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+    batches = _batch_count(data, kwargs.get("batch_size", 256))
+    if batches is not None and batches < world:
+        # checked on every rank alike: one rank failing alone would leave the others in a collective
+        raise ValueError(f"data has {batches} batches for {world} ranks: every rank needs at least one "
+                         "(a smaller batch_size or fewer processes)")
     t0 = time.perf_counter()
     shard = evaluate(model, data, rank=rank, world_size=world, device=device, measure=False, per_example=True,
                      state_path=None if state_path is None else shard_state_path(state_path, rank, world), **kwargs)

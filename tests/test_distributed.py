@@ -73,6 +73,16 @@ def _worker(rank, world, init_file, out, state, phase):
         dist.destroy_process_group()
 
 
+def _too_few_batches(rank, world, init_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model, x, y, attacks = _problem()
+        with pytest.raises(ValueError, match="1 batches for 2 ranks"):
+            evaluate_distributed(model, (x[:3], y[:3]), batch_size=BATCH)
+    finally:
+        dist.destroy_process_group()
+
+
 def _spawn(tmp_path, phase, out, state):
     init = tmp_path / f"rendezvous-{phase}"
     mp.start_processes(_worker, args=(2, str(init), str(out), str(state), phase), nprocs=2, join=True,
@@ -114,3 +124,8 @@ def test_without_a_process_group_the_error_says_what_to_do():
     model, x, y, attacks = _problem()
     with pytest.raises(RuntimeError, match="init_process_group"):
         evaluate_distributed(model, (x, y))
+
+
+def test_data_with_fewer_batches_than_ranks_is_refused_on_every_rank(tmp_path):
+    mp.start_processes(_too_few_batches, args=(2, str(tmp_path / "rendezvous")), nprocs=2, join=True,
+                       start_method="spawn")
