@@ -35,6 +35,7 @@ def test_ray_quick_study_matches_in_process_and_resumes(tmp_path, monkeypatch):
     from robcomp.ray_executor import RayExecutor
 
     spec = quick_spec()
+    monkeypatch.setenv("ROBCOMP_CACHE_DIR", str(tmp_path / "local-cache"))  # not the other tests' warm one
     said = []
     local = run_study(spec, tmp_path / "local", progress=False, echo=said.append)
     trained_here = int(re.search(r"baselines: (\d+) trained", "\n".join(said)).group(1))
