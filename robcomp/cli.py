@@ -70,6 +70,26 @@ def _study_spec(args):
     return spec
 
 
+def _executor(args):
+    """None (in-process) or the Ray executor ``--executor ray`` asks for."""
+    if args.executor == "inprocess":
+        for flag, value in (("--address", args.address), ("--task-cpus", args.task_cpus),
+                            ("--task-gpus", args.task_gpus)):
+            if value is not None:
+                raise UsageError(f"{flag} needs --executor ray")
+        return None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise UsageError('--executor ray needs Ray: pip install -e ".[ray]"')
+    from robcomp.ray_executor import RayExecutor
+
+    try:
+        return RayExecutor(args.address, args.task_cpus, args.task_gpus or 0)
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+
+
 def _cmd_run(args) -> int:
     from robcomp.study import check_output_dir, run_study
     from robcomp.studyspec import default_spec_text
@@ -88,6 +108,7 @@ def _cmd_run(args) -> int:
     from robcomp.study import check_same_study
 
     spec = _study_spec(args)
+    executor = _executor(args)
     try:
         spec.points()  # every recipe/model combination is well-formed before anything is written
     except ValueError as e:
@@ -102,7 +123,7 @@ def _cmd_run(args) -> int:
         raise UsageError(str(e)) from None
     t0 = time.perf_counter()
     try:
-        run_study(spec, out, progress=not args.no_progress, use_cache=not args.no_cache)
+        run_study(spec, out, progress=not args.no_progress, use_cache=not args.no_cache, executor=executor)
     except DirectoryBusyError as e:
         raise UsageError(str(e)) from None
     print(f"finished in {time.perf_counter() - t0:.1f} s")
@@ -210,6 +231,14 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-cache", action="store_true", help="retrain baselines instead of reusing cached ones")
     run.add_argument("--no-progress", action="store_true", help="no progress output (by default: bars on a "
                                                                 "terminal, one line per point when stderr is not one)")
+    run.add_argument("--executor", choices=("inprocess", "ray"), default="inprocess",
+                     help="where points run: in this process (default) or as Ray tasks (pip install -e \".[ray]\"); "
+                          "either way this process alone appends results.jsonl")
+    run.add_argument("--address", help="with --executor ray: the cluster to join (auto, ray://HOST:10001); "
+                                       "default a local Ray on this machine's cores")
+    run.add_argument("--task-cpus", type=float, help="with --executor ray: CPUs per point task (default: the "
+                                                     "study's threads)")
+    run.add_argument("--task-gpus", type=float, help="with --executor ray: GPUs per point task (default 0)")
     run.set_defaults(func=_cmd_run)
     rep = sub.add_parser("report", help="re-render report.md, report.html and plots/ from DIR/results.jsonl")
     rep.add_argument("directory", metavar="DIR")

@@ -176,7 +176,7 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
              state_path: str | os.PathLike | None = None, rank: int = 0, world_size: int = 1,
              twin: nn.Module | None = None, sanity: bool = True, sanity_examples: int = 128,
              measure: bool = True, randomised: bool | None = None, eot_samples: int = 20, votes: int = 10,
-             scoring: str = "majority", output_fn=None) -> dict:
+             scoring: str = "majority", output_fn=None, per_example: bool = False) -> dict:
     """Evaluate ``model`` on ``data``: clean and robust accuracy, sanity flags, latency, memory,
     energy, size, MACs. Returns a JSON-serialisable record (fields: docs/evaluation.md).
 
@@ -191,6 +191,8 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     vote (``"majority"`` or ``"expectation"``) over ``votes`` forwards.
     ``output_fn(output) -> logits``: picks the logits of a model that does not return a tensor
     (default: ``.logits`` / ``["logits"]`` / first element, see :mod:`robcomp.outputs`).
+    ``per_example``: also record each example's outcome (``record["per_example"]``: ``index``,
+    ``clean``, ``worst`` as 0/1 lists in example order), e.g. to check a sharded run example by example.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -231,9 +233,12 @@ def evaluate(model: nn.Module, data, *, attacks: Sequence[Attack] = (), batch_si
     fingerprint = {"version": STATE_VERSION, "attacks": [a.to_dict() for a in attacks], "batch_size": batch_size,
                    "rank": rank, "world_size": world_size, "seed": seed, "model": _model_digest(model),
                    "twin": None if twin is None else _model_digest(twin),
-                   "randomised": randomised, "eot_samples": eot_samples, "votes": votes, "scoring": scoring}
+                   "randomised": randomised, "eot_samples": eot_samples, "votes": votes, "scoring": scoring,
+                   **({"per_example": True} if per_example else {})}  # absent when off: older states still resume
     state_path = Path(state_path) if state_path is not None else None
     counts = _fresh_counts(attacks, twin is not None)
+    if per_example:
+        counts["per_example"] = {"index": [], "clean": [], "worst": []}
     if state_path is not None and state_path.exists():
         saved = json.loads(state_path.read_text())
         if saved.get("fingerprint") != json.loads(json.dumps(fingerprint)):
@@ -341,6 +346,11 @@ def _evaluate_batch(model, twin, attacks, counts, x, y, ids, seed, eot_samples, 
             t["replay_robust"] += int((clean_ok & (pred_dep == y)).sum())
             t["disagree"] += int((pred_tw != pred_dep).sum())
     c["worst_correct"] += int(robust_all.sum())
+    if c.get("per_example") is not None:
+        pe = c["per_example"]
+        pe["index"] += ids.tolist()
+        pe["clean"] += clean_ok.int().tolist()
+        pe["worst"] += robust_all.int().tolist()
     for k, v in by_eps.items():
         c["worst_by_eps"][k] += int(v.sum())
 
@@ -383,6 +393,7 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         "ensembles": ensembles,
         "counts": {k: c[k] for k in ("examples", "clean_correct", "worst_correct", "robust_correct", "worst_by_eps")},
         "shard": {"rank": rank, "world_size": world_size},
+        **({"per_example": c["per_example"]} if c.get("per_example") is not None else {}),
         "seed": seed,
         "dtype": str(dtype).replace("torch.", ""),
         "model_bytes": model_bytes(model),
@@ -442,8 +453,9 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
 def merge_records(records: Sequence[dict]) -> dict:
     """Combine the accuracy counts of shard records (``rank`` 0..world_size-1) into one record.
 
-    Accuracies are recomputed from the summed counts; sanity flags are OR-ed; measurements
-    (latency, memory) are taken from the first record.
+    Accuracies are recomputed from the summed counts, ensemble member statistics are summed,
+    ``per_example`` outcomes (when every record has them) are joined in example order; sanity
+    flags are OR-ed; measurements (latency, memory) are taken from the first record.
     """
     if not records:
         raise ValueError("records is empty")
@@ -471,6 +483,18 @@ def merge_records(records: Sequence[dict]) -> dict:
         out["worst_case_robust_accuracy"] = counts["worst_correct"] / n
     out["attack_time_s"] = {k: sum(r["attack_time_s"][k] for r in records) for k in out["attack_time_s"]}
     out["shard"] = {"merged": [r["shard"] for r in records]}
+    for ens_name, stats in out.get("ensembles", {}).items():
+        for i, m in enumerate(stats["members"]):
+            for k in ("attacked", "fooled", "robust", "time_s"):
+                m[k] = sum(r["ensembles"][ens_name]["members"][i][k] for r in records)
+            m["applicable"] = all(r["ensembles"][ens_name]["members"][i]["applicable"] for r in records)
+            m["robust_accuracy_after"] = m["robust"] / n
+    if all("per_example" in r for r in records):
+        keys = ("index", "clean", "worst")
+        rows = sorted(row for r in records for row in zip(*(r["per_example"][k] for k in keys)))
+        out["per_example"] = {k: [row[i] for row in rows] for i, k in enumerate(keys)}
+    else:
+        out.pop("per_example", None)
     flags = sorted({f for r in records for f in r.get("sanity_flags", [])})
     out["sanity_flags"] = flags
     return out

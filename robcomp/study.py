@@ -296,7 +296,8 @@ def check_same_study(results_path: Path, existing: list[dict], spec: StudySpec) 
 
 def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.PathLike = "robcomp-out", *,
               progress: bool = True,
-              echo=print, use_cache: bool = True, max_points: int | None = None, render: bool = True) -> list[dict]:
+              echo=print, use_cache: bool = True, max_points: int | None = None, render: bool = True,
+              executor=None) -> list[dict]:
     """Run ``spec`` (a :class:`StudySpec`, a path to a TOML study file, or None for the shipped
     default study) into ``out``; return the records of its points.
 
@@ -304,7 +305,9 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     (:class:`~robcomp.fileio.DirectoryBusyError` when another run holds it), and a results file of
     another study is refused (ValueError). ``max_points`` stops after running that
     many new points (for tests of resumption); ``render=False`` skips the report. ``progress``
-    shows a bar on a terminal and one plain line per point on stderr otherwise.
+    shows a bar on a terminal and one plain line per point on stderr otherwise. ``executor``:
+    None runs the points in this process; a :class:`~robcomp.ray_executor.RayExecutor` runs them
+    as Ray tasks (this process still appends every record).
     """
     if spec is None:
         spec = default_spec()
@@ -317,10 +320,17 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     out = check_output_dir(out)
     with DirectoryLock(out):  # a second run into `out` refuses instead of duplicating points
         return _run_locked(spec, out, progress=progress, echo=echo, use_cache=use_cache, max_points=max_points,
-                           render=render)
+                           render=render, executor=executor)
 
 
-def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_points, render) -> list[dict]:
+def _in_process(points, ctx: _Context, bar):
+    for p in points:
+        bar.set_postfix_str(f"{p.experiment}/{p.recipe_label}/{p.regime}/s{p.seed}")
+        yield p, _record_for(p, ctx)
+
+
+def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_points, render,
+                executor=None) -> list[dict]:
     results_path = out / "results.jsonl"
     existing = _read_existing(results_path)
     check_same_study(results_path, existing, spec)
@@ -335,11 +345,10 @@ def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_po
         # nested training bars only on a terminal; a log gets one line per point
         ctx = _Context(spec, use_cache, mode == "bar")
         bar = study_progress(len(points), len(points) - len(todo), "robcomp study", mode)
-        for i, p in enumerate(todo):
-            if max_points is not None and i >= max_points:
-                break
-            bar.set_postfix_str(f"{p.experiment}/{p.recipe_label}/{p.regime}/s{p.seed}")
-            append_record(results_path, _record_for(p, ctx))
+        run = todo[:max_points] if max_points is not None else todo
+        finished = _in_process(run, ctx, bar) if executor is None else executor.run(spec, run, use_cache)
+        for p, record in finished:
+            append_record(results_path, record)  # by this process only, whatever ran the point
             bar.update(1)
         bar.close()
     ran = min(len(todo), max_points) if max_points is not None else len(todo)
@@ -352,7 +361,8 @@ def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_po
         paths = render_report(out, records)
         echo(summary_text(records))
         echo(f"\n{ran} points run, {len(points) - len(todo)} already in {results_path} "
-             f"({len(points)} in the study); baselines: {ctx.baselines_trained} trained, "
-             f"{ctx.baselines_cached} from cache; {time.perf_counter() - t_start:.1f} s")
+             f"({len(points)} in the study); "
+             + (f"baselines: {ctx.baselines_trained} trained, {ctx.baselines_cached} from cache"
+                if executor is None else executor.describe()) + f"; {time.perf_counter() - t_start:.1f} s")
         echo("wrote " + ", ".join(str(p) for p in paths))
     return mine
