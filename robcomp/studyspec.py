@@ -157,6 +157,8 @@ class StudySpec:
     layer_timing: bool = True
     families: dict = field(default_factory=dict)
     experiments: tuple[Experiment, ...] = ()
+    #: ``[kernel_sweep]``: each layer format vs dense over layer size and batch (robcomp.kernel_sweep)
+    kernel_sweep: dict = field(default_factory=lambda: dict(_SWEEP_DEFAULTS))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -272,6 +274,9 @@ _STUDY_KEYS = {"name": str, "description": str, "seeds": list, "threads": int, "
 _EVAL_KEYS = {"attacks": list, "batch_sizes": list, "latency_repeats": int, "sanity": bool, "layer_timing": bool}
 _EXP_KEYS = {"name": str, "kind": str, "title": str, "question": str, "models": list, "widths": dict, "bases": list,
              "recipes": (list, str), "regimes": list, "compact_widths": dict, "x": str, "seeds": list}
+_SWEEP_KEYS = {"enabled": bool, "sizes": list, "batches": list, "budget_s": float}
+#: a spec without a [kernel_sweep] table runs none (the shipped default study has one)
+_SWEEP_DEFAULTS = {"enabled": False, "sizes": [256, 1024, 4096], "batches": [1, 16, 256], "budget_s": 0.2}
 _TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "eps": 0.1, "pgd_steps": 5}
 _FT_DEFAULTS = {"epochs": 4, "lr": 1e-3}
 
@@ -303,10 +308,10 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
     from robcomp.recipes import RECIPES, parse_recipe
 
     data = copy.deepcopy(data)
-    top_unknown = set(data) - {"study", "train", "finetune", "evaluate", "families", "experiment"}
+    top_unknown = set(data) - {"study", "train", "finetune", "evaluate", "families", "kernel_sweep", "experiment"}
     if top_unknown:
         raise SpecError(f"{source}: unknown table(s) {sorted(top_unknown)}; accepted: study, train, finetune, "
-                        "evaluate, families, [[experiment]]")
+                        "evaluate, families, kernel_sweep, [[experiment]]")
     st = data.get("study", {})
     unknown = set(st) - set(_STUDY_KEYS)
     if unknown:
@@ -350,6 +355,13 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise SpecError(f"families.{f} must be a list of recipe names")
     kw["families"] = fam
+    if "kernel_sweep" in data:
+        ks = _table(data["kernel_sweep"], "kernel_sweep", _SWEEP_KEYS, {**_SWEEP_DEFAULTS, "enabled": True})
+        ks["sizes"] = list(_int_list("kernel_sweep.sizes", ks["sizes"], positive=True))
+        ks["batches"] = list(_int_list("kernel_sweep.batches", ks["batches"], positive=True))
+        if not ks["budget_s"] > 0:
+            raise SpecError(f"kernel_sweep.budget_s must be positive, got {ks['budget_s']}")
+        kw["kernel_sweep"] = ks
     eps_available = sorted({a.eps for a in made})
     if "headline_eps" in kw and not any(abs(e - kw["headline_eps"]) < 1e-12 for e in eps_available):
         raise SpecError(f"study.headline_eps = {kw['headline_eps']} is not the eps of any attack "
@@ -454,9 +466,14 @@ def default_spec() -> StudySpec:
     return parse_spec(tomllib.loads(default_spec_text()), source="default_study.toml")
 
 
+#: --quick caps every model width at this (the default study's wide_mlp is 2048 wide)
+QUICK_MAX_WIDTH = 1024
+
+
 def quick_spec(spec: StudySpec | None = None) -> StudySpec:
     """A smoke-sized version of ``spec`` (default: the default study): one seed, few epochs, a
-    slice of the test set, short attacks and timings, every section still filled."""
+    slice of the test set, short attacks and timings, widths capped at :data:`QUICK_MAX_WIDTH`, a
+    kernel sweep over the small sizes only, every section still filled."""
     spec = spec or default_spec()
     attacks = []
     for a in spec.attacks:
@@ -473,9 +490,20 @@ def quick_spec(spec: StudySpec | None = None) -> StudySpec:
         recipes = e.recipes if len(e.recipes) <= 4 else tuple(dict.fromkeys(
             (e.recipes[0], e.recipes[len(e.recipes) // 2], e.recipes[-2], e.recipes[-1])))
         widths = {m: (ws if len(ws) <= 3 else [ws[0], ws[len(ws) // 2], ws[-1]]) for m, ws in e.widths.items()}
+        for m in e.models:  # the wide model trains in seconds, not tens of seconds, at 1024
+            ws = widths.get(m, e.widths_for(m))
+            if any(w is not None and w > QUICK_MAX_WIDTH for w in ws):
+                widths[m] = list(dict.fromkeys(w if w is None else min(w, QUICK_MAX_WIDTH) for w in ws))
         exps.append(dataclasses.replace(e, recipes=recipes, widths=widths, seeds=None))
     return spec.replace(name=spec.name + " (quick)", seeds=spec.seeds[:1], test_examples=96,
                         train={**spec.train, "epochs": min(spec.train["epochs"], 4), "pgd_steps": 2},
                         finetune={**spec.finetune, "epochs": 1}, attacks=tuple(attacks),
                         batch_sizes=tuple(min(b, 64) for b in spec.batch_sizes), latency_repeats=5,
-                        sanity=False, experiments=tuple(exps))
+                        sanity=False, experiments=tuple(exps), kernel_sweep=_quick_sweep(spec.kernel_sweep))
+
+
+def _quick_sweep(ks: dict) -> dict:
+    """The smoke-sized sweep: layers up to 1024 wide, batches up to 16, a short budget per cell."""
+    return {**ks, "sizes": [s for s in ks["sizes"] if s <= 1024] or ks["sizes"][:1],
+            "batches": [b for b in ks["batches"] if b <= 16] or ks["batches"][:1],
+            "budget_s": min(ks["budget_s"], 0.1)}

@@ -44,6 +44,25 @@ def test_default_spec_covers_every_question_and_recipe():
     assert parse_spec(tomllib.loads(default_spec_text())) == spec
 
 
+def test_default_study_has_a_memory_bound_model_and_a_kernel_sweep():
+    from robcomp.models import build_model
+
+    spec = default_spec()
+    ex = next(e for e in spec.experiments if e.name == "memory_bound")
+    assert ex.kind == "efficiency" and 1 in spec.batch_sizes
+    assert {r.split(":")[0] for r in ex.recipes} >= {"int8_weight_only", "int4_weight_only", "sparse24"}
+    weights = sum(m.weight.numel() for m in build_model(ex.models[0]).modules() if hasattr(m, "weight"))
+    assert 4 * weights > 32 * 2 ** 20  # fp32 weights beyond a 32 MB cache: batch 1 is memory-bound
+    ks = spec.kernel_sweep
+    assert ks["enabled"] and 1 in ks["batches"] and max(ks["sizes"]) >= 4096
+    quick = quick_spec()  # smoke-sized: the wide model narrowed, the sweep over small sizes only
+    assert quick.kernel_sweep["enabled"] and max(quick.kernel_sweep["sizes"]) <= 1024
+    assert all(w <= 1024 for e in quick.experiments for m in e.models for w in e.widths_for(m))
+    no_table = tomllib.loads(default_spec_text())
+    del no_table["kernel_sweep"]
+    assert not parse_spec(no_table).kernel_sweep["enabled"]  # a spec without the table measures none
+
+
 def test_point_ids_are_stable_and_distinct():
     spec = default_spec()
     points = spec.points()
@@ -61,6 +80,9 @@ def test_point_ids_are_stable_and_distinct():
     ({"evaluate": {"attacks": ["pgd:steps=3"]}}, "needs eps"),
     ({"evaluate": {"attacks": ["zap:eps=0.1"]}}, "unknown attack 'zap'"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
+    ({"kernel_sweep": {"sizes": []}}, "kernel_sweep.sizes must be a non-empty list"),
+    ({"kernel_sweep": {"budget": 1.0}}, "unknown key(s) ['budget']"),
+    ({"kernel_sweep": {"budget_s": 0}}, "kernel_sweep.budget_s must be positive"),
 ])
 def test_bad_spec_names_the_key(patch, message):
     data = tomllib.loads(default_spec_text())
