@@ -123,6 +123,7 @@ class Experiment:
     compact_widths: dict = field(default_factory=dict)  # compact: model -> small dense widths
     x: str = "auto"
     seeds: tuple[int, ...] | None = None  # None: the study's seeds
+    batch_sizes: tuple[int, ...] | None = None  # None: the study's evaluate.batch_sizes
 
     def widths_for(self, model: str) -> list:
         return list(self.widths.get(model, [default_width(model)]))
@@ -220,7 +221,7 @@ class StudySpec:
             "train": {**self.train, "adversarial": base == "adversarial", "seed": seed},
             "finetune": ft,
             "data": {"name": "digits", "seed": self.data_seed, "test_examples": self.test_examples},
-            "attacks": list(self.attacks), "batch_sizes": list(self.batch_sizes),
+            "attacks": list(self.attacks), "batch_sizes": list(ex.batch_sizes or self.batch_sizes),
             "latency_repeats": self.latency_repeats, "sanity": self.sanity,
             "layer_timing": self.layer_timing and ex.kind == "efficiency",
         }
@@ -273,10 +274,11 @@ _STUDY_KEYS = {"name": str, "description": str, "seeds": list, "threads": int, "
                "test_examples": int, "headline_eps": float, "critical_drop": float}
 _EVAL_KEYS = {"attacks": list, "batch_sizes": list, "latency_repeats": int, "sanity": bool, "layer_timing": bool}
 _EXP_KEYS = {"name": str, "kind": str, "title": str, "question": str, "models": list, "widths": dict, "bases": list,
-             "recipes": (list, str), "regimes": list, "compact_widths": dict, "x": str, "seeds": list}
+             "recipes": (list, str), "regimes": list, "compact_widths": dict, "x": str, "seeds": list,
+             "batch_sizes": list}
 _SWEEP_KEYS = {"enabled": bool, "sizes": list, "batches": list, "budget_s": float}
 #: a spec without a [kernel_sweep] table runs none (the shipped default study has one)
-_SWEEP_DEFAULTS = {"enabled": False, "sizes": [256, 1024, 4096], "batches": [1, 16, 256], "budget_s": 0.2}
+_SWEEP_DEFAULTS = {"enabled": False, "sizes": [256, 1024, 4096], "batches": [1, 16, 256], "budget_s": 0.1}
 _TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "eps": 0.1, "pgd_steps": 5}
 _FT_DEFAULTS = {"epochs": 4, "lr": 1e-3}
 
@@ -422,12 +424,13 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
         if x not in X_AXES:
             raise SpecError(f"{where}.x must be one of {X_AXES}, got {x!r}")
         seeds = _int_list(f"{where}.seeds", e["seeds"]) if "seeds" in e else None
+        ex_batches = _int_list(f"{where}.batch_sizes", e["batch_sizes"], positive=True) if "batch_sizes" in e else None
         experiments.append(Experiment(
             name=e["name"], kind=e["kind"], title=e.get("title", e["name"]), question=e.get("question", ""),
             models=models, widths=_widths(f"{where}.widths", e.get("widths", {}), models), bases=bases,
             recipes=tuple(recipes), regimes=regimes,
             compact_widths=_widths(f"{where}.compact_widths", e.get("compact_widths", {}), models),
-            x=x, seeds=seeds))
+            x=x, seeds=seeds, batch_sizes=ex_batches))
     kw["experiments"] = tuple(experiments)
     return StudySpec(**kw)
 
@@ -437,7 +440,9 @@ def spec_from_dict(d: dict) -> StudySpec:
     d = dict(d)
     d["experiments"] = tuple(Experiment(**{**e, "models": tuple(e["models"]), "bases": tuple(e["bases"]),
                                            "recipes": tuple(e["recipes"]), "regimes": tuple(e["regimes"]),
-                                           "seeds": None if e.get("seeds") is None else tuple(e["seeds"])})
+                                           "seeds": None if e.get("seeds") is None else tuple(e["seeds"]),
+                                           "batch_sizes": None if e.get("batch_sizes") is None
+                                           else tuple(e["batch_sizes"])})
                              for e in d.get("experiments", []))
     for k in ("seeds", "attacks", "batch_sizes"):
         d[k] = tuple(d[k])
@@ -494,7 +499,8 @@ def quick_spec(spec: StudySpec | None = None) -> StudySpec:
             ws = widths.get(m, e.widths_for(m))
             if any(w is not None and w > QUICK_MAX_WIDTH for w in ws):
                 widths[m] = list(dict.fromkeys(w if w is None else min(w, QUICK_MAX_WIDTH) for w in ws))
-        exps.append(dataclasses.replace(e, recipes=recipes, widths=widths, seeds=None))
+        batches = None if e.batch_sizes is None else tuple(min(b, 64) for b in e.batch_sizes)
+        exps.append(dataclasses.replace(e, recipes=recipes, widths=widths, seeds=None, batch_sizes=batches))
     return spec.replace(name=spec.name + " (quick)", seeds=spec.seeds[:1], test_examples=96,
                         train={**spec.train, "epochs": min(spec.train["epochs"], 4), "pgd_steps": 2},
                         finetune={**spec.finetune, "epochs": 1}, attacks=tuple(attacks),
@@ -506,4 +512,4 @@ def _quick_sweep(ks: dict) -> dict:
     """The smoke-sized sweep: layers up to 1024 wide, batches up to 16, a short budget per cell."""
     return {**ks, "sizes": [s for s in ks["sizes"] if s <= 1024] or ks["sizes"][:1],
             "batches": [b for b in ks["batches"] if b <= 16] or ks["batches"][:1],
-            "budget_s": min(ks["budget_s"], 0.1)}
+            "budget_s": min(ks["budget_s"], 0.05)}
