@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StudySpec", "Experiment", "Point", "load_spec", "parse_spec", "default_spec", "quick_spec",
+__all__ = ["StudySpec", "Experiment", "Point", "load_spec", "shipped_studies", "shipped_spec_text", "parse_spec", "default_spec", "quick_spec",
            "default_spec_text", "point_id", "KINDS", "REGIMES", "BASES", "make_attacks", "parse_attack",
            "default_width", "recipe_label", "SpecError", "spec_from_dict"]
 
@@ -449,13 +449,31 @@ def spec_from_dict(d: dict) -> StudySpec:
     return StudySpec(**d)
 
 
+def shipped_studies() -> list[str]:
+    """Names of the study files shipped in the package (``robcomp/<name>_study.toml``)."""
+    return sorted(f.name[:-len("_study.toml")] for f in resources.files("robcomp").iterdir()
+                  if f.name.endswith("_study.toml"))
+
+
+def shipped_spec_text(name: str) -> str | None:
+    """The TOML text of the shipped study ``name`` (None when there is none of that name)."""
+    if name not in shipped_studies():
+        return None
+    return resources.files("robcomp").joinpath(f"{name}_study.toml").read_text(encoding="utf-8")
+
+
 def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a TOML study file."""
+    """Read and validate a TOML study file; a bare name that is no file but one of
+    :func:`shipped_studies` (``"memory_bound"``) loads that shipped study."""
+    name = str(path)
+    if not Path(name).exists() and shipped_spec_text(name) is not None:
+        return parse_spec(tomllib.loads(shipped_spec_text(name)), source=f"{name}_study.toml")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise SpecError(f"--config {str(path)!r}: cannot read: {e.strerror or e}") from None
+        raise SpecError(f"--config {str(path)!r}: cannot read: {e.strerror or e} (shipped studies: "
+                        f"{', '.join(shipped_studies())})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
