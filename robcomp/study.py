@@ -320,7 +320,7 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
                            render=render)
 
 
-def _kernel_sweep(spec: StudySpec, existing: list[dict], results_path: Path, mode: str) -> None:
+def _kernel_sweep(spec: StudySpec, existing: list[dict], results_path: Path, mode: str, n_points: int) -> None:
     """Measure the spec's kernel sweep once per results file (after the points, with the study's
     threads), unless it is disabled or already recorded."""
     from robcomp.kernel_sweep import KERNEL_SWEEP_RECORD, run_kernel_sweep
@@ -331,7 +331,8 @@ def _kernel_sweep(spec: StudySpec, existing: list[dict], results_path: Path, mod
     if mode != "off":
         import sys
 
-        print(f"kernel sweep: sizes {ks['sizes']} x batches {ks['batches']}", file=sys.stderr, flush=True)
+        print(f"robcomp study [{n_points}/{n_points}] kernel sweep: sizes {ks['sizes']} x batches {ks['batches']}",
+              file=sys.stderr, flush=True)
     append_record(results_path, run_kernel_sweep(ks["sizes"], ks["batches"], budget_s=ks["budget_s"]))
 
 
@@ -359,7 +360,7 @@ def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_po
         bar.close()
         ran = min(len(todo), max_points) if max_points is not None else len(todo)
         if ran == len(todo):
-            _kernel_sweep(spec, existing, results_path, mode)
+            _kernel_sweep(spec, existing, results_path, mode, len(points))
     records = _read_existing(results_path)
     ids = {p.id for p in points}
     mine = [r for r in records if r.get("point_id") in ids]
