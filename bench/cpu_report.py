@@ -59,7 +59,8 @@ def sweep(rows) -> str:
         base = " | ".join(f"{idx[(k, n, t, d, m, 'dense_fp32')]['ms']:.2f} ms"
                           if (k, n, t, d, m, "dense_fp32") in idx else "-" for m in ms)
         lines.append(f"| dense fp32 (time) | {base} |")
-        for peer in ("dense_bf16", "quantize_dynamic_int8"):
+        for peer in ("dense_bf16", "quantize_dynamic_int8", "torchao_int8_weight_only",
+                     "torchao_int4_weight_only_g128", "bnb_int8", "bnb_nf4"):
             cells = [idx.get((k, n, t, d, m, peer)) for m in ms]
             if any(cells):
                 lines.append(f"| {peer} | " + " | ".join(f"{c['speedup_vs_dense_fp32']:.2f}x" if c else "-"
@@ -117,6 +118,9 @@ def main(argv=None) -> None:
     env = data["environment"]
     print(f"{env['cpu_model']}, {env['logical_cpus']} logical CPUs, flags {' '.join(env['flags'])}; "
           f"torch {env['torch']}, numba {env['numba']}; {env['date']}\n")
+    for peer, why in sorted((env.get("peers_absent") or {}).items()):
+        print(f"- peer {peer} not measured: {why}")
+    print()
     print(targets(data["results"]) + "\n")
     print(sweep(data["results"]) + "\n")
     print(vs_reference(data["results"]) + "\n")

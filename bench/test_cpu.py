@@ -2,7 +2,12 @@
 in the same run (pytest-benchmark, timing through bench/harness.py).
 
 Peers: dense fp32 and bf16 ``F.linear``, ``torch.ao.quantization.quantize_dynamic`` (fbgemm int8,
-forward only: it has no input gradient). robcomp: for each format every path the layer has on CPU
+forward only: it has no input gradient), and where they import (each absent one is recorded in the
+results' ``environment.peers_absent`` with the reason): torchao's CPU weight-only int8
+(``Int8WeightOnlyConfig``) and int4 (``IntxWeightOnlyConfig(int4, PerGroup(128))``: torchao 0.18's
+``Int4WeightOnlyConfig`` has no CPU layout), bitsandbytes' CPU ``Linear8bitLt`` (int8) and
+``Linear4bit`` (nf4, bf16 compute). These four are forward only and are their own formats (their
+own rounding), so their outputs are checked against the float64 product with a looser bound. robcomp: for each format every path the layer has on CPU
 (``native``, ``dense``, ``reference``) and ``dispatched``: the path ``robcomp.tune`` picks when fed
 this run's timings (same mechanism as a real tune; being the minimum of noisy medians it is
 slightly optimistic). Directions: ``forward`` and ``forward+grad`` (forward plus the input
@@ -16,7 +21,8 @@ and writes ``bench/results/cpu-<date>-<machine>.json`` (CPU model, ISA flags, th
 after every case (atomic replace; a later run the same day adds to the file, replacing the cases
 it measures again). ``ROBCOMP_BENCH_CPU_SHAPES=4096x4096,...``,
 ``ROBCOMP_BENCH_CPU_MS=1,16`` and ``ROBCOMP_BENCH_CPU_THREADS=1`` narrow a full run;
-``ROBCOMP_BENCH_CPU_BUDGET_S`` is the timing budget per case (default 6 s, at least 3 rounds).
+``ROBCOMP_BENCH_CPU_BUDGET_S`` is the timing budget per case (default 6 s, at least 3 rounds);
+``ROBCOMP_BENCH_CPU_OUT=path.json`` writes a full run to that file instead.
 
 Summarise a results file: ``python -m bench.cpu_report bench/results/cpu-....json``.
 """
@@ -62,6 +68,15 @@ RECIPES = {"sparse24": Sparse24(), "int8_weight_only": Int8WeightOnly(), "int4_w
 CPU_ONLY = pytest.mark.skipif(not CPU.available(), reason="numba (a declared dependency) is missing")
 
 
+def _dist_version(name: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def machine() -> dict:
     """CPU model, ISA flags that matter for these kernels, threads, versions, date."""
     info = {"cpu_model": platform.processor() or platform.machine(), "flags": []}
@@ -81,6 +96,7 @@ def machine() -> dict:
     info["device"] = f"cpu ({info['cpu_model']})"  # the key every recorded figure carries
     info.update(logical_cpus=os.cpu_count(), torch=torch.__version__, numba=numba.__version__,
                 numpy=__import__("numpy").__version__, python=platform.python_version(),
+                torchao=_dist_version("torchao"), bitsandbytes=_dist_version("bitsandbytes"),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 note="shared 2-core VM; ratios are same-run medians of round-robin timings")
     return info
@@ -109,14 +125,17 @@ class _Results:
             self.write()
 
     def _file(self) -> None:
+        if self.path is None and os.environ.get("ROBCOMP_BENCH_CPU_OUT", "").strip():
+            self.path = Path(os.environ["ROBCOMP_BENCH_CPU_OUT"].strip())
         if self.path is None:
             slug = "".join(c if c.isalnum() else "-" for c in self.env["cpu_model"]).strip("-").lower()
             self.path = RESULTS_DIR / f"cpu-{self.env['date'][:10]}-{slug}.json"
 
     def write(self) -> None:
         self._file()
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=".cpu-", suffix=".json")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.env["peers_absent"] = dict(PEERS_ABSENT)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cpu-", suffix=".json")
         with os.fdopen(fd, "w") as f:
             json.dump({"environment": self.env, "results": self.rows}, f, indent=1)
         os.replace(tmp, self.path)
@@ -161,6 +180,78 @@ def _layers(k, n):
     return _LAYERS[(k, n)]
 
 
+#: peer name -> why it is not in the run (filled as peers are built)
+PEERS_ABSENT: dict[str, str] = {}
+#: forward-only peers with their own quantisation: name -> relative error bound vs the fp32 product
+LIBRARY_PEERS = {"torchao_int8_weight_only": 2e-2, "torchao_int4_weight_only_g128": 0.15,
+                 "bnb_int8": 2e-2, "bnb_nf4": 0.15}
+_PEERS: dict = {}
+
+
+def _library_peers(linear) -> dict:
+    """torchao and bitsandbytes CPU layers for ``linear``'s weight (name -> module), built once per
+    shape; a peer that does not install, import or run on CPU is left out with its reason."""
+    key = tuple(linear.weight.shape)
+    if key in _PEERS:
+        return _PEERS[key]
+    _PEERS.clear()
+    out = {}
+    k = linear.in_features
+
+    def build(name, fn):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                module = fn()
+                with torch.no_grad():
+                    module(torch.randn(2, k))
+            out[name] = module
+        except Exception as e:  # not installed, no CPU layout in this version, ...
+            PEERS_ABSENT[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+    def torchao(config):
+        from torchao.quantization import quantize_
+
+        m = nn.Sequential(copy.deepcopy(linear))
+        quantize_(m, config())
+        return m
+
+    def ao_int8():
+        from torchao.quantization import Int8WeightOnlyConfig
+        return Int8WeightOnlyConfig()
+
+    def ao_int4():
+        from torchao.quantization import IntxWeightOnlyConfig
+        from torchao.quantization.granularity import PerGroup
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(128))
+
+    def bnb_int8():
+        import bitsandbytes as bnb
+        m = bnb.nn.Linear8bitLt(k, linear.out_features, bias=False, has_fp16_weights=False, threshold=0.0)
+        m.weight = bnb.nn.Int8Params(linear.weight.detach().clone(), requires_grad=False, has_fp16_weights=False)
+        return m.to("cpu")  # bitsandbytes quantises on the move to the device
+
+    def bnb_nf4():
+        import bitsandbytes as bnb
+        m = bnb.nn.Linear4bit(k, linear.out_features, bias=False, quant_type="nf4", compute_dtype=torch.bfloat16)
+        m.weight = bnb.nn.Params4bit(linear.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+        return m.to("cpu")
+
+    build("torchao_int8_weight_only", lambda: torchao(ao_int8))
+    build("torchao_int4_weight_only_g128", lambda: torchao(ao_int4))
+    build("bnb_int8", bnb_int8)
+    build("bnb_nf4", bnb_nf4)
+    try:  # the packed int4 layout robcomp would compare with, where this torchao has one for CPU
+        from torchao.quantization import Int4WeightOnlyConfig, quantize_
+        m = nn.Sequential(copy.deepcopy(linear)).bfloat16()
+        quantize_(m, Int4WeightOnlyConfig(group_size=128))
+        m(torch.randn(1, k).bfloat16())
+    except Exception as e:
+        PEERS_ABSENT["torchao_int4_packed (Int4WeightOnlyConfig)"] = f"{type(e).__name__}: {str(e)[:200]}"
+    _PEERS[key] = out
+    return out
+
+
 def _quantize_dynamic(linear):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -189,14 +280,23 @@ def _case_fns(layers, linear, x, g, grad):
         out["dense_fp32"] = lambda: F.linear(x, w32)
         out["dense_bf16"] = lambda: F.linear(xb, wbf)
         out["quantize_dynamic_int8"] = lambda: qd(x)
+        for name, module in _library_peers(linear).items():
+            out[name] = lambda module=module: module(x)
         for fmt, layer in layers.items():
             for p in layer.paths(x.device, x.dtype):
                 out[f"{fmt}:{p}"] = lambda layer=layer, p=p: layer.run_path(p, x)
     return out
 
 
-def _check_outputs(layers, x):
-    """Every path of every format against the float64 product of its stored weight."""
+def _check_outputs(layers, x, linear=None):
+    """Every path of every format against the float64 product of its stored weight; the library
+    peers against the float64 product of the dense weight, within their own rounding's bound."""
+    if linear is not None:
+        ref = x.double() @ linear.weight.detach().double().T
+        for name, module in _library_peers(linear).items():
+            with torch.no_grad():
+                err = ((module(x).double() - ref).norm() / ref.norm()).item()
+            assert err < LIBRARY_PEERS[name], (name, err)
     for fmt, layer in layers.items():
         w = layer.dequantize().double()
         for p in layer.paths(x.device, x.dtype):
@@ -220,7 +320,7 @@ def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, t
         x = torch.randn(m, k)
         g = torch.randn(m, n)
         if benchmark.disabled:  # CI smoke run: correctness of every path, then one call of each peer
-            _check_outputs(layers, x)
+            _check_outputs(layers, x, linear)
             for fn in _case_fns(layers, linear, x, g, direction != "forward").values():
                 fn()
             return
@@ -268,11 +368,25 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
     layer = LAYER_TYPES[Int8Dynamic].from_linear(linear, Int8Dynamic())
     sp = LAYER_TYPES[Sparse24].from_linear(linear, Sparse24())
     raw_v, raw_m = sp.values, sp.meta
+    from robcomp.inputs import check_float_input
+
     fns = {"dense_fp32": lambda: F.linear(x, linear.weight),
            "int8_dynamic:layer": lambda: layer(x),
            "sparse24:layer": lambda: sp(x),
            "sparse24:raw_kernel": lambda: CPU.sp24_fwd(x, raw_v, raw_m),
-           "sparse24:select_path_only": lambda: sp.select_path(x)}
+           "sparse24:select_path_only": lambda: sp.select_path(x),
+           "check_float_input_only": lambda: check_float_input(x, "overhead")}
+    if hasattr(CPU, "_sp24_fwd"):  # the numba kernel without its torch.library custom-op wrapper
+        fns["sparse24:numba_kernel_without_custom_op"] = lambda: CPU._sp24_fwd(x, raw_v, raw_m)
+    # per format: the whole call (checks, dispatch, path record), the chosen path alone, and the
+    # format's CPU entry point alone (derived-weight lookup, custom-op wrapper, kernel)
+    for fmt, recipe in RECIPES.items():
+        lay = LAYER_TYPES[type(recipe)].from_linear(linear, recipe)
+        path = lay.select_path(x)
+        fns[f"{fmt}:layer"] = lambda lay=lay: lay(x)
+        fns[f"{fmt}:run_path({path})"] = lambda lay=lay, path=path: lay.run_path(path, x)
+        if path == "native":
+            fns[f"{fmt}:forward_cpu"] = lambda lay=lay: lay.forward_cpu(x)
     if benchmark.disabled:
         for fn in fns.values():
             fn()

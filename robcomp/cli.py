@@ -95,7 +95,11 @@ def _cmd_run(args) -> int:
     from robcomp.studyspec import default_spec_text
 
     if args.print_config:
-        if args.config:
+        from robcomp.studyspec import shipped_spec_text
+
+        if args.config and not Path(args.config).exists() and shipped_spec_text(args.config) is not None:
+            print(shipped_spec_text(args.config), end="")
+        elif args.config:
             try:
                 print(Path(args.config).read_text(encoding="utf-8"), end="")
             except OSError as e:
@@ -216,7 +220,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="the main job: run a study (default: the shipped one) on the embedded digits "
                                      "data and write results.jsonl, report.md, report.html and plots/")
     run.add_argument("--config", metavar="FILE.toml", help="study specification (default: the shipped default study; "
-                                                           "see --print-config)")
+                                                           "see --print-config), or the name of a shipped study: "
+                                                           "memory_bound (a model whose weights outgrow the CPU cache)")
     run.add_argument("--print-config", action="store_true", help="print the study specification (TOML) and exit")
     run.add_argument("--out", default=None, help=f"output directory (default ./{DEFAULT_OUT}, with --quick "
                                                  f"./{QUICK_OUT}); a rerun of the same study into the same directory "

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from robcomp.inputs import check_float_input
 
-__all__ = ["Normalize", "SmallCNN", "MLP", "Attention", "Block", "TinyViT", "MODELS",
+__all__ = ["Normalize", "SmallCNN", "MLP", "WideMLP", "Attention", "Block", "TinyViT", "MODELS",
            "build_model"]
 
 
@@ -98,6 +98,15 @@ class MLP(nn.Module):
         return self.head(self.body(torch.flatten(self.normalize(x), 1)))
 
 
+class WideMLP(MLP):
+    """The MLP at 2048 wide and 3 deep: two 2048 x 2048 hidden layers (32 MB of fp32 weights, more
+    than a typical CPU's last-level cache), so a batch-1 forward is bound by memory traffic and a
+    compressed copy, reading 2-8x fewer bytes, can beat dense (the default study's "memory" experiment)."""
+
+    def __init__(self, width: int = 2048, depth: int = 3, **kwargs) -> None:
+        super().__init__(width=width, depth=depth, **kwargs)
+
+
 class Attention(nn.Module):
     """Multi-head self-attention with one ``qkv`` Linear (dim -> 3*heads*head_dim) and a
     ``proj`` Linear. ``num_heads``/``head_dim`` are plain attributes: a head pruner shrinks
@@ -172,7 +181,7 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.blocks(t))[:, 0])
 
 
-MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "mlp": MLP, "vit": TinyViT}
+MODELS: dict[str, type[nn.Module]] = {"cnn": SmallCNN, "mlp": MLP, "wide_mlp": WideMLP, "vit": TinyViT}
 
 
 def build_model(name: str, width: int | None = None, *,
@@ -188,7 +197,7 @@ def build_model(name: str, width: int | None = None, *,
     kwargs: dict = {"num_classes": num_classes, "in_channels": c}
     if width is not None:
         kwargs["width"] = width
-    if name == "mlp":
+    if issubclass(MODELS[name], MLP):
         kwargs["in_features"] = c * h * w
     else:
         if h != w:

@@ -329,6 +329,22 @@ def _in_process(points, ctx: _Context, bar):
         yield p, _record_for(p, ctx)
 
 
+def _kernel_sweep(spec: StudySpec, existing: list[dict], results_path: Path, mode: str, n_points: int) -> None:
+    """Measure the spec's kernel sweep once per results file (after the points, with the study's
+    threads), unless it is disabled or already recorded."""
+    from robcomp.kernel_sweep import KERNEL_SWEEP_RECORD, run_kernel_sweep
+
+    ks = spec.kernel_sweep
+    if not ks.get("enabled") or any(r.get("type") == KERNEL_SWEEP_RECORD for r in existing):
+        return
+    if mode != "off":
+        import sys
+
+        print(f"robcomp study [{n_points}/{n_points}] kernel sweep: sizes {ks['sizes']} x batches {ks['batches']}",
+              file=sys.stderr, flush=True)
+    append_record(results_path, run_kernel_sweep(ks["sizes"], ks["batches"], budget_s=ks["budget_s"]))
+
+
 def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_points, render,
                 executor=None) -> list[dict]:
     results_path = out / "results.jsonl"
@@ -351,7 +367,9 @@ def _run_locked(spec: StudySpec, out: Path, *, progress, echo, use_cache, max_po
             append_record(results_path, record)  # by this process only, whatever ran the point
             bar.update(1)
         bar.close()
-    ran = min(len(todo), max_points) if max_points is not None else len(todo)
+        ran = min(len(todo), max_points) if max_points is not None else len(todo)
+        if ran == len(todo):
+            _kernel_sweep(spec, existing, results_path, mode, len(points))
     records = _read_existing(results_path)
     ids = {p.id for p in points}
     mine = [r for r in records if r.get("point_id") in ids]

@@ -28,7 +28,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-__all__ = ["StudySpec", "Experiment", "Point", "load_spec", "parse_spec", "default_spec", "quick_spec",
+__all__ = ["StudySpec", "Experiment", "Point", "load_spec", "shipped_studies", "shipped_spec_text", "parse_spec", "default_spec", "quick_spec",
            "default_spec_text", "point_id", "KINDS", "REGIMES", "BASES", "make_attacks", "parse_attack",
            "default_width", "recipe_label", "SpecError", "spec_from_dict"]
 
@@ -123,6 +123,7 @@ class Experiment:
     compact_widths: dict = field(default_factory=dict)  # compact: model -> small dense widths
     x: str = "auto"
     seeds: tuple[int, ...] | None = None  # None: the study's seeds
+    batch_sizes: tuple[int, ...] | None = None  # None: the study's evaluate.batch_sizes
 
     def widths_for(self, model: str) -> list:
         return list(self.widths.get(model, [default_width(model)]))
@@ -157,6 +158,8 @@ class StudySpec:
     layer_timing: bool = True
     families: dict = field(default_factory=dict)
     experiments: tuple[Experiment, ...] = ()
+    #: ``[kernel_sweep]``: each layer format vs dense over layer size and batch (robcomp.kernel_sweep)
+    kernel_sweep: dict = field(default_factory=lambda: dict(_SWEEP_DEFAULTS))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -218,7 +221,7 @@ class StudySpec:
             "train": {**self.train, "adversarial": base == "adversarial", "seed": seed},
             "finetune": ft,
             "data": {"name": "digits", "seed": self.data_seed, "test_examples": self.test_examples},
-            "attacks": list(self.attacks), "batch_sizes": list(self.batch_sizes),
+            "attacks": list(self.attacks), "batch_sizes": list(ex.batch_sizes or self.batch_sizes),
             "latency_repeats": self.latency_repeats, "sanity": self.sanity,
             "layer_timing": self.layer_timing and ex.kind == "efficiency",
         }
@@ -271,7 +274,11 @@ _STUDY_KEYS = {"name": str, "description": str, "seeds": list, "threads": int, "
                "test_examples": int, "headline_eps": float, "critical_drop": float}
 _EVAL_KEYS = {"attacks": list, "batch_sizes": list, "latency_repeats": int, "sanity": bool, "layer_timing": bool}
 _EXP_KEYS = {"name": str, "kind": str, "title": str, "question": str, "models": list, "widths": dict, "bases": list,
-             "recipes": (list, str), "regimes": list, "compact_widths": dict, "x": str, "seeds": list}
+             "recipes": (list, str), "regimes": list, "compact_widths": dict, "x": str, "seeds": list,
+             "batch_sizes": list}
+_SWEEP_KEYS = {"enabled": bool, "sizes": list, "batches": list, "budget_s": float}
+#: a spec without a [kernel_sweep] table runs none (the shipped default study has one)
+_SWEEP_DEFAULTS = {"enabled": False, "sizes": [256, 1024, 4096], "batches": [1, 16, 256], "budget_s": 0.1}
 _TRAIN_DEFAULTS = {"epochs": 20, "batch_size": 64, "lr": 3e-3, "weight_decay": 1e-4, "eps": 0.1, "pgd_steps": 5}
 _FT_DEFAULTS = {"epochs": 4, "lr": 1e-3}
 
@@ -303,10 +310,10 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
     from robcomp.recipes import RECIPES, parse_recipe
 
     data = copy.deepcopy(data)
-    top_unknown = set(data) - {"study", "train", "finetune", "evaluate", "families", "experiment"}
+    top_unknown = set(data) - {"study", "train", "finetune", "evaluate", "families", "kernel_sweep", "experiment"}
     if top_unknown:
         raise SpecError(f"{source}: unknown table(s) {sorted(top_unknown)}; accepted: study, train, finetune, "
-                        "evaluate, families, [[experiment]]")
+                        "evaluate, families, kernel_sweep, [[experiment]]")
     st = data.get("study", {})
     unknown = set(st) - set(_STUDY_KEYS)
     if unknown:
@@ -350,6 +357,13 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise SpecError(f"families.{f} must be a list of recipe names")
     kw["families"] = fam
+    if "kernel_sweep" in data:
+        ks = _table(data["kernel_sweep"], "kernel_sweep", _SWEEP_KEYS, {**_SWEEP_DEFAULTS, "enabled": True})
+        ks["sizes"] = list(_int_list("kernel_sweep.sizes", ks["sizes"], positive=True))
+        ks["batches"] = list(_int_list("kernel_sweep.batches", ks["batches"], positive=True))
+        if not ks["budget_s"] > 0:
+            raise SpecError(f"kernel_sweep.budget_s must be positive, got {ks['budget_s']}")
+        kw["kernel_sweep"] = ks
     eps_available = sorted({a.eps for a in made})
     if "headline_eps" in kw and not any(abs(e - kw["headline_eps"]) < 1e-12 for e in eps_available):
         raise SpecError(f"study.headline_eps = {kw['headline_eps']} is not the eps of any attack "
@@ -410,12 +424,13 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
         if x not in X_AXES:
             raise SpecError(f"{where}.x must be one of {X_AXES}, got {x!r}")
         seeds = _int_list(f"{where}.seeds", e["seeds"]) if "seeds" in e else None
+        ex_batches = _int_list(f"{where}.batch_sizes", e["batch_sizes"], positive=True) if "batch_sizes" in e else None
         experiments.append(Experiment(
             name=e["name"], kind=e["kind"], title=e.get("title", e["name"]), question=e.get("question", ""),
             models=models, widths=_widths(f"{where}.widths", e.get("widths", {}), models), bases=bases,
             recipes=tuple(recipes), regimes=regimes,
             compact_widths=_widths(f"{where}.compact_widths", e.get("compact_widths", {}), models),
-            x=x, seeds=seeds))
+            x=x, seeds=seeds, batch_sizes=ex_batches))
     kw["experiments"] = tuple(experiments)
     return StudySpec(**kw)
 
@@ -425,20 +440,40 @@ def spec_from_dict(d: dict) -> StudySpec:
     d = dict(d)
     d["experiments"] = tuple(Experiment(**{**e, "models": tuple(e["models"]), "bases": tuple(e["bases"]),
                                            "recipes": tuple(e["recipes"]), "regimes": tuple(e["regimes"]),
-                                           "seeds": None if e.get("seeds") is None else tuple(e["seeds"])})
+                                           "seeds": None if e.get("seeds") is None else tuple(e["seeds"]),
+                                           "batch_sizes": None if e.get("batch_sizes") is None
+                                           else tuple(e["batch_sizes"])})
                              for e in d.get("experiments", []))
     for k in ("seeds", "attacks", "batch_sizes"):
         d[k] = tuple(d[k])
     return StudySpec(**d)
 
 
+def shipped_studies() -> list[str]:
+    """Names of the study files shipped in the package (``robcomp/<name>_study.toml``)."""
+    return sorted(f.name[:-len("_study.toml")] for f in resources.files("robcomp").iterdir()
+                  if f.name.endswith("_study.toml"))
+
+
+def shipped_spec_text(name: str) -> str | None:
+    """The TOML text of the shipped study ``name`` (None when there is none of that name)."""
+    if name not in shipped_studies():
+        return None
+    return resources.files("robcomp").joinpath(f"{name}_study.toml").read_text(encoding="utf-8")
+
+
 def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a TOML study file."""
+    """Read and validate a TOML study file; a bare name that is no file but one of
+    :func:`shipped_studies` (``"memory_bound"``) loads that shipped study."""
+    name = str(path)
+    if not Path(name).exists() and shipped_spec_text(name) is not None:
+        return parse_spec(tomllib.loads(shipped_spec_text(name)), source=f"{name}_study.toml")
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
-        raise SpecError(f"--config {str(path)!r}: cannot read: {e.strerror or e}") from None
+        raise SpecError(f"--config {str(path)!r}: cannot read: {e.strerror or e} (shipped studies: "
+                        f"{', '.join(shipped_studies())})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -454,9 +489,14 @@ def default_spec() -> StudySpec:
     return parse_spec(tomllib.loads(default_spec_text()), source="default_study.toml")
 
 
+#: --quick caps every model width at this (the default study's wide_mlp is 2048 wide)
+QUICK_MAX_WIDTH = 1024
+
+
 def quick_spec(spec: StudySpec | None = None) -> StudySpec:
     """A smoke-sized version of ``spec`` (default: the default study): one seed, few epochs, a
-    slice of the test set, short attacks and timings, every section still filled."""
+    slice of the test set, short attacks and timings, widths capped at :data:`QUICK_MAX_WIDTH`, a
+    kernel sweep over the small sizes only, every section still filled."""
     spec = spec or default_spec()
     attacks = []
     for a in spec.attacks:
@@ -473,9 +513,21 @@ def quick_spec(spec: StudySpec | None = None) -> StudySpec:
         recipes = e.recipes if len(e.recipes) <= 4 else tuple(dict.fromkeys(
             (e.recipes[0], e.recipes[len(e.recipes) // 2], e.recipes[-2], e.recipes[-1])))
         widths = {m: (ws if len(ws) <= 3 else [ws[0], ws[len(ws) // 2], ws[-1]]) for m, ws in e.widths.items()}
-        exps.append(dataclasses.replace(e, recipes=recipes, widths=widths, seeds=None))
+        for m in e.models:  # the wide model trains in seconds, not tens of seconds, at 1024
+            ws = widths.get(m, e.widths_for(m))
+            if any(w is not None and w > QUICK_MAX_WIDTH for w in ws):
+                widths[m] = list(dict.fromkeys(w if w is None else min(w, QUICK_MAX_WIDTH) for w in ws))
+        batches = None if e.batch_sizes is None else tuple(min(b, 64) for b in e.batch_sizes)
+        exps.append(dataclasses.replace(e, recipes=recipes, widths=widths, seeds=None, batch_sizes=batches))
     return spec.replace(name=spec.name + " (quick)", seeds=spec.seeds[:1], test_examples=96,
                         train={**spec.train, "epochs": min(spec.train["epochs"], 4), "pgd_steps": 2},
                         finetune={**spec.finetune, "epochs": 1}, attacks=tuple(attacks),
                         batch_sizes=tuple(min(b, 64) for b in spec.batch_sizes), latency_repeats=5,
-                        sanity=False, experiments=tuple(exps))
+                        sanity=False, experiments=tuple(exps), kernel_sweep=_quick_sweep(spec.kernel_sweep))
+
+
+def _quick_sweep(ks: dict) -> dict:
+    """The smoke-sized sweep: layers up to 1024 wide, batches up to 16, a short budget per cell."""
+    return {**ks, "sizes": [s for s in ks["sizes"] if s <= 1024] or ks["sizes"][:1],
+            "batches": [b for b in ks["batches"] if b <= 16] or ks["batches"][:1],
+            "budget_s": min(ks["budget_s"], 0.05)}

@@ -7,7 +7,7 @@ from torch import nn
 
 from robcomp.models import MODELS, Normalize, TinyViT, build_model
 
-WIDTHS = {"cnn": (8, 16), "mlp": (32, 64), "vit": (32, 64)}
+WIDTHS = {"cnn": (8, 16), "mlp": (32, 64), "wide_mlp": (32, 64), "vit": (32, 64)}
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -69,3 +69,12 @@ def test_build_model_errors():
             build_model("cnn", bad)
     with pytest.raises(ValueError):
         TinyViT(width=30, heads=4)
+
+
+def test_wide_mlp_outgrows_a_cpu_cache():
+    """The default study's memory-bound model: its hidden weights (fp32) exceed a 32 MB last-level cache."""
+    model = build_model("wide_mlp")
+    hidden = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name != "head"]
+    assert [m.in_features for m in hidden] == [64, 2048, 2048]
+    assert sum(4 * m.weight.numel() for m in hidden) > 32 * 2 ** 20
+    assert build_model("wide_mlp", 128).head.in_features == 128

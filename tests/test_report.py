@@ -273,3 +273,103 @@ def test_report_finding_never_names_dense_as_best(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 0
     report = (tmp_path / "report.md").read_text()
     assert "best kernel speedup 0.0012x (test_int4)" in report and "0.00x" not in report
+
+
+# ------------------------------------------------------------------------------ kernel sweep
+def _md_table_after(md: str, caption_start: str) -> list[list[str]]:
+    """The rows of the Markdown table that follows the caption starting with ``caption_start``."""
+    lines = md.split("\n")
+    i = next(i for i, line in enumerate(lines) if line.startswith(caption_start))
+    rows = []
+    for line in lines[i + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append([c.strip() for c in line.strip("|").split("|")])
+    return rows
+
+
+def _sweep_cells(rows: list[list[str]]) -> dict:
+    head, body = rows[0], rows[2:]
+    batches = [int(h.rsplit(" ", 1)[1]) for h in head[2:]]
+    return {(r[0], int(r[1].split(" x ")[0]), m): cell for r in body for m, cell in zip(batches, r[2:])}
+
+
+def test_kernel_sweep_table_and_plot_match_the_record(study_dir, tmp_path):
+    """The quick study records a sweep; report.md's sweep table shows every measured cell as the
+    record's dense_ms / ms with the path it ran, the plot is a PNG embedded in report.html, and a
+    changed record changes the table (it is read from results.jsonl, not measured again)."""
+    from robcomp.report import read_records
+    from robcomp.report.render import render_report
+
+    records = read_records(study_dir / "results.jsonl")
+    sweeps = [r for r in records if r.get("type") == "kernel_sweep"]
+    assert len(sweeps) == 1
+    rec = sweeps[0]
+    assert rec["threads"] == quick_spec().threads and rec["dtype"] == "float32" and rec["device"].startswith("cpu")
+    assert rec["env"]["torch"] and rec["env"]["date"]
+    assert len(rec["rows"]) == len(rec["sizes"]) * len(rec["batches"]) * len(rec["formats"])
+    md = (study_dir / "report.md").read_text()
+    cells = _sweep_cells(_md_table_after(md, "Kernel sweep: one compressed layer"))
+    measured = 0
+    for r in rec["rows"]:
+        cell = cells[(r["format"], r["K"], r["M"])]
+        if r["status"] != "ok":
+            assert cell == r["status"]
+            continue
+        measured += 1
+        assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"], rel=1e-9)
+        value, path = re.fullmatch(r"([0-9.e+-]+)x \((\w+)\)", cell).groups()
+        assert float(value) == pytest.approx(r["speedup"], rel=0.01, abs=0.006) and path == r["path"]
+    assert measured >= 0.8 * len(rec["rows"])
+    for size in rec["sizes"]:
+        for m in rec["batches"]:
+            dense_ms = next(r["dense_ms"] for r in rec["rows"] if (r["K"], r["M"]) == (size, m))
+            assert float(cells[("dense fp32 (ms)", size, m)].split()[0]) == pytest.approx(dense_ms, rel=1e-3)
+    png = study_dir / "plots" / "kernel_sweep.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    import base64
+    html = (study_dir / "report.html").read_text()
+    assert base64.b64encode(png.read_bytes()).decode() in html
+    assert "![Hardware efficiency](plots/kernel_sweep.png)" in md
+    # the hardware finding names the formats faster than dense at the largest size, from the record
+    big, m0 = max(rec["sizes"]), min(rec["batches"])
+    n_fast = sum(1 for r in rec["rows"] if r["status"] == "ok" and r["K"] == big and r["M"] == m0 and r["speedup"] > 1)
+    assert f"batch {m0}: {n_fast} of " in md
+    # poison one measured row: the re-rendered table follows the record
+    poisoned = copy.deepcopy(records)
+    sweep = next(r for r in poisoned if r.get("type") == "kernel_sweep")
+    row = next(r for r in sweep["rows"] if r["status"] == "ok")
+    row["speedup"], row["path"] = 123.0, "reference"
+    out = tmp_path / "poisoned"
+    out.mkdir()
+    render_report(out, poisoned)
+    cells = _sweep_cells(_md_table_after((out / "report.md").read_text(), "Kernel sweep: one compressed layer"))
+    assert cells[(row["format"], row["K"], row["M"])] == "123.00x (reference)"
+
+
+def test_kernel_sweep_measures_every_cell_and_skips_what_a_format_cannot_take():
+    import torch
+
+    from robcomp.kernel_sweep import run_kernel_sweep
+    from robcomp.nn import LAYER_TYPES
+    from robcomp.recipes import parse_recipe
+
+    formats = {"int8_weight_only": "int8_weight_only", "int4_weight_only(g128)": "int4_weight_only:group_size=128"}
+    rec = run_kernel_sweep([64, 128], [1, 3], formats=formats, budget_s=0.01)
+    assert rec["type"] == "kernel_sweep" and rec["sizes"] == [64, 128] and rec["batches"] == [1, 3]
+    by = {(r["format"], r["K"], r["M"]): r for r in rec["rows"]}
+    assert len(by) == 8
+    for m in (1, 3):
+        skipped = by[("int4_weight_only(g128)", 64, m)]  # 64 is not a multiple of the group size
+        assert skipped["status"] == "skipped" and "group_size=128" in skipped["reason"]
+        for key in (("int8_weight_only", 64, m), ("int8_weight_only", 128, m), ("int4_weight_only(g128)", 128, m)):
+            r = by[key]
+            assert r["status"] == "ok" and r["ms"] > 0 and r["dense_ms"] > 0
+            assert r["speedup"] == pytest.approx(r["dense_ms"] / r["ms"])
+            layer = LAYER_TYPES[type(parse_recipe(formats[key[0]]))].from_linear(torch.nn.Linear(key[1], key[1]))
+            assert r["path"] in layer.paths(torch.device("cpu"), torch.float32)
+            assert 0 < r["layer_bytes"] < r["dense_layer_bytes"]
+    with pytest.raises(ValueError, match="sizes"):
+        run_kernel_sweep([], [1])
+    with pytest.raises(ValueError, match="budget_s"):
+        run_kernel_sweep([64], [1], budget_s=0)

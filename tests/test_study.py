@@ -44,6 +44,38 @@ def test_default_spec_covers_every_question_and_recipe():
     assert parse_spec(tomllib.loads(default_spec_text())) == spec
 
 
+def test_shipped_memory_bound_study_and_the_default_kernel_sweep(capsys):
+    from robcomp.cli import main
+    from robcomp.models import build_model
+    from robcomp.studyspec import load_spec, shipped_studies
+
+    assert {"default", "memory_bound"} <= set(shipped_studies())
+    spec = load_spec("memory_bound")  # a shipped study by name (robcomp run --config memory_bound)
+    (ex,) = spec.experiments
+    assert ex.kind == "efficiency" and 1 in spec.batch_sizes and spec.kernel_sweep["enabled"]
+    assert {r.split(":")[0] for r in ex.recipes} >= {"int8_weight_only", "int4_weight_only", "sparse24",
+                                                      "sparse24_int4"}
+    weights = sum(m.weight.numel() for m in build_model(ex.models[0]).modules() if hasattr(m, "weight"))
+    assert 4 * weights > 32 * 2 ** 20  # fp32 weights beyond a 32 MB cache: batch 1 is memory-bound
+    assert main(["run", "--config", "memory_bound", "--print-config"]) == 0
+    assert tomllib.loads(capsys.readouterr().out)["study"]["name"] == "memory_bound"
+    with pytest.raises(SpecError, match="shipped studies: .*memory_bound"):
+        load_spec("no_such_study")
+    ks = default_spec().kernel_sweep
+    assert ks["enabled"] and 1 in ks["batches"] and max(ks["sizes"]) >= 4096
+    quick = quick_spec(spec)  # smoke-sized: the wide model narrowed, the sweep over small sizes only
+    assert quick.kernel_sweep["enabled"] and max(quick.kernel_sweep["sizes"]) <= 1024
+    assert all(w <= 1024 for e in quick.experiments for m in e.models for w in e.widths_for(m))
+    assert quick.points()[0].batch_sizes == [1, 16]
+    data = tomllib.loads(default_spec_text())  # an experiment's own batch sizes replace the study's, for it only
+    data["experiment"][-1]["batch_sizes"] = [1, 8]
+    batches = {p.experiment: p.batch_sizes for p in parse_spec(data).points()}
+    assert batches[data["experiment"][-1]["name"]] == [1, 8] and batches["sparsity"] == [1, 256]
+    no_table = tomllib.loads(default_spec_text())
+    del no_table["kernel_sweep"]
+    assert not parse_spec(no_table).kernel_sweep["enabled"]  # a spec without the table measures none
+
+
 def test_point_ids_are_stable_and_distinct():
     spec = default_spec()
     points = spec.points()
@@ -61,6 +93,10 @@ def test_point_ids_are_stable_and_distinct():
     ({"evaluate": {"attacks": ["pgd:steps=3"]}}, "needs eps"),
     ({"evaluate": {"attacks": ["zap:eps=0.1"]}}, "unknown attack 'zap'"),
     ({"train": {"epochs": 0}}, "epochs must be a positive integer"),
+    ({"kernel_sweep": {"sizes": []}}, "kernel_sweep.sizes must be a non-empty list"),
+    ({"kernel_sweep": {"budget": 1.0}}, "unknown key(s) ['budget']"),
+    ({"kernel_sweep": {"budget_s": 0}}, "kernel_sweep.budget_s must be positive"),
+    ({"experiment": [{"name": "a", "kind": "capacity", "batch_sizes": [0]}]}, "batch_sizes must hold positive"),
 ])
 def test_bad_spec_names_the_key(patch, message):
     data = tomllib.loads(default_spec_text())

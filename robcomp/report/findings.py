@@ -483,6 +483,8 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
             finding = (f"On {device} at batch {b}, per base (speedup vs the dense model of the same base; Pareto "
                        f"front of robust accuracy vs latency): " + "; ".join(parts)
                        + f". Smallest: {smallest['label']} ({smallest['ratio']:.2f}x fewer bytes).")
+        if batch_sizes[0] != b:
+            finding += " " + _small_batch_speedups(comp, batch_sizes[0], bases if multi else None)
     else:
         finding = "No compressed model finished: nothing to compare."
     notes = ["Speedup = dense latency / compressed latency, both measured in this run on this device, per seed, "
@@ -504,6 +506,21 @@ def _efficiency(ex: dict, recs: list[dict], spec: dict, skipped: list[dict]) -> 
                     "front": [p["id"] for b in bases for p in fronts[b]],
                     "fronts": {b: [p["id"] for p in fronts[b]] for b in bases},
                     "batch_sizes": batch_sizes, "eps": eps}, tables, notes)
+
+
+def _small_batch_speedups(comp: list[dict], b: int, bases: list[str] | None) -> str:
+    """At the smallest batch (where memory traffic, not compute, bounds a large layer): how many
+    recipes beat dense, and by how much."""
+    parts = []
+    for base in bases or [None]:
+        mine = [p for p in comp if base is None or p["base"] == base]
+        faster = sorted((p for p in mine if p["speedup"][b][2] and p["speedup"][b][0] > 1),
+                        key=lambda p: -p["speedup"][b][0])
+        text = f"{len(faster)} of {len(mine)} recipes faster than dense"
+        if faster:
+            text += " (" + ", ".join(f"{p['label']} {_fmt_speedup(p['speedup'][b])}x" for p in faster) + ")"
+        parts.append(text if base is None else f"{base} base: {text}")
+    return f"At batch {b}: " + "; ".join(parts) + "."
 
 
 # ---------------------------------------------------------------------------------- main

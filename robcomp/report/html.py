@@ -73,7 +73,8 @@ def _img(path: Path | None, alt: str) -> str:
 
 
 def render_html(title: str, meta: list[str], findings: list[tuple[str, str, str]], sections: list[dict]) -> str:
-    """``sections``: dicts with id, title, question, finding, plot (path or None), tables
+    """``sections``: dicts with id, title, question, finding, plot (path or None), plots (more
+    paths, optional), tables
     [(caption, head, rows)], notes, html (extra raw HTML, trusted: built by robcomp)."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -92,6 +93,7 @@ def render_html(title: str, meta: list[str], findings: list[tuple[str, str, str]
         if s.get("finding"):
             parts.append(f'<p class="finding"><b>Finding:</b> {_e(s["finding"])}</p>')
         parts.append(_img(s.get("plot"), s["title"]))
+        parts += [_img(p, s["title"]) for p in s.get("plots", [])]
         for caption, head, rows in s.get("tables", []):
             parts.append(table_html(head, rows, caption))
         parts += [f'<p class="note">{_e(n)}</p>' for n in s.get("notes", [])]

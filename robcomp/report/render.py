@@ -17,6 +17,7 @@ from robcomp.report.html import render_html
 from robcomp.report.markdown import format_table, summary_rows
 from robcomp.report.plots import plot_hardware, plot_section
 from robcomp.report.results import read_records, write_text_atomic
+from robcomp.report.sweep import plot_sweep, sweep_finding, sweep_record, sweep_table
 
 __all__ = ["render_report", "summary_text", "bench_files", "split_records"]
 
@@ -73,7 +74,10 @@ def _study_rows(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _hardware(records: list[dict], directory: Path, plots: Path) -> tuple[Section, Path | None]:
+def _hardware(records: list[dict], directory: Path, plots: Path,
+              sweep: dict | None = None) -> tuple[Section, Path | None, Path | None]:
+    """The hardware section, its bandwidth plot and the kernel sweep's plot (``sweep``: the run's
+    kernel_sweep record, robcomp.kernel_sweep)."""
     study = _study_rows(records)
     rows_b = []
     notes = []
@@ -92,7 +96,7 @@ def _hardware(records: list[dict], directory: Path, plots: Path) -> tuple[Sectio
                 ("peak unknown" if r["peak"] == "peak unknown" else "-"),
                 _fmt(r["compute_pct"], pct=True) if r["compute_pct"] is not None else
                 ("peak unknown" if r["peak"] == "peak unknown" else "-"), r["peak"]]
-    tables = []
+    tables = [sweep_table(sweep)] if sweep else []
     if study:
         tables.append(("From the study's efficiency points (first seed): time per forward pass at each batch size, "
                        "speedup vs the dense model timed in the same run, bytes moved per call (stored weights + "
@@ -122,10 +126,13 @@ def _hardware(records: list[dict], directory: Path, plots: Path) -> tuple[Sectio
                    "Efficiency section.")
     else:
         finding = "No timing available."
+    if sweep:
+        finding = sweep_finding(sweep) + " " + finding
+    sweep_png = plot_sweep(sweep, plots / "kernel_sweep.png") if sweep else None
     sec = Section("hardware", "Hardware efficiency", "Where do the compressed kernels stand against the hardware?",
                   finding, "hardware", None, [], notes)
     sec.tables = tables  # tuples are fine for the writers below
-    return sec, plot
+    return sec, plot, sweep_png
 
 
 def summary_text(records: list[dict]) -> str:
@@ -193,14 +200,17 @@ def render_report(directory: str | os.PathLike, records: list[dict] | None = Non
                     "points. Regimes: post-training (no retraining), fine-tuned (naive, clean loss), adversarially "
                     "fine-tuned (PGD).")
         sections = analyse(spec, points, ids)
-    hw, hw_plot = _hardware(ok, directory, plots)
+    hw, hw_plot, sweep_png = _hardware(ok, directory, plots, sweep_record(points))
     rendered = []
     for s in sections:
         png = plot_section(s.plot, plots / f"{s.id}.png") if s.plot else None
         rendered.append({"id": s.id, "title": s.title, "question": s.question, "finding": s.finding, "plot": png,
                          "tables": _tables(s), "notes": s.notes})
     rendered.append({"id": "hardware", "title": hw.title, "question": hw.question, "finding": hw.finding,
-                     "plot": hw_plot, "tables": _tables(hw), "notes": hw.notes})
+                     "plot": sweep_png, "plots": [hw_plot] if sweep_png and hw_plot else [],
+                     "tables": _tables(hw), "notes": hw.notes})
+    if not sweep_png:
+        rendered[-1]["plot"] = hw_plot
     head, rows = summary_rows(ok, extra=True)
     flags = sorted({f"{r.get('model', '?')}: {f}" for r in ok for f in r.get("sanity_flags", [])})
     all_notes = ["Accuracy columns are percentages of the test set; `bytes x` is dense bytes / stored bytes (below 1: "
@@ -224,8 +234,9 @@ def render_report(directory: str | os.PathLike, records: list[dict] | None = Non
             md += [f"*{s['question']}*", ""]
         if s["finding"]:
             md += [f"**Finding:** {s['finding']}", ""]
-        if s["plot"]:
-            md += [f"![{s['title']}](plots/{Path(s['plot']).name})", ""]
+        for png in [s["plot"]] + s.get("plots", []):
+            if png:
+                md += [f"![{s['title']}](plots/{Path(png).name})", ""]
         for caption, h, rws in s["tables"]:
             md += [caption, "", format_table(h, rws, markdown=True), ""]
         md += [f"{n}" for n in s["notes"]] + ([""] if s["notes"] else [])
@@ -234,5 +245,5 @@ def render_report(directory: str | os.PathLike, records: list[dict] | None = Non
     paths.append(directory / "report.md")
     write_text_atomic(directory / "report.html", render_html(title, [m for m in meta if m], findings, rendered))
     paths.append(directory / "report.html")
-    paths += sorted(p for p in (s["plot"] for s in rendered) if p)
+    paths += sorted(p for s in rendered for p in [s["plot"]] + s.get("plots", []) if p)
     return paths
