@@ -24,10 +24,10 @@ import torch
 
 from bench.harness import environment
 from robcomp.attacks import preset
-from robcomp.data import load_digits_split
-from robcomp.fileio import write_text_atomic
-from robcomp.models import build_model
-from robcomp.train import TrainConfig, train
+from robcomp.zoo.data import load_digits_split
+from robcomp._io import write_text_atomic
+from robcomp.zoo.models import build_model
+from robcomp.training.train import TrainConfig, train
 
 torchattacks = pytest.importorskip("torchattacks")
 

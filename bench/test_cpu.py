@@ -41,7 +41,7 @@ import torch.nn.functional as F
 import robcomp
 from bench.harness import RESULTS_DIR, matmul_flops
 from robcomp.kernels import cpu as CPU
-from robcomp.nn import LAYER_TYPES, tensor_bytes
+from robcomp.layers.linear import LAYER_TYPES, tensor_bytes
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
 
 FULL = os.environ.get("ROBCOMP_BENCH_CPU", "").strip() == "full"
@@ -236,11 +236,11 @@ def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, t
             rows.append({**common, "impl": name, "ms": round(t, 4), "speedup_vs_dense_fp32": round(base / t, 3),
                          "gflops": round(matmul_flops(m, n, k) / (t * 1e-3) / 1e9, 2)})
         # the dispatched path: robcomp.tune fed this run's timings (the same decision rule)
-        cache = robcomp.dispatch.DispatchCache(tmp_path / "dispatch.json")
+        cache = robcomp.layers.dispatch.DispatchCache(tmp_path / "dispatch.json")
         for fmt, layer in layers.items():
             table = robcomp.tune(nn.Sequential(layer), x, cache=cache,
                                  measure=lambda fn, fmt=fmt: ms[f"{fmt}:{fn.args[0]}"])
-            choice = table["0"][f"float32|M{robcomp.dispatch.m_bucket(m)}"]["choice"]
+            choice = table["0"][f"float32|M{robcomp.layers.dispatch.m_bucket(m)}"]["choice"]
             t = ms[f"{fmt}:{choice}"]
             row = {**common, "impl": f"{fmt}:dispatched", "path": choice, "ms": round(t, 4),
                    "speedup_vs_dense_fp32": round(base / t, 3), "weight_bytes": tensor_bytes(layer),

@@ -8,14 +8,14 @@ import importlib
 import sys
 import types
 
-__version__ = "0.1.0"
+from robcomp._version import __version__
 
 _LAZY = {
-    "compress": ("robcomp.compress", "compress"),
-    "evaluate": ("robcomp.evaluate", "evaluate"),
+    "compress": ("robcomp.compression.compress", "compress"),
+    "evaluate": ("robcomp.evaluation.evaluate", "evaluate"),
     "save": ("robcomp.serialize", "save"),
     "load": ("robcomp.serialize", "load"),
-    "tune": ("robcomp.tuning", "tune"),
+    "tune": ("robcomp.layers.tuning", "tune"),
     "attacks": ("robcomp.attacks", None),
     **{name: ("robcomp.recipes", name) for name in (
         "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly", "Int8Dynamic", "FP8Dynamic", "Sparse24Int4",

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from robcomp.fileio import DirectoryBusyError, DirectoryLock, write_text_atomic
+from robcomp._io import DirectoryBusyError, DirectoryLock, write_text_atomic
 from robcomp.report.results import append_record, read_records
 
 
@@ -63,7 +63,7 @@ def test_atomic_files_get_umask_permissions(tmp_path):
 
 HOLD = textwrap.dedent("""
     import sys, time
-    from robcomp.fileio import DirectoryLock
+    from robcomp._io import DirectoryLock
     with DirectoryLock(sys.argv[1]):
         print("locked", flush=True)
         sys.stdin.readline()

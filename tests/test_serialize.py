@@ -9,10 +9,10 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.compress import compress
-from robcomp.masks import apply_nm_masks, masked_modules
-from robcomp.models import build_model
-from robcomp.nn import LAYER_TYPES
+from robcomp.compression.compress import compress
+from robcomp.compression.masks import apply_nm_masks, masked_modules
+from robcomp.zoo.models import build_model
+from robcomp.layers.linear import LAYER_TYPES
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Sparse24, Sparse24Int4
 from robcomp.serialize import read_manifest
 

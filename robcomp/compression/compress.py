@@ -13,8 +13,8 @@ Default selection (when no ``filter_fn`` is given): every ``nn.Linear`` and 1x1 
 except the classifier head (the last Linear of the model, which is small and sensitive), layers
 with fewer than ``MIN_WEIGHTS`` weights (too small to gain) and layers the recipe cannot take (e.g.
 in_features not divisible by the int4 group size); each skip is recorded with its reason. 1x1
-convs run as ``robcomp.conv.Conv1x1`` around a compressed Linear, patch convs (stride == kernel,
-a ViT's patch embedding) as ``robcomp.conv.PatchConv``; other convs stay dense and the summary says
+convs run as ``robcomp.layers.conv.Conv1x1`` around a compressed Linear, patch convs (stride == kernel,
+a ViT's patch embedding) as ``robcomp.layers.conv.PatchConv``; other convs stay dense and the summary says
 why. Hugging Face ``transformers`` ``Conv1D`` layers (GPT-2; weight ``[in, out]``) are replaced by
 the compressed Linear they stand for. Each summary row names the layer's class before and after
 (``before_type`` / ``after_type``). ``MagnitudePrune`` attaches masks (``robcomp.masks``): reported as "no speedup".
@@ -33,10 +33,10 @@ from typing import Callable, Iterable, Sequence
 import torch
 import torch.nn as nn
 
-from robcomp.backend import validate_backend
-from robcomp.conv import (Conv1x1, PatchConv, conv_as_linear, conv_matmul_incompatibility, hf_conv1d_as_linear,
+from robcomp.layers.backend import validate_backend
+from robcomp.layers.conv import (Conv1x1, PatchConv, conv_as_linear, conv_matmul_incompatibility, hf_conv1d_as_linear,
                           is_hf_conv1d, is_patch_conv)
-from robcomp.nn import LAYER_TYPES, CompressedLinear, tensor_bytes
+from robcomp.layers.linear import LAYER_TYPES, CompressedLinear, tensor_bytes
 from robcomp.recipes import Recipe
 
 __all__ = ["compress", "CompressionSummary", "LayerReport", "model_bytes", "count_parameters"]
@@ -290,7 +290,7 @@ def compress(model: nn.Module, recipe_or_list: Recipe | Sequence[Recipe], *,
     try:
         for recipe in recipes:
             if recipe.applies_to == "model":
-                from robcomp.prune import apply_model_recipe  # torch-pruning is imported only when needed
+                from robcomp.compression.prune import apply_model_recipe  # torch-pruning is imported only when needed
 
                 summary.layers += apply_model_recipe(model, recipe, example_inputs=example_inputs,
                                                      filter_fn=filter_fn)

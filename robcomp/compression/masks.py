@@ -167,7 +167,7 @@ def mask_sparsity(model: nn.Module) -> float:
 def pack_nm(model: nn.Module, backend: str = "auto") -> nn.Module:
     """Pack every 2:4-masked Linear into a ``Sparse24Linear`` (bakes the mask first), keeping
     other layers as they are. The packed layer computes exactly with the masked weights."""
-    from robcomp.compress import compress
+    from robcomp.compression.compress import compress
     from robcomp.recipes import Sparse24
 
     names = {n for n, m in masked_modules(model).items()
@@ -182,8 +182,8 @@ def pack_nm(model: nn.Module, backend: str = "auto") -> nn.Module:
 
 def magnitude_prune(model: nn.Module, recipe, filter_fn: FilterFn | None = None) -> list:
     """Carry out a ``MagnitudePrune`` recipe; return per-layer reports for the summary."""
-    from robcomp.compress import LayerReport
-    from robcomp.nn import tensor_bytes
+    from robcomp.compression.compress import LayerReport
+    from robcomp.layers.linear import tensor_bytes
 
     layers = prunable_layers(model, filter_fn)
     if not layers:

@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from robcomp.nn import tensor_bytes
+from robcomp.layers.linear import tensor_bytes
 from robcomp.outputs import logits_of
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Recipe
 
@@ -137,10 +137,10 @@ def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
 def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.Tensor,
                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list:
-    """Prune ``model`` in place; return per-layer reports (see ``robcomp.compress.LayerReport``)."""
+    """Prune ``model`` in place; return per-layer reports (see ``robcomp.compression.compress.LayerReport``)."""
     import torch_pruning as tp
 
-    from robcomp.compress import LayerReport
+    from robcomp.compression.compress import LayerReport
 
     ffn_up = _hf_ffn_up_projections(model)
     attention = [] if ffn_up else _unsupported_attention(model)
@@ -154,7 +154,7 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
                          "to trace the model: compress(model, ChannelPrune(...), example_inputs=x)")
     from torch.nn.utils import parametrize
 
-    from robcomp.nn import CompressedLinear
+    from robcomp.layers.linear import CompressedLinear
 
     names = dict(model.named_modules())
     done = [n for n, m in names.items() if isinstance(m, CompressedLinear) or parametrize.is_parametrized(m)]
@@ -242,7 +242,7 @@ def apply_model_recipe(model: nn.Module, recipe: Recipe, *, example_inputs=None,
     if isinstance(recipe, ChannelPrune):
         return channel_prune(model, recipe, example_inputs, filter_fn)
     if isinstance(recipe, MagnitudePrune):
-        from robcomp.masks import magnitude_prune
+        from robcomp.compression.masks import magnitude_prune
 
         return magnitude_prune(model, recipe, filter_fn)
     raise ValueError(f"recipe {recipe.name!r} is not implemented as a model rewrite in this version")

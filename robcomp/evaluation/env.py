@@ -81,7 +81,7 @@ def environment(device: torch.device | None = None) -> dict:
                                             capture_output=True, text=True, timeout=10).stdout.strip()
         except Exception:
             info["driver"] = None
-    from robcomp import __version__
+    from robcomp._version import __version__
 
     info["robcomp"] = __version__
     return info

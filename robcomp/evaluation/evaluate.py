@@ -36,19 +36,19 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from robcomp import sanity as _sanity
+from robcomp.evaluation import sanity as _sanity
 from robcomp.attacks.base import Attack, NoInputGradient, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
-from robcomp.compress import count_parameters, model_bytes
-from robcomp.env import environment
-from robcomp.fileio import write_text_atomic
+from robcomp.compression.compress import count_parameters, model_bytes
+from robcomp.evaluation.env import environment
+from robcomp._io import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
                             restores_training_mode)
-from robcomp.nn import CompressedLinear
+from robcomp.layers.linear import CompressedLinear
 from robcomp.outputs import LogitsModel, with_logits
-from robcomp.randomised import Predictor, batch_seed, noise_control, seeded_noise
-from robcomp.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
+from robcomp.evaluation.randomised import Predictor, batch_seed, noise_control, seeded_noise
+from robcomp.evaluation.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
 __all__ = ["evaluate", "merge_records", "count_nonzero_parameters", "gradient_kinds"]
 
@@ -434,7 +434,7 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
         record["latency"] = {}
     record["env"] = environment(device)
     # which implementation each compressed layer ran, per dtype and row bucket (robcomp.dispatch)
-    from robcomp.nn import layer_paths
+    from robcomp.layers.linear import layer_paths
     record["paths"] = layer_paths(model)
     return record
 

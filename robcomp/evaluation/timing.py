@@ -176,7 +176,7 @@ def count_macs(model: nn.Module, input_shape: tuple[int, ...], *, device: torch.
     its (dequantised) weights that are non-zero, i.e. the work a sparse kernel must do. Other
     operations (attention's matmuls, norms, activations) are not counted.
     """
-    from robcomp.nn import CompressedLinear
+    from robcomp.layers.linear import CompressedLinear
 
     totals = {"macs": 0, "macs_nonzero": 0.0}
     layers: dict[str, int] = {}

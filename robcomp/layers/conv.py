@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from robcomp.nn import CompressedLinear
+from robcomp.layers.linear import CompressedLinear
 
 __all__ = ["Conv1x1", "PatchConv", "conv1x1_incompatibility", "conv_matmul_incompatibility", "conv_as_linear",
            "is_patch_conv",

@@ -29,8 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robcomp.backend import resolve_backend, triton_available, validate_backend
-from robcomp.dispatch import m_bucket
+from robcomp.layers.backend import resolve_backend, triton_available, validate_backend
+from robcomp.layers.dispatch import m_bucket
 from robcomp.inputs import check_float_input
 from robcomp.kernels import reference as ref
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4
@@ -206,7 +206,7 @@ class CompressedLinear(nn.Module, abc.ABC):
         return True
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        """Run ``path`` (one of :data:`robcomp.dispatch.PATHS`) on ``x``."""
+        """Run ``path`` (one of :data:`robcomp.layers.dispatch.PATHS`) on ``x``."""
         if path in self.inference_only and torch.is_grad_enabled() and x.requires_grad:
             path = self.fallback_path(x.device)
             if not torch.compiler.is_compiling():

@@ -20,9 +20,9 @@ from typing import Callable, Sequence
 import torch
 import torch.nn as nn
 
-from robcomp import dispatch
-from robcomp.backend import resolve_backend
-from robcomp.nn import CompressedLinear
+from robcomp.layers import dispatch
+from robcomp.layers.backend import resolve_backend
+from robcomp.layers.linear import CompressedLinear
 
 __all__ = ["tune", "layer_op"]
 

@@ -148,7 +148,7 @@ def summary_text(records: list[dict]) -> str:
 
 
 def _point_ids(spec: dict) -> set[str] | None:
-    from robcomp.studyspec import spec_from_dict
+    from robcomp.study.spec import spec_from_dict
 
     try:
         return {p.id for p in spec_from_dict(spec).points()}

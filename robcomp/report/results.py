@@ -13,7 +13,7 @@ import os
 import warnings
 from pathlib import Path
 
-from robcomp.fileio import write_text_atomic
+from robcomp._io import write_text_atomic
 
 __all__ = ["append_record", "read_records", "write_text_atomic"]
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from robcomp.fileio import atomic_path
+from robcomp._io import atomic_path
 
 __all__ = ["cache_dir", "config_key", "cached_state"]
 

@@ -1,6 +1,6 @@
 """The study: sweeps over models x widths x recipes x training regimes x seeds, resumable.
 
-``run_study(spec, out)`` expands a :class:`~robcomp.studyspec.StudySpec` into points, runs every
+``run_study(spec, out)`` expands a :class:`~robcomp.study.spec.StudySpec` into points, runs every
 point that ``out/results.jsonl`` does not already hold (a point is keyed by the hash of its
 configuration), appends one record per point atomically, then renders ``report.md``,
 ``report.html`` and the PNG plots from the results file alone (``robcomp.report.render``).
@@ -24,18 +24,18 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from robcomp import __version__
-from robcomp.cache import cached_state
-from robcomp.compress import compress, model_bytes
-from robcomp.data import DIGITS, load_digits_split
-from robcomp.evaluate import evaluate
-from robcomp.fileio import DirectoryLock
-from robcomp.models import build_model
-from robcomp.progress import progress_mode, study_progress
+from robcomp._version import __version__
+from robcomp.study.checkpoints import cached_state
+from robcomp.compression.compress import compress, model_bytes
+from robcomp.zoo.data import DIGITS, load_digits_split
+from robcomp.evaluation.evaluate import evaluate
+from robcomp._io import DirectoryLock
+from robcomp.zoo.models import build_model
+from robcomp.study.progress import progress_mode, study_progress
 from robcomp.recipes import recipe_from_dict
 from robcomp.report.results import append_record
-from robcomp.studyspec import Point, StudySpec, default_spec, make_attacks
-from robcomp.train import TrainConfig, train
+from robcomp.study.spec import Point, StudySpec, default_spec, make_attacks
+from robcomp.training.train import TrainConfig, train
 
 __all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times", "STUDY_RECORD"]
 
@@ -62,7 +62,7 @@ def effective_nonzero(model: nn.Module) -> int:
     compressed layers' dequantised weights, every other parameter as stored."""
     from torch.nn.utils import parametrize
 
-    from robcomp.nn import CompressedLinear
+    from robcomp.layers.linear import CompressedLinear
 
     total = 0
     for name, m in model.named_modules():
@@ -89,7 +89,7 @@ def layer_times(model: nn.Module, input_shape, batch_size: int, repeats: int = 1
     Layers and the whole pass are timed in the same hooked passes, and the reported pass is the
     one with the median total, so the shares of disjoint layers add up to at most 100%
     (``total_ms``: that hooked pass; ``unhooked_ms``: median of plain passes, for reference)."""
-    from robcomp.nn import CompressedLinear
+    from robcomp.layers.linear import CompressedLinear
 
     model.eval()
     x = torch.rand((batch_size, *input_shape), generator=torch.Generator().manual_seed(0))
@@ -202,7 +202,7 @@ class _Context:
         if recipe.applies_to == "layer":
             # train towards the recipe (masks / fake quantisation), then pack; recipes without such a
             # path raise ValueError before training and fall through to compress-then-train
-            from robcomp.robust import compression_aware_finetune
+            from robcomp.training.adversarial import compression_aware_finetune
 
             def fit_aware(m):
                 return compression_aware_finetune(copy.deepcopy(base), recipe, self.x, self.y, ft, method=method)
@@ -301,7 +301,7 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     default study) into ``out``; return the records of its points.
 
     Points already in ``out/results.jsonl`` are skipped. ``out`` is locked while the run lasts
-    (:class:`~robcomp.fileio.DirectoryBusyError` when another run holds it), and a results file of
+    (:class:`~robcomp._io.DirectoryBusyError` when another run holds it), and a results file of
     another study is refused (ValueError). ``max_points`` stops after running that
     many new points (for tests of resumption); ``render=False`` skips the report. ``progress``
     shows a bar on a terminal and one plain line per point on stderr otherwise.
@@ -309,7 +309,7 @@ def run_study(spec: StudySpec | str | os.PathLike | None = None, out: str | os.P
     if spec is None:
         spec = default_spec()
     elif isinstance(spec, (str, os.PathLike)):
-        from robcomp.studyspec import load_spec
+        from robcomp.study.spec import load_spec
 
         spec = load_spec(spec)
     if not isinstance(spec, StudySpec):

@@ -132,7 +132,7 @@ def default_width(model: str) -> int | None:
     """The width a model is built with when none is given (its constructor's default)."""
     import inspect
 
-    from robcomp.models import MODELS
+    from robcomp.zoo.models import MODELS
 
     param = inspect.signature(MODELS[model]).parameters.get("width")
     return None if param is None or param.default is inspect.Parameter.empty else param.default
@@ -287,7 +287,7 @@ def _int_list(where: str, v, positive=False) -> tuple:
 
 
 def _widths(where: str, d: dict, models) -> dict:
-    from robcomp.models import MODELS
+    from robcomp.zoo.models import MODELS
 
     out = {}
     for m, ws in d.items():
@@ -299,7 +299,7 @@ def _widths(where: str, d: dict, models) -> dict:
 
 def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
     """Validate a spec given as the dict TOML parses into; errors name the offending key."""
-    from robcomp.models import MODELS
+    from robcomp.zoo.models import MODELS
     from robcomp.recipes import RECIPES, parse_recipe
 
     data = copy.deepcopy(data)
@@ -322,7 +322,7 @@ def parse_spec(data: dict, *, source: str = "spec") -> StudySpec:
         raise SpecError("study.critical_drop must be in (0, 1) (a fraction of the test set)")
     kw["train"] = _table(data.get("train", {}), "train", _TRAIN_KEYS, _TRAIN_DEFAULTS)
     kw["finetune"] = _table(data.get("finetune", {}), "finetune", _FINETUNE_KEYS, _FT_DEFAULTS)
-    from robcomp.train import TrainConfig
+    from robcomp.training.train import TrainConfig
 
     try:
         TrainConfig(**kw["train"])
@@ -447,7 +447,7 @@ def load_spec(path: str | Path) -> StudySpec:
 
 
 def default_spec_text() -> str:
-    return resources.files("robcomp").joinpath("default_study.toml").read_text(encoding="utf-8")
+    return resources.files("robcomp.study").joinpath("default_study.toml").read_text(encoding="utf-8")
 
 
 def default_spec() -> StudySpec:

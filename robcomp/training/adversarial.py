@@ -1,6 +1,6 @@
 """Robust compression: adversarial fine-tuning, compression-aware training, HYDRA-style pruning.
 
-Every routine here drives :func:`robcomp.train.train` (same optimiser, schedule, seeding and PGD
+Every routine here drives :func:`robcomp.training.train.train` (same optimiser, schedule, seeding and PGD
 adversarial examples), plugging in a loss (``loss_fn``) or a post-step hook where needed.
 
 * :func:`adversarial_finetune` — PGD adversarial training (Madry et al., 2018) or TRADES (Zhang et
@@ -29,9 +29,9 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from robcomp.kernels import reference as ref
-from robcomp.masks import apply_masks, nm_mask, prunable_layers
+from robcomp.compression.masks import apply_masks, nm_mask, prunable_layers
 from robcomp.recipes import (Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4)
-from robcomp.train import TrainConfig, train
+from robcomp.training.train import TrainConfig, train
 
 __all__ = ["trades_loss", "adversarial_finetune", "FakeQuant", "compression_aware_finetune",
            "ScoreMask", "hydra_prune"]
@@ -46,7 +46,7 @@ def _project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Ten
 
 def trades_loss(eps: float, steps: int = 5, beta: float = 6.0, step_size: float | None = None,
                 seed: int = 0) -> Callable:
-    """TRADES loss as a ``loss_fn(model, x, y)`` for :func:`robcomp.train.train`.
+    """TRADES loss as a ``loss_fn(model, x, y)`` for :func:`robcomp.training.train.train`.
 
     The inner maximisation runs ``steps`` signed-gradient steps on the KL divergence from a small
     random start, in eval mode (fixed normalisation statistics), inside the L-inf ball of radius
@@ -130,7 +130,7 @@ class FakeQuant(nn.Module):
 
 def _selected_layers(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | None) -> list[str]:
     """Names of the layers ``compress(model, recipe, filter_fn=...)`` would pack (dry run on a copy)."""
-    from robcomp.compress import compress
+    from robcomp.compression.compress import compress
 
     probe = compress(copy.deepcopy(model), recipe, filter_fn=filter_fn, backend="torch")
     return [r.name for r in probe.compression_summary.layers if r.action == "compressed"]
@@ -149,7 +149,7 @@ def compression_aware_finetune(model: nn.Module, recipe: Recipe, x: torch.Tensor
       of the weights (``Int8Dynamic``'s activation quantisation is not simulated).
     ``method``: ``"pgd"`` (adversarial), ``"trades"`` or ``"clean"``.
     """
-    from robcomp.compress import compress
+    from robcomp.compression.compress import compress
 
     if not isinstance(recipe, Recipe) or recipe.applies_to != "layer":
         raise ValueError(f"compression_aware_finetune takes a layer recipe (Sparse24, Int8WeightOnly, "

@@ -10,8 +10,8 @@ import robcomp
 from robcomp.attacks import APGD, APGDT, FAB, FGSM, PGD, Ensemble, Square, Transfer, preset, project_l2
 from robcomp.attacks.apgd import checkpoints
 from robcomp.attacks.base import distance
-from robcomp.compress import compress
-from robcomp.nn import CompressedLinear
+from robcomp.compression.compress import compress
+from robcomp.layers.linear import CompressedLinear
 
 
 

@@ -13,7 +13,7 @@ import torch
 
 from robcomp.kernels import _aot
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("static_model", ROOT / "bench" / "static_model.py")
 S = importlib.util.module_from_spec(_spec)
 sys.modules.setdefault("static_model", S)

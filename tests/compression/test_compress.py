@@ -7,10 +7,10 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.compress import MIN_WEIGHTS, CompressionSummary, compress, model_bytes
-from robcomp.conv import Conv1x1
-from robcomp.models import build_model
-from robcomp.nn import LAYER_TYPES, CompressedLinear, tensor_bytes
+from robcomp.compression.compress import MIN_WEIGHTS, CompressionSummary, compress, model_bytes
+from robcomp.layers.conv import Conv1x1
+from robcomp.zoo.models import build_model
+from robcomp.layers.linear import LAYER_TYPES, CompressedLinear, tensor_bytes
 from robcomp.recipes import (ChannelPrune, Int4WeightOnly, Int8WeightOnly, MagnitudePrune, Sparse24,
                              Sparse24Int4)
 

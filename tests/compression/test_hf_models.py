@@ -12,10 +12,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # configs only: nothing is downloa
 tf = pytest.importorskip("transformers", reason="transformers (the dev extra) is not installed")
 
 import robcomp as rc  # noqa: E402
-from robcomp.compress import compress  # noqa: E402
-from robcomp.conv import Conv1x1, PatchConv  # noqa: E402
-from robcomp.embeddings import EmbeddingInputs  # noqa: E402
-from robcomp.nn import LAYER_TYPES, CompressedLinear  # noqa: E402
+from robcomp.compression.compress import compress  # noqa: E402
+from robcomp.layers.conv import Conv1x1, PatchConv  # noqa: E402
+from robcomp.evaluation.embeddings import EmbeddingInputs  # noqa: E402
+from robcomp.layers.linear import LAYER_TYPES, CompressedLinear  # noqa: E402
 from numerics import sqnr_db  # noqa: E402
 
 VOCAB, SEQ = 96, 8

@@ -5,15 +5,15 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robcomp.compress import compress
-from robcomp.data import load_digits_split
-from robcomp.masks import (apply_masks, apply_nm_masks, magnitude_masks, mask_sparsity, masked_modules, nm_mask,
+from robcomp.compression.compress import compress
+from robcomp.zoo.data import load_digits_split
+from robcomp.compression.masks import (apply_masks, apply_nm_masks, magnitude_masks, mask_sparsity, masked_modules, nm_mask,
                            pack_nm, remove_masks)
-from robcomp.models import build_model
-from robcomp.nn import Sparse24Linear
-from robcomp.permute import apply_permutation, find_permutation, kept_magnitude, permute_model_for_24
+from robcomp.zoo.models import build_model
+from robcomp.layers.linear import Sparse24Linear
+from robcomp.compression.permute import apply_permutation, find_permutation, kept_magnitude, permute_model_for_24
 from robcomp.recipes import MagnitudePrune
-from robcomp.train import TrainConfig, accuracy, train
+from robcomp.training.train import TrainConfig, accuracy, train
 
 
 @pytest.fixture(scope="module")

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robcomp.compress import compress
-from robcomp.models import build_model
-from robcomp.prune import count_macs
+from robcomp.compression.compress import compress
+from robcomp.zoo.models import build_model
+from robcomp.compression.prune import count_macs
 from robcomp.recipes import ChannelPrune, Sparse24
 
 X = torch.rand(16, 1, 8, 8)
@@ -133,8 +133,8 @@ def test_prune_after_layer_recipe_is_an_error_and_frozen_params_ok():
 
 @pytest.mark.parametrize("width, ratio", [(64, 0.9), (64, 0.99), (256, 0.99)])
 def test_ratio_that_cannot_be_honoured_is_an_error_not_a_no_op(width, ratio):
-    from robcomp.compress import compress
-    from robcomp.models import build_model
+    from robcomp.compression.compress import compress
+    from robcomp.zoo.models import build_model
     from robcomp.recipes import ChannelPrune
 
     x = torch.rand(8, 1, 8, 8)

@@ -15,11 +15,11 @@ import torch.nn as nn
 
 import robcomp
 from robcomp.attacks import FGSM, PGD, APGD, Square, preset
-from robcomp.compress import compress
-from robcomp.evaluate import evaluate, merge_records
+from robcomp.compression.compress import compress
+from robcomp.evaluation.evaluate import evaluate, merge_records
 
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
 
 
@@ -174,9 +174,9 @@ KILL_SCRIPT = textwrap.dedent("""
     import sys, torch
     torch.set_num_threads(1)
     from robcomp.attacks import PGD, FGSM
-    from robcomp.evaluate import evaluate
-    from robcomp.models import build_model
-    from robcomp.data import load_digits_split
+    from robcomp.evaluation.evaluate import evaluate
+    from robcomp.zoo.models import build_model
+    from robcomp.zoo.data import load_digits_split
     model = build_model("mlp", 64)
     model.load_state_dict(torch.load(sys.argv[1], weights_only=True))
     x, y = load_digits_split(seed=0)[2:]

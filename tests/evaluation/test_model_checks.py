@@ -10,9 +10,9 @@ import torch.nn as nn
 
 from robcomp.attacks import EOT, FGSM, PGD, NoInputGradient, Square, Transfer, preset
 from robcomp.attacks.base import ce_loss, loss_and_gradient
-from robcomp.evaluate import evaluate, merge_records
-from robcomp.randomised import Predictor
-from robcomp.sanity import probe_model
+from robcomp.evaluation.evaluate import evaluate, merge_records
+from robcomp.evaluation.randomised import Predictor
+from robcomp.evaluation.sanity import probe_model
 
 TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
 

@@ -7,10 +7,10 @@ import torch.nn as nn
 
 from robcomp.attacks import FGSM, PGD, Square, Transfer
 from robcomp.attacks.base import Attack
-from robcomp.evaluate import evaluate
-from robcomp.models import build_model
-from robcomp.sanity import FLAGS, check_results, probe_model
-from robcomp.train import TrainConfig, train
+from robcomp.evaluation.evaluate import evaluate
+from robcomp.zoo.models import build_model
+from robcomp.evaluation.sanity import FLAGS, check_results, probe_model
+from robcomp.training.train import TrainConfig, train
 
 
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from robcomp.kernels import cpu as C
 from robcomp.kernels import reference as R
-from robcomp.nn import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
+from robcomp.layers.linear import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
                         Sparse24Int4Linear, Sparse24Linear, tensor_bytes)
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
 

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 import robcomp as rc
-from robcomp import nn as rnn
+from robcomp.layers import linear as rnn
 from robcomp.kernels import lowbit as L
 from robcomp.kernels import reference as R
 

@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from robcomp.kernels import reference as ref
 from robcomp.kernels import sparse24 as s24
-from robcomp.nn import Sparse24Linear
+from robcomp.layers.linear import Sparse24Linear
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
 # output rounding dominates; fp32 accumulation over K=68 adds far less. bf16 gets a whole ulp

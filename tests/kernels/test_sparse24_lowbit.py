@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import robcomp as rc
-from robcomp import nn as rnn
+from robcomp.layers import linear as rnn
 from robcomp.kernels import reference as R
 from robcomp.kernels import sparse24_lowbit as S
 

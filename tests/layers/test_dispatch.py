@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp import dispatch
-from robcomp.nn import CompressedLinear, Int8DynamicLinear, Sparse24Linear, layer_paths
-from robcomp.tuning import layer_op
+from robcomp.layers import dispatch
+from robcomp.layers.linear import CompressedLinear, Int8DynamicLinear, Sparse24Linear, layer_paths
+from robcomp.layers.tuning import layer_op
 
 
 def test_decide_picks_fastest_with_preference_and_ignores_failures():
@@ -174,7 +174,7 @@ def test_evaluate_records_the_path_of_every_layer():
 
 def test_cuda_candidates_per_format(monkeypatch):
     """The CUDA paths each format offers robcomp.tune (listed without touching a GPU)."""
-    monkeypatch.setattr("robcomp.nn.triton_available", lambda: True)
+    monkeypatch.setattr("robcomp.layers.linear.triton_available", lambda: True)
     lin = nn.Linear(64, 32)
     expected = {robcomp.Sparse24(): ("triton", "semi_structured", "dense", "reference"),
                 robcomp.Int8WeightOnly(): ("triton", "dense", "reference"),
@@ -182,7 +182,7 @@ def test_cuda_candidates_per_format(monkeypatch):
                 robcomp.Int8Dynamic(): ("triton", "int_mm", "reference"),
                 robcomp.FP8Dynamic(): ("triton", "scaled_mm", "reference"),
                 robcomp.Sparse24Int4(group_size=32): ("triton", "dense", "reference")}
-    from robcomp.nn import LAYER_TYPES
+    from robcomp.layers.linear import LAYER_TYPES
     for recipe, paths in expected.items():
         layer = LAYER_TYPES[type(recipe)].from_linear(lin, recipe)
         assert layer.paths(torch.device("cuda"), torch.float16) == paths

@@ -9,8 +9,8 @@ import pytest
 from robcomp.cli import main
 from robcomp.report.bench import bench_rows, peak_for
 from robcomp.report.findings import analyse, pareto_front
-from robcomp.study import run_study
-from robcomp.studyspec import quick_spec
+from robcomp.study.runner import run_study
+from robcomp.study.spec import quick_spec
 
 
 @pytest.fixture(scope="module")

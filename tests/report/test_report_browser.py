@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from robcomp.study import run_study
-from robcomp.studyspec import quick_spec
+from robcomp.study.runner import run_study
+from robcomp.study.spec import quick_spec
 
 CHROMIUM = next((p for p in (os.environ.get("CHROMIUM"), shutil.which("chromium"), "/usr/bin/chromium",
                              shutil.which("chromium-browser"), shutil.which("google-chrome")) if p and os.path.exists(p)),

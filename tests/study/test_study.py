@@ -11,8 +11,8 @@ import pytest
 
 from robcomp.recipes import RECIPES
 from robcomp.report import read_records
-from robcomp.study import run_study
-from robcomp.studyspec import (SpecError, default_spec, default_spec_text, parse_spec, point_id, quick_spec)
+from robcomp.study.runner import run_study
+from robcomp.study.spec import (SpecError, default_spec, default_spec_text, parse_spec, point_id, quick_spec)
 
 ACCURACY_KEYS = ("clean_accuracy", "robust_accuracy", "robust_accuracy_by_eps", "model_bytes", "parameters")
 
@@ -99,11 +99,11 @@ def test_quick_study_fills_every_section(quick_run):
 
 
 def test_rerun_skips_finished_points(quick_run, monkeypatch):
-    import robcomp.study
+    import robcomp.study.runner
 
     def recompute(p, ctx):
         raise AssertionError(f"point {p.id} was recomputed")
-    monkeypatch.setattr(robcomp.study, "_record_for", recompute)
+    monkeypatch.setattr(robcomp.study.runner, "_record_for", recompute)
     out, records = quick_run
     before = (out / "results.jsonl").read_text()
     lines = []
@@ -180,7 +180,7 @@ def test_second_run_into_a_locked_directory_refuses(tmp_path):
 
 def test_directory_of_another_study_is_refused(tmp_path):
     from robcomp.report.results import append_record
-    from robcomp.study import STUDY_RECORD
+    from robcomp.study.runner import STUDY_RECORD
 
     full = default_spec()
     append_record(tmp_path / "results.jsonl", {"type": STUDY_RECORD, "spec": full.to_dict(),
@@ -212,10 +212,10 @@ def test_unhonourable_channel_prune_is_skipped_not_ok(tmp_path, capsys):
 
 
 def test_layer_shares_add_up_to_at_most_the_whole_pass():
-    from robcomp.compress import compress
-    from robcomp.models import build_model
+    from robcomp.compression.compress import compress
+    from robcomp.zoo.models import build_model
     from robcomp.recipes import Int8WeightOnly
-    from robcomp.study import layer_times
+    from robcomp.study.runner import layer_times
 
     model = compress(build_model("mlp", 64).eval(), Int8WeightOnly())
     t = layer_times(model, (1, 8, 8), batch_size=16, repeats=5)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from robcomp.data import CIFAR10, DIGITS, MNIST, embedded_digits, load_digits_split
+from robcomp.zoo.data import CIFAR10, DIGITS, MNIST, embedded_digits, load_digits_split
 
 
 # ------------------------------------------------------------------ digits

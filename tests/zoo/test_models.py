@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from robcomp.models import MODELS, Normalize, TinyViT, build_model
+from robcomp.zoo.models import MODELS, Normalize, TinyViT, build_model
 
 WIDTHS = {"cnn": (8, 16), "mlp": (32, 64), "vit": (32, 64)}
 
