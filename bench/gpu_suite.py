@@ -415,7 +415,7 @@ class Suite:
 
     def run_e2e(self, phase, dtype):
         import robcomp as rc
-        from robcomp.compression.compress import model_bytes
+        from robcomp.layers.sizes import model_bytes
         from robcomp.zoo.models import MLP, TinyViT
         dt = dtype_name(dtype)
         if self.tiny:
@@ -607,7 +607,7 @@ def parse_args(argv=None):
 def model_linear_shapes(tiny: bool) -> list[tuple[int, int]]:
     """(K, N) of the built-in models' Linear layers that compression touches (no head, no tiny layer),
     plus the ViT-B/16 and 4096-MLP shapes of the end-to-end models (not in tiny mode)."""
-    from robcomp.compression.compress import MIN_WEIGHTS
+    from robcomp.compression.selection import MIN_WEIGHTS
     from robcomp.zoo.models import MLP, TinyViT, build_model
     models = [build_model(name) for name in ("cnn", "mlp", "vit")]
     if not tiny:

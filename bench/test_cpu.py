@@ -41,7 +41,8 @@ import torch.nn.functional as F
 import robcomp
 from bench.harness import RESULTS_DIR, matmul_flops
 from robcomp.kernels import cpu as CPU
-from robcomp.layers.linear import LAYER_TYPES, tensor_bytes
+from robcomp.compression.handlers import layer_type_for
+from robcomp.layers.linear import tensor_bytes
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
 
 FULL = os.environ.get("ROBCOMP_BENCH_CPU", "").strip() == "full"
@@ -157,7 +158,7 @@ def _layers(k, n):
         torch.manual_seed(0)
         linear = nn.Linear(k, n, bias=False)
         linear.weight.data = _weight(n, k)
-        _LAYERS[(k, n)] = linear, {fmt: LAYER_TYPES[type(r)].from_linear(linear, r) for fmt, r in RECIPES.items()}
+        _LAYERS[(k, n)] = linear, {fmt: layer_type_for(r).from_linear(linear, r) for fmt, r in RECIPES.items()}
     return _LAYERS[(k, n)]
 
 
@@ -265,8 +266,8 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
     linear = nn.Linear(256, 256, bias=False)
     linear.weight.data = _weight(256, 256)
     x = torch.randn(1, 256)
-    layer = LAYER_TYPES[Int8Dynamic].from_linear(linear, Int8Dynamic())
-    sp = LAYER_TYPES[Sparse24].from_linear(linear, Sparse24())
+    layer = layer_type_for(Int8Dynamic).from_linear(linear, Int8Dynamic())
+    sp = layer_type_for(Sparse24).from_linear(linear, Sparse24())
     raw_v, raw_m = sp.values, sp.meta
     fns = {"dense_fp32": lambda: F.linear(x, linear.weight),
            "int8_dynamic:layer": lambda: layer(x),

@@ -34,8 +34,6 @@ class Recipe:
     """Base class. ``name`` is the stable identifier used on the command line and in records."""
 
     name: ClassVar[str] = "recipe"
-    #: "layer" recipes swap nn.Linear modules; "model" recipes rewrite the whole model.
-    applies_to: ClassVar[str] = "layer"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -122,7 +120,6 @@ class ChannelPrune(Recipe):
     """
 
     name: ClassVar[str] = "channel_prune"
-    applies_to: ClassVar[str] = "model"
     ratio: float = 0.3
     importance: str = "magnitude"
     global_pruning: bool = False
@@ -148,7 +145,6 @@ class MagnitudePrune(Recipe):
     """Unstructured magnitude pruning stored as masks: a research baseline with no speedup."""
 
     name: ClassVar[str] = "magnitude_prune"
-    applies_to: ClassVar[str] = "model"
     sparsity: float = 0.5
     scope: str = "layer"
 

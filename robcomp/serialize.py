@@ -61,6 +61,7 @@ from torch.nn.utils import parametrize
 
 from robcomp._io import atomic_path
 from robcomp._version import __version__
+from robcomp.summary import CompressionSummary
 
 __all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION"]
 
@@ -484,7 +485,6 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None 
     compressed layers, tensors bit-exact. ``model_factory()`` (optional) supplies the classes of
     your own model (its weights and shapes are ignored). Returns the model in eval mode with its
     ``compression_summary`` restored."""
-    from robcomp.compression.compress import CompressionSummary
 
     manifest, tensors = _open(path)
     entries = manifest.get("modules")

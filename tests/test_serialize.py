@@ -12,12 +12,12 @@ import robcomp
 from robcomp.compression.compress import compress
 from robcomp.compression.masks import apply_nm_masks, masked_modules
 from robcomp.zoo.models import build_model
-from robcomp.layers.linear import LAYER_TYPES
+from robcomp.compression.handlers import layer_recipe_types
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Sparse24, Sparse24Int4
 from robcomp.serialize import read_manifest
 
 X = torch.rand(8, 1, 8, 8)
-LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
+LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in layer_recipe_types()]
 ALL_RECIPES = LAYER_RECIPES + [ChannelPrune(0.5), MagnitudePrune(0.7), [ChannelPrune(0.3), Sparse24Int4(group_size=32)]]
 
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robcomp.inputs import check_images, check_labels
+from robcomp.inputs import check_images, check_labels, check_positive_int
 from robcomp.outputs import with_logits
 
 __all__ = ["Attack", "project_linf", "project_l2", "project", "input_gradient", "keyed_uniform",
@@ -64,12 +64,6 @@ def check_norm(norm: str) -> str:
     if norm not in NORMS:
         raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
     return norm
-
-
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 # ------------------------------------------------------------------------------- projections

@@ -23,8 +23,8 @@ import math
 
 import torch
 
-from robcomp.attacks.base import (Attack, check_eps, check_positive_int, distance, logits_and_jacobian,
-                                  loss_and_gradient)
+from robcomp.attacks.base import Attack, check_eps, distance, logits_and_jacobian, loss_and_gradient
+from robcomp.inputs import check_positive_int
 from robcomp.attacks.boundary import project_onto_hyperplane
 
 FAB_NORMS = ("Linf", "L2", "L1")

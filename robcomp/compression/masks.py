@@ -7,7 +7,7 @@ the masked-out entries are zero, so training with the mask in place (masked fine
 sparsity pattern. Storage and compute stay dense: unstructured masks give **no speedup** (the
 compression summary says so). N:M masks with N:M = 2:4 are the exception: after masked
 fine-tuning, ``compress(model, Sparse24())`` packs the masked weights into real 2:4 layers
-(``pack_nm`` does the same for exactly the masked layers).
+(``robcomp.compression.compress.pack_nm`` does the same for exactly the masked layers).
 
 Masks, like every parametrization, survive ``robcomp.save``/``robcomp.load``.
 """
@@ -19,8 +19,14 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from robcomp.compression.registry import HandlerContext, register_handler
+from robcomp.compression.selection import classifier_head
+from robcomp.layers.linear import tensor_bytes
+from robcomp.recipes import MagnitudePrune
+from robcomp.summary import LayerReport
+
 __all__ = ["WeightMask", "magnitude_masks", "nm_mask", "apply_masks", "apply_nm_masks", "remove_masks",
-           "masked_modules", "mask_sparsity", "prunable_layers", "pack_nm", "magnitude_prune"]
+           "masked_modules", "mask_sparsity", "prunable_layers", "magnitude_prune"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -58,9 +64,9 @@ def prunable_layers(model: nn.Module, filter_fn: FilterFn | None = None, *,
     if filter_fn is not None:
         return {n: m for n, m in layers.items() if filter_fn(m, n)}
     if skip_head:
-        linears = [n for n, m in layers.items() if isinstance(m, nn.Linear)]
-        if linears:
-            layers.pop(linears[-1])
+        head = classifier_head(model)
+        if isinstance(layers.get(head), nn.Linear):
+            layers.pop(head)
     return layers
 
 
@@ -164,27 +170,8 @@ def mask_sparsity(model: nn.Module) -> float:
     return zeros / total if total else 0.0
 
 
-def pack_nm(model: nn.Module, backend: str = "auto") -> nn.Module:
-    """Pack every 2:4-masked Linear into a ``Sparse24Linear`` (bakes the mask first), keeping
-    other layers as they are. The packed layer computes exactly with the masked weights."""
-    from robcomp.compression.compress import compress
-    from robcomp.recipes import Sparse24
-
-    names = {n for n, m in masked_modules(model).items()
-             if isinstance(m, nn.Linear) and next(p for p in m.parametrizations.weight
-                                                  if isinstance(p, WeightMask)).pattern == "2:4"}
-    if not names:
-        raise ValueError("pack_nm found no 2:4-masked Linear layer; call apply_nm_masks(model, 2, 4) first")
-    for n in names:
-        parametrize.remove_parametrizations(model.get_submodule(n), "weight", leave_parametrized=True)
-    return compress(model, Sparse24(), filter_fn=lambda mod, name: name in names, backend=backend)
-
-
-def magnitude_prune(model: nn.Module, recipe, filter_fn: FilterFn | None = None) -> list:
+def magnitude_prune(model: nn.Module, recipe: MagnitudePrune, filter_fn: FilterFn | None = None) -> list[LayerReport]:
     """Carry out a ``MagnitudePrune`` recipe; return per-layer reports for the summary."""
-    from robcomp.compression.compress import LayerReport
-    from robcomp.layers.linear import tensor_bytes
-
     layers = prunable_layers(model, filter_fn)
     if not layers:
         raise ValueError(f"{recipe.label()} applies to no layer of this model (no Linear/Conv2d besides the head)")
@@ -209,3 +196,7 @@ def magnitude_prune(model: nn.Module, recipe, filter_fn: FilterFn | None = None)
                                        else "excluded by filter_fn"))
     return reports
 
+
+@register_handler(MagnitudePrune, rewrites_model=True)
+def _magnitude_prune_handler(model: nn.Module, recipe: MagnitudePrune, ctx: HandlerContext) -> list[LayerReport]:
+    return magnitude_prune(model, recipe, ctx.filter_fn)

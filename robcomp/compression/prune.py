@@ -15,7 +15,7 @@ with a ValueError naming the modules, rather than pruned into a model with incon
 BERT- and ViT-style transformers models (FFN ``intermediate.dense`` / ``mlp.fc1``) only the FFN
 hidden width is pruned: attention, heads and the residual width are left alone, and the pruned
 model is run once before returning. ``importance="bn_scale"`` needs BatchNorm layers.
-``MagnitudePrune`` (unstructured masks) is dispatched to ``robcomp.masks``.
+``MagnitudePrune`` (unstructured masks) is handled by ``robcomp.compression.masks``.
 """
 from __future__ import annotations
 
@@ -25,11 +25,14 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from robcomp.compression.registry import HandlerContext, register_handler
+from robcomp.compression.selection import classifier_head
 from robcomp.layers.linear import tensor_bytes
 from robcomp.outputs import logits_of
-from robcomp.recipes import ChannelPrune, MagnitudePrune, Recipe
+from robcomp.recipes import ChannelPrune
+from robcomp.summary import LayerReport
 
-__all__ = ["channel_prune", "apply_model_recipe", "count_macs"]
+__all__ = ["channel_prune", "count_macs"]
 
 
 def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
@@ -83,11 +86,6 @@ def _layer_shapes(model: nn.Module) -> dict[str, tuple[tuple, int]]:
     return out
 
 
-def _head_modules(model: nn.Module) -> list[nn.Module]:
-    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-    return linears[-1:]
-
-
 def _attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     """qkv Linear -> number of heads, for modules that expose ``qkv`` and ``num_heads``."""
     return {m.qkv: m.num_heads for m in model.modules()
@@ -137,10 +135,8 @@ def _unwrapped_parameters(model: nn.Module) -> list[tuple[nn.Parameter, int]]:
 
 def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.Tensor,
                   filter_fn: Callable[[nn.Module, str], bool] | None = None) -> list:
-    """Prune ``model`` in place; return per-layer reports (see ``robcomp.compression.compress.LayerReport``)."""
+    """Prune ``model`` in place; return per-layer reports (see ``robcomp.summary.LayerReport``)."""
     import torch_pruning as tp
-
-    from robcomp.compression.compress import LayerReport
 
     ffn_up = _hf_ffn_up_projections(model)
     attention = [] if ffn_up else _unsupported_attention(model)
@@ -168,7 +164,8 @@ def channel_prune(model: nn.Module, recipe: ChannelPrune, example_inputs: torch.
     unknown = [n for n in recipe.ignored if n not in names]
     if unknown:
         raise ValueError(f"ChannelPrune.ignored names modules the model does not have: {unknown}")
-    ignored = _head_modules(model) + [names[n] for n in recipe.ignored]
+    head = classifier_head(model)
+    ignored = ([names[head]] if head is not None else []) + [names[n] for n in recipe.ignored]
     if filter_fn is not None:
         ignored += [m for n, m in names.items() if isinstance(m, (nn.Linear, nn.Conv2d)) and not filter_fn(m, n)]
     if ffn_up:  # transformers: only the FFN hidden width; heads and the residual width are left as they are
@@ -238,11 +235,6 @@ def _check_something_removed(recipe: ChannelPrune, before: dict, after: dict, ig
                      f"be honoured on this model{hint}")
 
 
-def apply_model_recipe(model: nn.Module, recipe: Recipe, *, example_inputs=None, filter_fn=None) -> list:
-    if isinstance(recipe, ChannelPrune):
-        return channel_prune(model, recipe, example_inputs, filter_fn)
-    if isinstance(recipe, MagnitudePrune):
-        from robcomp.compression.masks import magnitude_prune
-
-        return magnitude_prune(model, recipe, filter_fn)
-    raise ValueError(f"recipe {recipe.name!r} is not implemented as a model rewrite in this version")
+@register_handler(ChannelPrune, rewrites_model=True)
+def _channel_prune_handler(model: nn.Module, recipe: ChannelPrune, ctx: HandlerContext) -> list[LayerReport]:
+    return channel_prune(model, recipe, ctx.example_inputs, ctx.filter_fn)

@@ -40,7 +40,7 @@ from robcomp.evaluation import sanity as _sanity
 from robcomp.attacks.base import Attack, NoInputGradient, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
-from robcomp.compression.compress import count_parameters, model_bytes
+from robcomp.layers.sizes import count_parameters, model_bytes
 from robcomp.evaluation.env import environment
 from robcomp._io import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,

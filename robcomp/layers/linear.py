@@ -43,8 +43,6 @@ __all__ = [
     "Int8DynamicLinear",
     "FP8DynamicLinear",
     "Sparse24Int4Linear",
-    "LAYER_TYPES",
-    "register_layer",
     "tensor_bytes",
     "layer_paths",
 ]
@@ -327,16 +325,6 @@ def _storage_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-LAYER_TYPES: dict[type[Recipe], type[CompressedLinear]] = {}
-
-
-def register_layer(cls: type[CompressedLinear]) -> type[CompressedLinear]:
-    """Class decorator: make ``compress`` use ``cls`` for its recipe type."""
-    LAYER_TYPES[cls.recipe_type] = cls
-    return cls
-
-
-@register_layer
 class Sparse24Linear(CompressedLinear):
     """2:4 sparse weight: ``values [N, K/2]`` + 2-bit ``meta`` (format in kernels/reference.py)."""
 
@@ -398,7 +386,6 @@ class Sparse24Linear(CompressedLinear):
         return ref.sparse24_unpack(self.values, self.meta, self.in_features)
 
 
-@register_layer
 class Int8WeightOnlyLinear(CompressedLinear):
     """int8 weight, symmetric per output channel; floating-point activations (W8A16).
 
@@ -449,7 +436,6 @@ class Int8WeightOnlyLinear(CompressedLinear):
         return ref.int8_weight_unpack(self.qweight, self.scale)
 
 
-@register_layer
 class Int4WeightOnlyLinear(CompressedLinear):
     """int4 weight, asymmetric per group along in_features, two values per byte (W4A16).
 
@@ -514,7 +500,6 @@ class Int4WeightOnlyLinear(CompressedLinear):
 
 
 
-@register_layer
 class Int8DynamicLinear(CompressedLinear):
     """W8A8: int8 weight (per channel, float32 scale) and int8 activations quantised per token at
     run time; int8 x int8 -> int32 dot. The input gradient is the straight-through estimator:
@@ -560,7 +545,6 @@ class Int8DynamicLinear(CompressedLinear):
         return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
 
 
-@register_layer
 class FP8DynamicLinear(CompressedLinear):
     """FP8 (e4m3) weight per channel and e4m3 activations per token. ``backend="triton"`` needs a
     CUDA GPU with compute capability >= 8.9 and raises ``ValueError`` elsewhere; ``backend="torch"``
@@ -612,7 +596,6 @@ class FP8DynamicLinear(CompressedLinear):
         return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
 
 
-@register_layer
 class Sparse24Int4Linear(CompressedLinear):
     """2:4 sparse weight whose kept values are int4 per group (format in kernels/sparse24_lowbit.py):
     ``qvalues uint8 [N, K/4]``, ``scales``/``zeros [N, K/group_size]``, 2:4 ``meta``. Exact gradient."""

@@ -26,7 +26,8 @@ import torch.nn as nn
 
 from robcomp._version import __version__
 from robcomp.study.checkpoints import cached_state
-from robcomp.compression.compress import compress, model_bytes
+from robcomp.compression.compress import compress
+from robcomp.layers.sizes import model_bytes
 from robcomp.zoo.data import DIGITS, load_digits_split
 from robcomp.evaluation.evaluate import evaluate
 from robcomp._io import DirectoryLock
@@ -199,21 +200,18 @@ class _Context:
         base_key = {"kind": "finetune", "base": base_info["cache_key"], "recipe": recipe.to_dict(),
                     "finetune": ft.to_dict(), "robcomp": __version__}
         method = "pgd" if ft.adversarial else "clean"
-        if recipe.applies_to == "layer":
-            # train towards the recipe (masks / fake quantisation), then pack; recipes without such a
-            # path raise ValueError before training and fall through to compress-then-train
-            from robcomp.training.adversarial import compression_aware_finetune
+        from robcomp.training.adversarial import compression_aware_finetune, supports_compression_aware
 
+        if supports_compression_aware(recipe):
+            # train towards the recipe (masks / fake quantisation), then pack; other recipes are
+            # compressed first and then trained
             def fit_aware(m):
                 return compression_aware_finetune(copy.deepcopy(base), recipe, self.x, self.y, ft, method=method)
-            try:
-                model, hit = cached_state(copy.deepcopy(structure), {**base_key, "method": "compression_aware"},
-                                          fit_aware, enabled=self.use_cache)
-                model.compression_summary = summary
-                return model, {"method": "compression_aware", "cached": hit, "time_s": time.perf_counter() - t0,
-                               "config": ft.to_dict()}
-            except ValueError:
-                pass
+            model, hit = cached_state(copy.deepcopy(structure), {**base_key, "method": "compression_aware"},
+                                      fit_aware, enabled=self.use_cache)
+            model.compression_summary = summary
+            return model, {"method": "compression_aware", "cached": hit, "time_s": time.perf_counter() - t0,
+                           "config": ft.to_dict()}
 
         def fit(m):
             return train(m, self.x, self.y, ft, desc=f"fine-tune {recipe.label()} ({p.regime})", progress=self.progress)
@@ -241,8 +239,9 @@ def _record_for(p: Point, ctx: _Context) -> dict:
     else:
         try:
             model, ft_info = ctx.variant(base, base_info, p)
-        except (ValueError, NotImplementedError, TypeError) as e:
-            # the recipe cannot take this model here (e.g. no layer it applies to): a finished point
+        except (ValueError, NotImplementedError) as e:
+            # the recipe cannot take this model here (e.g. no layer it applies to): a finished point.
+            # A TypeError is a bug, not a property of the point: it propagates
             return {**common, "status": "skipped", "reason": f"{type(e).__name__}: {e}"}
     t0 = time.perf_counter()
     record = evaluate(model, (ctx.x_test, ctx.y_test), attacks=make_attacks(p.attacks), batch_sizes=p.batch_sizes,

@@ -33,7 +33,7 @@ from robcomp.compression.masks import apply_masks, nm_mask, prunable_layers
 from robcomp.recipes import (Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4)
 from robcomp.training.train import TrainConfig, train
 
-__all__ = ["trades_loss", "adversarial_finetune", "FakeQuant", "compression_aware_finetune",
+__all__ = ["trades_loss", "adversarial_finetune", "FakeQuant", "compression_aware_finetune", "supports_compression_aware",
            "ScoreMask", "hydra_prune"]
 
 FilterFn = Callable[[nn.Module, str], bool]
@@ -128,6 +128,15 @@ class FakeQuant(nn.Module):
         return f"kind={self.kind}" + (f", group_size={self.group_size}" if self.kind == "int4" else "")
 
 
+#: layer recipes with a training path: 2:4 masks, or straight-through fake quantisation of the weights
+_AWARE_RECIPES = (Sparse24, Sparse24Int4, Int8WeightOnly, Int8Dynamic, Int4WeightOnly)
+
+
+def supports_compression_aware(recipe: Recipe) -> bool:
+    """True when :func:`compression_aware_finetune` can train towards ``recipe``."""
+    return isinstance(recipe, _AWARE_RECIPES)
+
+
 def _selected_layers(model: nn.Module, recipe: Recipe, filter_fn: FilterFn | None) -> list[str]:
     """Names of the layers ``compress(model, recipe, filter_fn=...)`` would pack (dry run on a copy)."""
     from robcomp.compression.compress import compress
@@ -151,7 +160,7 @@ def compression_aware_finetune(model: nn.Module, recipe: Recipe, x: torch.Tensor
     """
     from robcomp.compression.compress import compress
 
-    if not isinstance(recipe, Recipe) or recipe.applies_to != "layer":
+    if not supports_compression_aware(recipe):
         raise ValueError(f"compression_aware_finetune takes a layer recipe (Sparse24, Int8WeightOnly, "
                          f"Int4WeightOnly, Int8Dynamic, Sparse24Int4), got {recipe!r}")
     config = config or TrainConfig(epochs=5, lr=1e-3)
@@ -160,13 +169,11 @@ def compression_aware_finetune(model: nn.Module, recipe: Recipe, x: torch.Tensor
     if isinstance(recipe, (Sparse24, Sparse24Int4)):
         apply_masks(model, {n: nm_mask(m.weight, 2, 4) for n, m in layers.items()}, pattern="2:4")
         bake = True
-    elif isinstance(recipe, (Int8WeightOnly, Int8Dynamic, Int4WeightOnly)):
+    else:
         kind = "int4" if isinstance(recipe, Int4WeightOnly) else "int8"
         for m in layers.values():
             parametrize.register_parametrization(m, "weight", FakeQuant(kind, getattr(recipe, "group_size", 128)))
         bake = False  # keep the latent weights: packing them reproduces the fake-quantised weight exactly
-    else:
-        raise ValueError(f"compression-aware training is not implemented for {recipe.label()}")
     cfg, loss = _loss_for(method, config, beta)
     train(model, x, y, cfg, desc=f"{recipe.label()}-aware training", progress=progress, loss_fn=loss)
     for m in layers.values():

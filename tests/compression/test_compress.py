@@ -7,15 +7,19 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.compression.compress import MIN_WEIGHTS, CompressionSummary, compress, model_bytes
+from robcomp.compression.compress import compress
+from robcomp.compression.handlers import layer_recipe_types
+from robcomp.compression.selection import MIN_WEIGHTS
+from robcomp.layers.sizes import model_bytes
+from robcomp.summary import CompressionSummary
 from robcomp.layers.conv import Conv1x1
 from robcomp.zoo.models import build_model
-from robcomp.layers.linear import LAYER_TYPES, CompressedLinear, tensor_bytes
+from robcomp.layers.linear import CompressedLinear, tensor_bytes
 from robcomp.recipes import (ChannelPrune, Int4WeightOnly, Int8WeightOnly, MagnitudePrune, Sparse24,
                              Sparse24Int4)
 
 X = torch.rand(32, 1, 8, 8, generator=torch.Generator().manual_seed(0))  # seeded: same inputs every run
-LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
+LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in layer_recipe_types()]
 # activations quantised at run time: bound the relative error norm ||y - y_ref|| / ||y_ref||. Measured
 # worst over 12 input seeds x mlp/cnn/vit: int8 0.014, fp8 (e4m3, 3 mantissa bits) 0.036.
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.06}

@@ -15,11 +15,12 @@ import robcomp as rc  # noqa: E402
 from robcomp.compression.compress import compress  # noqa: E402
 from robcomp.layers.conv import Conv1x1, PatchConv  # noqa: E402
 from robcomp.evaluation.embeddings import EmbeddingInputs  # noqa: E402
-from robcomp.layers.linear import LAYER_TYPES, CompressedLinear  # noqa: E402
+from robcomp.compression.handlers import layer_recipe_types  # noqa: E402
+from robcomp.layers.linear import CompressedLinear  # noqa: E402
 from numerics import sqnr_db  # noqa: E402
 
 VOCAB, SEQ = 96, 8
-LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
+LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in layer_recipe_types()]
 # SQNR (dB) of the compressed model's logits against the original dense model, per format. Worst
 # measured over 4 seeds x these four models: int8 37.1, int8_dynamic 31.7, fp8 20.5, int4 (group
 # 32) 18.0 (2:4+int4 against the 2:4 model: 18.0). A broken packing or scale gives ~0 dB.

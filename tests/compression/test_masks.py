@@ -5,10 +5,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from robcomp.compression.compress import compress
+from robcomp.compression.compress import compress, pack_nm
 from robcomp.zoo.data import load_digits_split
 from robcomp.compression.masks import (apply_masks, apply_nm_masks, magnitude_masks, mask_sparsity, masked_modules, nm_mask,
-                           pack_nm, remove_masks)
+                           remove_masks)
 from robcomp.zoo.models import build_model
 from robcomp.layers.linear import Sparse24Linear
 from robcomp.compression.permute import apply_permutation, find_permutation, kept_magnitude, permute_model_for_24

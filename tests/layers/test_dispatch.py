@@ -182,9 +182,9 @@ def test_cuda_candidates_per_format(monkeypatch):
                 robcomp.Int8Dynamic(): ("triton", "int_mm", "reference"),
                 robcomp.FP8Dynamic(): ("triton", "scaled_mm", "reference"),
                 robcomp.Sparse24Int4(group_size=32): ("triton", "dense", "reference")}
-    from robcomp.layers.linear import LAYER_TYPES
+    from robcomp.compression.handlers import layer_type_for
     for recipe, paths in expected.items():
-        layer = LAYER_TYPES[type(recipe)].from_linear(lin, recipe)
+        layer = layer_type_for(recipe).from_linear(lin, recipe)
         assert layer.paths(torch.device("cuda"), torch.float16) == paths
         assert layer.default_path(torch.device("cuda"), torch.float16, 1) == "triton"
         # every listed path has an implementation (run_path raises for unknown names)
