@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +39,7 @@ import torch.nn.functional as F
 
 import robcomp
 from bench.harness import RESULTS_DIR, matmul_flops
+from robcomp._io import write_json_atomic
 from robcomp.kernels import cpu as CPU
 from robcomp.compression.handlers import layer_type_for
 from robcomp.layers.linear import tensor_bytes
@@ -116,11 +116,7 @@ class _Results:
 
     def write(self) -> None:
         self._file()
-        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=RESULTS_DIR, prefix=".cpu-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"environment": self.env, "results": self.rows}, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"environment": self.env, "results": self.rows}, parents=True, indent=1)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import importlib
 import sys
 import types
 
-from robcomp._version import __version__
+from robcomp._version import __version__  # noqa: F401  (public)
 
 _LAZY = {
     "compress": ("robcomp.compression.compress", "compress"),

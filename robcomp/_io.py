@@ -1,4 +1,5 @@
-"""Atomic file writes with ordinary permissions, and an exclusive lock on an output directory.
+"""Files: atomic writes and appends with ordinary permissions, the one cache directory, and an
+exclusive lock on an output directory. Every file robcomp (and bench/) writes goes through here.
 
 ``tempfile.mkstemp`` creates files readable by their owner only (0600); a result file a user
 shares should get the same permissions as any other file they write (0666 minus the umask), so
@@ -7,12 +8,24 @@ shares should get the same permissions as any other file they write (0666 minus 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
-__all__ = ["atomic_path", "write_text_atomic", "umask_mode", "DirectoryLock", "DirectoryBusyError"]
+__all__ = ["atomic_path", "write_text_atomic", "write_json_atomic", "append_text_atomic", "umask_mode", "cache_dir",
+           "DirectoryLock", "DirectoryBusyError"]
+
+
+def cache_dir() -> Path:
+    """Where robcomp keeps what it can recompute (trained checkpoints, dispatch decisions):
+    ``$ROBCOMP_CACHE_DIR``, else ``$XDG_CACHE_HOME/robcomp``, else ``~/.cache/robcomp``. Not created here."""
+    root = os.environ.get("ROBCOMP_CACHE_DIR", "").strip()
+    if root:
+        return Path(root).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME", "").strip()
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "robcomp"
 
 
 def umask_mode() -> int:
@@ -38,13 +51,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[str]:
             os.unlink(tmp)
 
 
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Replace ``path`` by ``text`` (UTF-8) atomically, fsynced before the rename."""
+def write_text_atomic(path: str | os.PathLike, text: str, *, parents: bool = False) -> Path:
+    """Replace ``path`` by ``text`` (UTF-8) atomically, fsynced before the rename; ``parents``
+    creates the missing directories first."""
+    path = Path(path)
+    if parents:
+        path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any, *, parents: bool = False, **dumps: Any) -> Path:
+    """:func:`write_text_atomic` of ``json.dumps(obj, **dumps)``."""
+    return write_text_atomic(path, json.dumps(obj, **dumps), parents=parents)
+
+
+def append_text_atomic(path: str | os.PathLike, text: str, *, keep: Callable[[str], str] = lambda old: old) -> None:
+    """Append ``text`` to ``path`` by replacing the file with ``keep(old) + text`` in one rename: a
+    crash leaves the old file or the new one, never half a line. ``keep`` trims what the old
+    content must lose first (e.g. a partial last line an interrupted writer left)."""
+    path = Path(path)
+    old = path.read_text(encoding="utf-8") if path.exists() else ""
+    write_text_atomic(path, keep(old) + text)
 
 
 class DirectoryBusyError(RuntimeError):

@@ -82,3 +82,33 @@ def test_lock_refuses_a_second_process_and_is_released_on_exit(tmp_path):
         holder.wait()
     with DirectoryLock(tmp_path):
         pass
+
+
+def test_one_cache_dir_robcomp_then_xdg_then_home(tmp_path, monkeypatch):
+    from robcomp._io import cache_dir
+
+    monkeypatch.setenv("ROBCOMP_CACHE_DIR", str(tmp_path / "own"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "own"
+    monkeypatch.delenv("ROBCOMP_CACHE_DIR")
+    assert cache_dir() == tmp_path / "xdg" / "robcomp"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == tmp_path / "home" / ".cache" / "robcomp"
+
+
+def test_append_text_atomic_keeps_what_keep_returns(tmp_path):
+    from robcomp._io import append_text_atomic
+
+    path = tmp_path / "log.txt"
+    append_text_atomic(path, "a\n")
+    append_text_atomic(path, "b\n")
+    append_text_atomic(path, "c\n", keep=lambda old: old[:-2])  # drop the last line first
+    assert path.read_text() == "a\nc\n"
+    assert stat.S_IMODE(os.stat(path).st_mode) == _umask_mode()
+
+
+def _umask_mode():
+    from robcomp._io import umask_mode
+
+    return umask_mode()

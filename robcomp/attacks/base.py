@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from robcomp.inputs import check_images, check_labels, check_positive_int
+from robcomp.inputs import check_images, check_labels
 from robcomp.outputs import with_logits
 
 __all__ = ["Attack", "project_linf", "project_l2", "project", "input_gradient", "keyed_uniform",

@@ -14,7 +14,8 @@ recorded step: :func:`robcomp.tune` measures each compressed layer's candidates 
 sees and stores the winner per (device key, layer format, dtype, M bucket, N, K)
 
 * in the layers (``forward`` looks it up; it never times anything), and
-* on disk in ``<cache dir>/dispatch.json`` (``$ROBCOMP_CACHE_DIR``, else ``~/.cache/robcomp``),
+* on disk in ``<cache dir>/dispatch.json`` (``robcomp._io.cache_dir()``: ``$ROBCOMP_CACHE_DIR``, else
+  ``$XDG_CACHE_HOME/robcomp``, else ``~/.cache/robcomp``),
   replaced atomically, so a later ``tune`` on the same machine reuses the measurements. The device
   key names the CPU model and thread count or the GPU and its compute capability, and the torch,
   triton and numba versions: a decision is never reused on other hardware or software.
@@ -28,10 +29,8 @@ from __future__ import annotations
 import functools
 import json
 import math
-import os
 import platform
 import statistics
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -39,18 +38,14 @@ from typing import Callable
 
 import torch
 
-__all__ = ["cache_dir", "m_bucket", "decide", "DispatchCache", "choose", "device_key", "dispatch_key",
+from robcomp._io import cache_dir, write_json_atomic
+
+__all__ = ["m_bucket", "decide", "DispatchCache", "choose", "device_key", "dispatch_key",
            "measure_interleaved", "PATHS"]
 
 #: every path name a layer may run (CompressedLinear.paths lists those of one layer and device)
 PATHS = ("native", "dense", "reference", "triton", "semi_structured", "int_mm", "scaled_mm", "bitsandbytes")
 CACHE_FILE = "dispatch.json"
-
-
-def cache_dir() -> Path:
-    """``$ROBCOMP_CACHE_DIR`` if set, else ``~/.cache/robcomp`` (created on first write)."""
-    env = os.environ.get("ROBCOMP_CACHE_DIR", "").strip()
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "robcomp"
 
 
 def m_bucket(m: int) -> int:
@@ -105,11 +100,7 @@ class DispatchCache:
             data[key] = {"choice": choice, "timings_ms": {k: (None if v is None or not math.isfinite(v) else v)
                                                           for k, v in timings.items()}}
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".dispatch-", suffix=".json")
-                with os.fdopen(fd, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.replace(tmp, self.path)
+                write_json_atomic(self.path, data, parents=True, indent=1, sort_keys=True)
             except OSError:
                 pass  # a read-only cache dir costs a re-measurement next process, nothing else
 

@@ -16,7 +16,8 @@ from robcomp.report.findings import Section, analyse
 from robcomp.report.html import render_html
 from robcomp.report.markdown import format_table, summary_rows
 from robcomp.report.plots import plot_hardware, plot_section
-from robcomp.report.results import read_records, write_text_atomic
+from robcomp._io import write_text_atomic
+from robcomp.report.results import read_records
 
 __all__ = ["render_report", "summary_text", "bench_files", "split_records"]
 

@@ -1,6 +1,7 @@
 """On-disk cache of trained checkpoints, keyed by a hash of everything that determines them.
 
-Location: $ROBCOMP_CACHE_DIR, else $XDG_CACHE_HOME/robcomp, else ~/.cache/robcomp. Entries are
+Location: ``robcomp._io.cache_dir()/checkpoints`` ($ROBCOMP_CACHE_DIR, else $XDG_CACHE_HOME/robcomp, else
+~/.cache/robcomp). Entries are
 safetensors files written atomically (temporary file + rename), so an interrupted run never
 leaves a truncated checkpoint behind.
 """
@@ -8,23 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from robcomp._io import atomic_path
+from robcomp._io import atomic_path, cache_dir
 
-__all__ = ["cache_dir", "config_key", "cached_state"]
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("ROBCOMP_CACHE_DIR")
-    if not root:
-        root = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "robcomp")
-    return Path(root)
+__all__ = ["config_key", "cached_state"]
 
 
 def config_key(config: dict[str, Any]) -> str:

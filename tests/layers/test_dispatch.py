@@ -52,11 +52,16 @@ def test_choose_measures_once_then_uses_the_cache_on_a_fake_gpu(tmp_path, monkey
 
 
 def test_cache_dir_follows_environment(tmp_path, monkeypatch):
+    from robcomp._io import cache_dir
+
     monkeypatch.setenv("ROBCOMP_CACHE_DIR", str(tmp_path))
-    assert dispatch.cache_dir() == tmp_path
+    assert cache_dir() == tmp_path
     assert dispatch.default_cache().path == tmp_path / "dispatch.json"
     monkeypatch.delenv("ROBCOMP_CACHE_DIR")
-    assert dispatch.cache_dir().parts[-2:] == (".cache", "robcomp")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir().parts[-2:] == (".cache", "robcomp")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # the dispatch file shares the one cache dir
+    assert dispatch.default_cache().path == tmp_path / "xdg" / "robcomp" / "dispatch.json"
 
 
 def test_cache_ignores_corrupt_files_and_unknown_choices(tmp_path):
