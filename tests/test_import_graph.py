@@ -13,7 +13,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "robcomp"
 #: lowest first; a unit is a subpackage or a top-level module. study.spec (the sweep schema the
 #: report reads back from results) sits below the report, the study runner (which renders it) above.
 LAYERS = [
-    {"_version", "_io", "recipes", "summary", "inputs", "outputs", "kernels"},
+    {"_version", "_io", "options", "kernels"},
+    {"recipes", "summary", "inputs", "outputs"},
     {"layers", "attacks", "zoo"},
     {"compression"},
     {"training", "evaluation", "serialize"},

@@ -32,21 +32,7 @@ from robcomp.outputs import logits_of
 from robcomp.recipes import ChannelPrune
 from robcomp.summary import LayerReport
 
-__all__ = ["channel_prune", "count_macs"]
-
-
-def count_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """``(MACs, parameters)`` of one forward pass on ``example_inputs`` (torch-pruning's counter)."""
-    import torch_pruning as tp
-
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    finally:
-        model.train(was_training)
-    return int(macs), int(params)
+__all__ = ["channel_prune"]
 
 
 @contextlib.contextmanager

@@ -70,6 +70,9 @@ class CompressedLinear(nn.Module, abc.ABC):
     #: how the input gradient is computed: "exact" (dY @ W of the stored weight) or
     #: "straight-through" (a rounding step in the forward is treated as the identity)
     gradient: ClassVar[str] = "exact"
+    #: buffers that stay float32 through ``model.half()`` / ``.to(dtype)``: the per-channel scales
+    #: of the dynamic formats, which the kernels take in fp32 (rounding them to fp16 changes results)
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
                  recipe: Recipe, backend: str = "auto") -> None:
@@ -116,6 +119,15 @@ class CompressedLinear(nn.Module, abc.ABC):
     @abc.abstractmethod
     def pack(weight: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor]:
         """The buffers (name -> tensor) that store ``weight`` in this format."""
+
+    def _apply(self, fn, recurse=True):
+        """``fn`` moves and converts every tensor; the :attr:`fp32_buffers` follow the device
+        only (moved from the float32 originals, so nothing is rounded on the way)."""
+        keep = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, original in keep.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
 
     # ------------------------------------------------------------------ running
     #: paths this format has on CPU / CUDA, beyond "reference" (availability: :meth:`paths`)
@@ -507,6 +519,7 @@ class Int8DynamicLinear(CompressedLinear):
 
     recipe_type = Int8Dynamic
     gradient: ClassVar[str] = "straight-through"
+    fp32_buffers = ("scale",)
 
     @staticmethod
     def pack(weight, recipe):
@@ -553,6 +566,7 @@ class FP8DynamicLinear(CompressedLinear):
 
     recipe_type = FP8Dynamic
     gradient: ClassVar[str] = "straight-through"
+    fp32_buffers = ("scale",)
 
     @staticmethod
     def pack(weight, recipe):

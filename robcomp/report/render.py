@@ -17,12 +17,9 @@ from robcomp.report.html import render_html
 from robcomp.report.markdown import format_table, summary_rows
 from robcomp.report.plots import plot_hardware, plot_section
 from robcomp._io import write_text_atomic
-from robcomp.report.results import read_records
+from robcomp.report.results import STUDY_RECORD, read_records
 
 __all__ = ["render_report", "summary_text", "bench_files", "split_records"]
-
-STUDY_RECORD = "study_spec"
-
 
 def split_records(records: list[dict]) -> tuple[dict | None, list[dict]]:
     """``(last spec header or None, point records deduplicated by point_id, first kept)``."""

@@ -15,7 +15,10 @@ from pathlib import Path
 
 from robcomp._io import append_text_atomic
 
-__all__ = ["append_record", "read_records"]
+__all__ = ["append_record", "read_records", "STUDY_RECORD"]
+
+#: ``type`` of the header record that stores the study spec in results.jsonl
+STUDY_RECORD = "study_spec"
 
 
 def _parse(path: Path, text: str, tolerate_partial_last_line: bool) -> tuple[list[dict], int]:

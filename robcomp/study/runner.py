@@ -34,15 +34,11 @@ from robcomp._io import DirectoryLock
 from robcomp.zoo.models import build_model
 from robcomp.study.progress import progress_mode, study_progress
 from robcomp.recipes import recipe_from_dict
-from robcomp.report.results import append_record
+from robcomp.report.results import STUDY_RECORD, append_record
 from robcomp.study.spec import Point, StudySpec, default_spec, make_attacks
 from robcomp.training.train import TrainConfig, train
 
-__all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times", "STUDY_RECORD"]
-
-#: ``type`` of the header record that stores the spec in results.jsonl
-STUDY_RECORD = "study_spec"
-
+__all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times"]
 
 def check_output_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and prove it is writable, before any work is done."""

@@ -74,15 +74,9 @@ def parse_attack(text: str, seed: int = 0):
     import inspect
 
     import robcomp.attacks as A
-    from robcomp.recipes import _parse_value
+    from robcomp.options import parse_options
 
-    name, _, args = text.strip().partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise SpecError(f"attack argument {item!r} in {text!r} is not of the form key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
+    name, kwargs = parse_options(text, "attack", SpecError)
     if "eps" not in kwargs:
         raise SpecError(f"attack {text!r} needs eps=..., e.g. pgd:eps=0.1,steps=10")
     if name.lower() == "preset":

@@ -28,8 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from robcomp.kernels import reference as ref
+from robcomp.attacks.base import project_linf
 from robcomp.compression.masks import apply_masks, nm_mask, prunable_layers
+from robcomp.kernels import reference as ref
 from robcomp.recipes import (Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4)
 from robcomp.training.train import TrainConfig, train
 
@@ -40,10 +41,6 @@ FilterFn = Callable[[nn.Module, str], bool]
 
 
 # ------------------------------------------------------------------------------------ TRADES
-def _project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
-    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
-
-
 def trades_loss(eps: float, steps: int = 5, beta: float = 6.0, step_size: float | None = None,
                 seed: int = 0) -> Callable:
     """TRADES loss as a ``loss_fn(model, x, y)`` for :func:`robcomp.training.train.train`.
@@ -67,7 +64,7 @@ def trades_loss(eps: float, steps: int = 5, beta: float = 6.0, step_size: float 
             with torch.enable_grad():
                 kl = F.kl_div(F.log_softmax(model(x_adv), dim=1), p_clean, reduction="sum")
                 (grad,) = torch.autograd.grad(kl, x_adv)
-            x_adv = _project_linf(x_adv.detach() + alpha * grad.sign(), x, eps)
+            x_adv = project_linf(x_adv.detach() + alpha * grad.sign(), x, eps)
         model.train()
         logits = model(x)
         robust = F.kl_div(F.log_softmax(model(x_adv.detach()), dim=1), F.softmax(logits, dim=1), reduction="batchmean")

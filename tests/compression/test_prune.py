@@ -7,7 +7,7 @@ import torch.nn as nn
 
 from robcomp.compression.compress import compress
 from robcomp.zoo.models import build_model
-from robcomp.compression.prune import count_macs
+from robcomp.evaluation.timing import count_macs as _count_macs
 from robcomp.recipes import ChannelPrune, Sparse24
 
 X = torch.rand(16, 1, 8, 8)
@@ -38,6 +38,11 @@ class ResNetTiny(nn.Module):
 
     def forward(self, x):
         return self.head(self.layer2(self.layer1(self.stem(x))).mean((2, 3)))
+
+
+def count_macs(model, x):
+    """(MACs of one forward on ``x[:1]``'s shape, parameters): robcomp's one MAC counter."""
+    return _count_macs(model, tuple(x.shape[1:]))["macs"], _params(model)
 
 
 def _params(m):
@@ -98,6 +103,7 @@ def test_cnn_half_channels_quarter_macs_and_faster():
     assert _conv_linear_macs(dense, x1) == 9216 + 294912 + 147456 + 32768 + 640
     # halved channels: 8, 16, 16; fc 256->32; head 32->10
     assert _conv_linear_macs(pruned, x1) == 4608 + 73728 + 36864 + 8192 + 320
+    assert count_macs(dense, x1)[0] == _conv_linear_macs(dense, x1)  # the library's counter agrees
     assert [m.out_channels for m in pruned.modules() if isinstance(m, nn.Conv2d)] == [8, 16, 16]
     ratio = count_macs(dense, x1)[0] / count_macs(pruned, x1)[0]
     assert 3.5 < ratio < 4.1

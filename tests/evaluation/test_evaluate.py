@@ -48,8 +48,8 @@ def test_record_fields_and_backward_compatible_call(mlp, digits):
         assert key in record, key
     assert set(record["robust_accuracy"]) == {"FGSM Linf eps=0.1", "PGD-5 Linf eps=0.1"}
     assert set(record["latency"]) == {"1", "16"}
-    for lat in record["latency"].values():
-        assert lat["median_ms"] <= lat["p90_ms"] <= lat["p99_ms"] and lat["throughput_per_s"] > 0
+    for batch, lat in record["latency"].items():  # percentiles: test_latency_percentiles_of_known_times
+        assert lat["repeats"] == 3 and lat["throughput_per_s"] == pytest.approx(int(batch) / (lat["median_ms"] / 1e3))
     assert record["worst_case_robust_accuracy"] <= min(record["robust_accuracy"].values()) <= record["clean_accuracy"]
     assert record["energy"]["joules_per_sample"] is None and "omitted" in record["energy"]
     assert "method" in record["peak_memory"]
@@ -219,3 +219,29 @@ def test_int8_dynamic_model_reports_straight_through(mlp, digits):
     r = evaluate(comp, (x, y), attacks=[PGD(0.1, 3)], measure=False, sanity=False)
     assert r["gradient"] == "straight-through" and r["straight_through"]
     assert set(r["straight_through"]) == {k for k, v in r["input_gradients"].items() if v == "straight-through"}
+
+
+def test_latency_percentiles_of_known_times(monkeypatch):
+    """median / p90 / p99 of forwards whose durations are known (a fake clock each forward advances),
+    against numpy's linear-interpolation percentiles."""
+    import numpy as np
+
+    import robcomp.evaluation.timing as timing
+
+    durations = np.random.default_rng(0).exponential(2.0, size=37)  # ms; skewed, so the percentiles differ
+    clock, calls = [0.0], []
+
+    class Tick(nn.Module):
+        def forward(self, x):
+            if len(calls) >= 2:  # after the two warm-up forwards
+                clock[0] += durations[len(calls) - 2] / 1e3
+            calls.append(1)
+            return x
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    lat = timing.measure_latency(Tick(), (3,), 4, warmup=2, repeats=len(durations))
+    assert lat["median_ms"] == pytest.approx(np.median(durations))
+    assert lat["p90_ms"] == pytest.approx(np.percentile(durations, 90))
+    assert lat["p99_ms"] == pytest.approx(np.percentile(durations, 99))
+    assert lat["throughput_per_s"] == pytest.approx(4 / (np.median(durations) / 1e3))
+

@@ -143,3 +143,18 @@ def test_channel_prune_shrinks_and_keeps_head_outputs():
     assert all(p.requires_grad for p in model.parameters())
     with pytest.raises(ValueError, match="example_inputs"):
         compress(build_model("mlp"), rc.ChannelPrune(0.5))
+
+
+@pytest.mark.parametrize("recipe", [rc.Int8Dynamic(), rc.FP8Dynamic()], ids=lambda r: r.name)
+def test_half_keeps_dynamic_scales_in_fp32(recipe):
+    """``model.half()`` converts the bias and leaves the per-channel scales float32 and unrounded
+    (the kernels take fp32 scales); moving back and forth changes nothing."""
+    layer = rc.compress(nn.Sequential(nn.Linear(96, 40)), recipe,
+                             filter_fn=lambda m, n: True)[0]
+    scale = layer.scale.clone()
+    assert scale.dtype == torch.float32
+    layer.half()
+    assert layer.bias.dtype == torch.float16
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, scale)
+    layer.to(torch.bfloat16).float()
+    assert torch.equal(layer.scale, scale)

@@ -180,7 +180,7 @@ def test_second_run_into_a_locked_directory_refuses(tmp_path):
 
 def test_directory_of_another_study_is_refused(tmp_path):
     from robcomp.report.results import append_record
-    from robcomp.study.runner import STUDY_RECORD
+    from robcomp.report.results import STUDY_RECORD
 
     full = default_spec()
     append_record(tmp_path / "results.jsonl", {"type": STUDY_RECORD, "spec": full.to_dict(),
