@@ -34,7 +34,7 @@ device, driver, torch/triton versions, date, and every figure's dtype and shape;
 atomically after every phase and shape, and on SIGTERM. A short table is printed last.
 
 ``--tiny``: the same phases on CPU with Triton's interpreter (TRITON_INTERPRET=1, set here) and tiny
-shapes; its timings MEAN NOTHING for performance (``timings_meaningful: false``). tests/test_gpu_suite.py
+shapes; its timings MEAN NOTHING for performance (``timings_meaningful: false``). tests/benchmarks/test_gpu_suite.py
 runs it. The device command is in bench/RESULTS.md.
 """
 from __future__ import annotations

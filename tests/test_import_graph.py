@@ -21,8 +21,7 @@ LAYERS = [
     {"study.spec"},
     {"report"},
     {"study"},
-    {"cli"},
-    {"__init__"},
+    {"cli", "__init__"},
 ]
 RANK = {unit: i for i, layer in enumerate(LAYERS) for unit in layer}
 

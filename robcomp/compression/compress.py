@@ -2,7 +2,7 @@
 
 Recipes apply in order. Model-level recipes (channel pruning) rewrite the model first-class
 through torch-pruning; layer recipes replace ``nn.Linear`` modules with the compressed modules of
-``robcomp.nn``. The model is modified in place and returned, with a per-layer summary attached as
+``robcomp.layers.linear``. The model is modified in place and returned, with a per-layer summary attached as
 ``model.compression_summary``. A ``ChannelPrune`` followed by layer recipes rounds the channels it
 keeps to what they need (``round_to`` raised to a multiple of their int4 group size, 4 for 2:4;
 the summary's ``notes`` say so). If a recipe of the list fails, the model is put back as it was

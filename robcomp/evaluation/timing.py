@@ -170,7 +170,7 @@ def measure_energy(model: nn.Module, input_shape: tuple[int, ...], batch_size: i
 def count_macs(model: nn.Module, input_shape: tuple[int, ...], *, device: torch.device | str = "cpu",
                dtype: torch.dtype = torch.float32) -> dict:
     """Multiply-accumulates per example, counted with forward hooks on ``nn.Linear``,
-    ``nn.Conv2d`` and the compressed layers of ``robcomp.nn`` (one forward of a single example).
+    ``nn.Conv2d`` and the compressed layers of ``robcomp.layers.linear`` (one forward of a single example).
 
     ``macs`` counts the dense layer shapes; ``macs_nonzero`` scales each layer by the fraction of
     its (dequantised) weights that are non-zero, i.e. the work a sparse kernel must do. Other

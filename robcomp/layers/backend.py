@@ -33,7 +33,7 @@ def triton_interpreter() -> bool:
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     """The backend a layer runs with: ``$ROBCOMP_BACKEND`` replaces ``"auto"`` when it is set;
-    ``"auto"`` itself means the dispatched path (``robcomp.dispatch``: the choice recorded by
+    ``"auto"`` itself means the dispatched path (``robcomp.layers.dispatch``: the choice recorded by
     ``robcomp.tune`` for this device, dtype and shape, else the device's static default).
     Explicit backends are returned unchanged."""
     if backend != "auto":

@@ -1,5 +1,5 @@
 """The study specification: a TOML file saying which points a study runs and which question each
-group of points answers (``robcomp/default_study.toml`` is the shipped default; ``robcomp run
+group of points answers (``robcomp/study/default_study.toml`` is the shipped default; ``robcomp run
 --print-config`` prints it, ``robcomp run --config my.toml`` runs another one).
 
 A study is a list of experiments. Each experiment has a ``kind`` (the analysis its report section

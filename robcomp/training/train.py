@@ -1,5 +1,5 @@
 """Training: standard and PGD adversarial training (Madry et al., 2018), seeded and deterministic
-on CPU, with an on-disk cache of trained checkpoints (see ``robcomp.cache``)."""
+on CPU, with an on-disk cache of trained checkpoints (see ``robcomp.study.checkpoints``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -62,7 +62,7 @@ def train(model: nn.Module, x: torch.Tensor, y: torch.Tensor, config: TrainConfi
     """Train ``model`` in place with Adam and a cosine schedule; returns it in eval mode.
 
     ``loss_fn(model, xb, yb) -> loss`` replaces cross-entropy (``xb`` is the PGD batch when
-    ``config.adversarial``; called in train mode), e.g. TRADES in ``robcomp.robust``.
+    ``config.adversarial``; called in train mode), e.g. TRADES in ``robcomp.training.adversarial``.
     ``step_hook(model)`` runs after every optimiser step (e.g. to re-project masks).
 
     Only parameters that require gradients are updated (compressed layers' packed weights are

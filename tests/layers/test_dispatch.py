@@ -1,4 +1,4 @@
-"""The dispatch mechanism (robcomp.dispatch, robcomp.tune) with injected timings: the decision rule,
+"""The dispatch mechanism (robcomp.layers.dispatch, robcomp.tune) with injected timings: the decision rule,
 the on-disk table and its key, tune()'s table and its use by forward, paths in evaluate's record."""
 import copy
 import json

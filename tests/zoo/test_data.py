@@ -1,4 +1,4 @@
-"""Tests for robcomp.data: digits split, CIFAR-10 (pickle + binary) and MNIST (IDX) readers."""
+"""Tests for robcomp.zoo.data: digits split, CIFAR-10 (pickle + binary) and MNIST (IDX) readers."""
 from __future__ import annotations
 
 import collections

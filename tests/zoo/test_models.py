@@ -1,4 +1,4 @@
-"""Tests for robcomp.models: shapes, input gradients, in-model normalisation, build_model."""
+"""Tests for robcomp.zoo.models: shapes, input gradients, in-model normalisation, build_model."""
 from __future__ import annotations
 
 import pytest
