@@ -411,6 +411,7 @@ def markdown(result: dict, command: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
+    _import_robcomp()  # this script also runs from a checkout where robcomp is not installed
     from robcomp._io import write_text_atomic  # umask permissions, not mkstemp's private 0600
 
     write_text_atomic(path, text, parents=True)

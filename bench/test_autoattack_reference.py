@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from bench.harness import environment
-from robcomp.attacks import preset
-from robcomp.zoo.data import load_digits_split
 from robcomp._io import write_text_atomic
-from robcomp.zoo.models import build_model
+from robcomp.attacks import preset
 from robcomp.training.train import TrainConfig, train
+from robcomp.zoo.data import load_digits_split
+from robcomp.zoo.models import build_model
 
 torchattacks = pytest.importorskip("torchattacks")
 

@@ -40,8 +40,8 @@ import torch.nn.functional as F
 import robcomp
 from bench.harness import RESULTS_DIR, matmul_flops
 from robcomp._io import write_json_atomic
-from robcomp.kernels import cpu as CPU
 from robcomp.compression.handlers import layer_type_for
+from robcomp.kernels import cpu as CPU
 from robcomp.layers.linear import tensor_bytes
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
 

@@ -6,9 +6,9 @@ import torch
 from robcomp.attacks import APGDT, FGSM
 from robcomp.compression.compress import compress
 from robcomp.evaluation.evaluate import evaluate
-from robcomp.zoo.models import build_model
 from robcomp.layers.linear import CompressedLinear
 from robcomp.recipes import Int8WeightOnly
+from robcomp.zoo.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -10,11 +10,11 @@ import torch.nn as nn
 
 import robcomp
 from robcomp.compression.compress import compress
-from robcomp.compression.masks import apply_nm_masks, masked_modules
-from robcomp.zoo.models import build_model
 from robcomp.compression.handlers import layer_recipe_types
+from robcomp.compression.masks import apply_nm_masks, masked_modules
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Sparse24, Sparse24Int4
 from robcomp.serialize import read_manifest
+from robcomp.zoo.models import build_model
 
 X = torch.rand(8, 1, 8, 8)
 LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in layer_recipe_types()]

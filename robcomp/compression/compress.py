@@ -35,8 +35,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from robcomp.compression.masks import WeightMask, masked_modules
 from robcomp.compression.handlers import handler_for, is_layer_recipe
+from robcomp.compression.masks import WeightMask, masked_modules
 from robcomp.compression.registry import FilterFn, HandlerContext
 from robcomp.layers.backend import validate_backend
 from robcomp.layers.sizes import model_bytes

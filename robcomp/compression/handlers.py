@@ -4,7 +4,7 @@ modules registers them: ``layer_swap`` for the layer formats, ``prune`` for ``Ch
 from __future__ import annotations
 
 from robcomp.compression import layer_swap, masks, prune  # noqa: F401  (they register on import)
-from robcomp.compression.registry import _HANDLERS, Handler
+from robcomp.compression.registry import Handler, registered
 from robcomp.recipes import Recipe
 
 __all__ = ["handler_for", "layer_type_for", "layer_recipe_types", "is_layer_recipe"]
@@ -12,9 +12,10 @@ __all__ = ["handler_for", "layer_type_for", "layer_recipe_types", "is_layer_reci
 
 def handler_for(recipe: Recipe | type[Recipe]) -> Handler:
     recipe_type = recipe if isinstance(recipe, type) else type(recipe)
+    table = registered()
     for cls in recipe_type.__mro__:
-        if cls in _HANDLERS:
-            return _HANDLERS[cls]
+        if cls in table:
+            return table[cls]
     raise ValueError(f"recipe {getattr(recipe_type, 'name', recipe_type.__name__)!r} has no handler in this "
                      "installation (register one with robcomp.compression.registry.register_handler)")
 
@@ -34,4 +35,4 @@ def layer_type_for(recipe: Recipe | type[Recipe]) -> type:
 
 def layer_recipe_types() -> list[type[Recipe]]:
     """Every recipe type that has a compressed layer, in registration order."""
-    return [t for t, h in _HANDLERS.items() if h.layer_type is not None]
+    return [t for t, h in registered().items() if h.layer_type is not None]

@@ -19,7 +19,7 @@ import torch.nn as nn
 from robcomp.recipes import Recipe
 from robcomp.summary import LayerReport
 
-__all__ = ["Handler", "HandlerContext", "register_handler"]
+__all__ = ["Handler", "HandlerContext", "register_handler", "registered"]
 
 FilterFn = Callable[[nn.Module, str], bool]
 
@@ -58,3 +58,8 @@ def register_handler(recipe_type: type[Recipe], *, rewrites_model: bool = False,
         return fn
 
     return decorate
+
+
+def registered() -> dict[type[Recipe], Handler]:
+    """Recipe type -> handler, in registration order (read-only by convention)."""
+    return _HANDLERS

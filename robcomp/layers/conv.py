@@ -88,7 +88,19 @@ def conv_as_linear(conv: nn.Conv2d) -> nn.Linear:
     return lin
 
 
-class Conv1x1(nn.Module):
+class _ConvOverLinear(nn.Module):
+    """A conv computed by the compressed Linear it wraps (``self.linear``): its recipe and bias."""
+
+    @property
+    def recipe(self):
+        return self.linear.recipe
+
+    @property
+    def bias(self):
+        return self.linear.bias
+
+
+class Conv1x1(_ConvOverLinear):
     """A 1x1 ``nn.Conv2d`` replacement computing through a compressed linear layer.
 
     Keeps Conv2d's attributes (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``).
@@ -101,14 +113,6 @@ class Conv1x1(nn.Module):
         self.out_channels = linear.out_features
         self.kernel_size = (1, 1)
         self.stride = tuple(stride) if isinstance(stride, (tuple, list)) else (int(stride), int(stride))
-
-    @property
-    def recipe(self):
-        return self.linear.recipe
-
-    @property
-    def bias(self):
-        return self.linear.bias
 
     @property
     def weight(self) -> torch.Tensor:
@@ -134,7 +138,7 @@ class Conv1x1(nn.Module):
         return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1), stride={self.stride}"
 
 
-class PatchConv(nn.Module):
+class PatchConv(_ConvOverLinear):
     """A patch ``nn.Conv2d`` (stride == kernel, no padding) computing through a compressed linear layer.
 
     Keeps Conv2d's attributes (``in_channels``, ``out_channels``, ``kernel_size``, ``stride``).
@@ -151,14 +155,6 @@ class PatchConv(nn.Module):
         self.out_channels = linear.out_features
         self.kernel_size = (kh, kw)
         self.stride = (kh, kw)
-
-    @property
-    def recipe(self):
-        return self.linear.recipe
-
-    @property
-    def bias(self):
-        return self.linear.bias
 
     @property
     def weight(self) -> torch.Tensor:

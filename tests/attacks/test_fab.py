@@ -10,8 +10,8 @@ from scipy.optimize import linprog, minimize
 from robcomp.attacks import FAB, PGD
 from robcomp.attacks.base import distance
 from robcomp.attacks.boundary import project_onto_hyperplane
-from robcomp.zoo.models import build_model
 from robcomp.training.train import TrainConfig, train
+from robcomp.zoo.models import build_model
 
 
 def lp_min_norm(A_ub, b_ub, A_eq, b_eq, lo, hi, norm):

@@ -10,11 +10,11 @@ import robcomp
 from robcomp.compression.compress import compress
 from robcomp.compression.handlers import layer_recipe_types
 from robcomp.compression.selection import MIN_WEIGHTS
+from robcomp.layers.conv import Conv1x1
+from robcomp.layers.linear import CompressedLinear, tensor_bytes
 from robcomp.layers.sizes import model_bytes
 from robcomp.summary import CompressionSummary
-from robcomp.layers.conv import Conv1x1
 from robcomp.zoo.models import build_model
-from robcomp.layers.linear import CompressedLinear, tensor_bytes
 from robcomp.recipes import (ChannelPrune, Int4WeightOnly, Int8WeightOnly, MagnitudePrune, Sparse24,
                              Sparse24Int4)
 

@@ -13,9 +13,9 @@ tf = pytest.importorskip("transformers", reason="transformers (the dev extra) is
 
 import robcomp as rc  # noqa: E402
 from robcomp.compression.compress import compress  # noqa: E402
-from robcomp.layers.conv import Conv1x1, PatchConv  # noqa: E402
-from robcomp.evaluation.embeddings import EmbeddingInputs  # noqa: E402
 from robcomp.compression.handlers import layer_recipe_types  # noqa: E402
+from robcomp.evaluation.embeddings import EmbeddingInputs  # noqa: E402
+from robcomp.layers.conv import Conv1x1, PatchConv  # noqa: E402
 from robcomp.layers.linear import CompressedLinear  # noqa: E402
 from numerics import sqnr_db  # noqa: E402
 

@@ -9,11 +9,11 @@ from robcomp.compression.compress import compress, pack_nm
 from robcomp.zoo.data import load_digits_split
 from robcomp.compression.masks import (apply_masks, apply_nm_masks, magnitude_masks, mask_sparsity, masked_modules, nm_mask,
                            remove_masks)
-from robcomp.zoo.models import build_model
-from robcomp.layers.linear import Sparse24Linear
 from robcomp.compression.permute import apply_permutation, find_permutation, kept_magnitude, permute_model_for_24
+from robcomp.layers.linear import Sparse24Linear
 from robcomp.recipes import MagnitudePrune
 from robcomp.training.train import TrainConfig, accuracy, train
+from robcomp.zoo.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 from robcomp.compression.compress import compress
-from robcomp.zoo.models import build_model
 from robcomp.evaluation.timing import count_macs as _count_macs
 from robcomp.recipes import ChannelPrune, Sparse24
+from robcomp.zoo.models import build_model
 
 X = torch.rand(16, 1, 8, 8)
 

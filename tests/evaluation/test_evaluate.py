@@ -17,23 +17,14 @@ import robcomp
 from robcomp.attacks import FGSM, PGD, APGD, Square, preset
 from robcomp.compression.compress import compress
 from robcomp.evaluation.evaluate import evaluate, merge_records
+from records import strip
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
-
 
 
 def attacks():
     return [FGSM(0.1), PGD(0.1, 5, seed=3), APGD(0.1, "ce", 6), Square(0.1, 30), preset("quick", 0.05, steps=5)]
-
-
-def strip(record):
-    out = {k: v for k, v in record.items() if k not in TIMING_KEYS}
-    for ens in out.get("ensembles", {}).values():
-        for m in ens["members"]:
-            m.pop("time_s")
-    return out
 
 
 def test_record_fields_and_backward_compatible_call(mlp, digits):

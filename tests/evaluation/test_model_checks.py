@@ -13,16 +13,7 @@ from robcomp.attacks.base import ce_loss, loss_and_gradient
 from robcomp.evaluation.evaluate import evaluate, merge_records
 from robcomp.evaluation.randomised import Predictor
 from robcomp.evaluation.sanity import probe_model
-
-TIMING_KEYS = {"attack_time_s", "latency", "peak_memory", "energy", "env"}
-
-
-def strip(record):
-    out = {k: v for k, v in record.items() if k not in TIMING_KEYS}
-    for ens in out.get("ensembles", {}).values():
-        for m in ens["members"]:
-            m.pop("time_s")
-    return out
+from records import strip
 
 
 class NoGradPreprocess(nn.Module):

@@ -8,9 +8,9 @@ import torch.nn as nn
 from robcomp.attacks import FGSM, PGD, Square, Transfer
 from robcomp.attacks.base import Attack
 from robcomp.evaluation.evaluate import evaluate
-from robcomp.zoo.models import build_model
 from robcomp.evaluation.sanity import FLAGS, check_results, probe_model
 from robcomp.training.train import TrainConfig, train
+from robcomp.zoo.models import build_model
 
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 
 import robcomp as rc
-from robcomp.layers import linear as rnn
 from robcomp.kernels import lowbit as L
 from robcomp.kernels import reference as R
+from robcomp.layers import linear as rnn
 
 from numerics import N_ODD, TOL, rel_err, sqnr_db
 

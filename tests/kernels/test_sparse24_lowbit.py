@@ -5,9 +5,9 @@ import torch
 import torch.nn as nn
 
 import robcomp as rc
-from robcomp.layers import linear as rnn
 from robcomp.kernels import reference as R
 from robcomp.kernels import sparse24_lowbit as S
+from robcomp.layers import linear as rnn
 
 from numerics import N_ODD, TOL, rel_err, sqnr_db
 

@@ -8,8 +8,8 @@ import torch.nn as nn
 import robcomp as rc
 from robcomp.compression.compress import compress
 from robcomp.kernels import reference as ref
-from robcomp.zoo.models import MODELS, build_model
 from robcomp.layers.linear import Int4WeightOnlyLinear, Int8WeightOnlyLinear, Sparse24Linear, tensor_bytes
+from robcomp.zoo.models import MODELS, build_model
 
 
 def _dense_equivalent(linear: nn.Linear, recipe) -> torch.Tensor:

@@ -8,11 +8,11 @@ import torch.nn as nn
 from robcomp.attacks.pgd import PGD
 from robcomp.compression.compress import compress
 from robcomp.compression.masks import masked_modules
-from robcomp.zoo.models import build_model
 from robcomp.layers.linear import CompressedLinear, Int4WeightOnlyLinear, Int8WeightOnlyLinear
 from robcomp.recipes import ChannelPrune, Int4WeightOnly, Int8WeightOnly, MagnitudePrune, Sparse24
 from robcomp.training.adversarial import FakeQuant, adversarial_finetune, compression_aware_finetune, hydra_prune, trades_loss
 from robcomp.training.train import TrainConfig, accuracy, train
+from robcomp.zoo.models import build_model
 
 EPS = 0.1
 
