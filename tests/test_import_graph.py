@@ -77,6 +77,25 @@ def _unit(module: str) -> str:
     return parts[0]
 
 
+def test_every_import_names_a_module_that_exists():
+    """A stale path (``robcomp.nn``, ``robcomp.studyspec``: the flat layout) fails here by name."""
+    mods = _modules()
+    known = set(mods) | {"robcomp.kernels"}
+    root = PACKAGE.parent
+    others = {str(q.relative_to(root)): q for d in ("tests", "bench") for q in (root / d).rglob("*.py")}
+    missing = []
+    for name, path in {**mods, **others}.items():  # bench/ too: its GPU-only code never runs on CPU
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("robcomp"):
+                bases = [node.module]
+            elif isinstance(node, ast.Import):
+                bases = [a.name for a in node.names if a.name.startswith("robcomp")]
+            else:
+                continue
+            missing += [f"{name}: {b}" for b in bases if b not in known and not b.startswith("robcomp.kernels.")]
+    assert not missing, "imports of modules that do not exist (moved? see docs/architecture.md):\n" + "\n".join(missing)
+
+
 def test_every_unit_has_a_layer():
     assert {_unit(m) for m in _graph()} <= set(RANK), "add the new subpackage or module to LAYERS (and to docs/architecture.md)"
 
@@ -133,3 +152,30 @@ def test_the_check_sees_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
         test_no_import_cycle()
     with pytest.raises(AssertionError, match="robcomp.layers.b -> robcomp.cli"):
         test_imports_only_run_downward()
+
+
+def test_every_imported_name_exists():
+    """``from robcomp.X import name`` anywhere in robcomp/, tests/ and bench/ (lazy imports included,
+    such as the GPU-only paths of bench/) finds ``name``: a moved or removed name fails here."""
+    import importlib
+
+    root = PACKAGE.parent
+    wanted: dict[tuple[str, str], str] = {}
+    for d in ("robcomp", "tests", "bench"):
+        for path in (root / d).rglob("*.py"):
+            if path.relative_to(root).parts[:2] == ("robcomp", "kernels"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and not node.level and (node.module or "").startswith("robcomp"):
+                    for a in node.names:
+                        wanted.setdefault((node.module, a.name), str(path.relative_to(root)))
+    missing = []
+    for (module, name), where in sorted(wanted.items()):
+        mod = importlib.import_module(module)
+        if not hasattr(mod, name):
+            try:
+                importlib.import_module(f"{module}.{name}")
+            except ImportError:
+                missing.append(f"{where}: from {module} import {name}")
+    assert not missing, "\n".join(missing)
+
