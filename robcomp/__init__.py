@@ -5,8 +5,6 @@ The public names are imported on first use (PEP 562), so ``import robcomp`` and 
 line's ``--help`` / ``--version`` do not pay for importing torch.
 """
 import importlib
-import sys
-import types
 
 from robcomp._version import __version__  # noqa: F401  (public)
 
@@ -39,16 +37,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """``robcomp.compress`` and ``robcomp.evaluate`` are functions that share their module's name:
-    importing the submodule must not replace the function on the package."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
