@@ -40,7 +40,7 @@ from robcomp.evaluation import sanity as _sanity
 from robcomp.attacks.base import Attack, NoInputGradient, distance, has_input_gradient
 from robcomp.attacks.ensemble import Ensemble
 from robcomp.attacks.eot import EOT
-from robcomp.layers.sizes import count_parameters, model_bytes
+from robcomp.layers.sizes import count_nonzero_parameters, count_parameters, model_bytes
 from robcomp.evaluation.env import environment
 from robcomp._io import write_text_atomic
 from robcomp.inputs import (check_device, check_images, check_labels, check_labels_in_range,
@@ -50,7 +50,7 @@ from robcomp.outputs import LogitsModel, with_logits
 from robcomp.evaluation.randomised import Predictor, batch_seed, noise_control, seeded_noise
 from robcomp.evaluation.timing import count_macs, measure_energy, measure_latency, measure_peak_memory
 
-__all__ = ["evaluate", "merge_records", "count_nonzero_parameters", "gradient_kinds"]
+__all__ = ["evaluate", "merge_records", "gradient_kinds"]
 
 STATE_VERSION = 2
 NOT_APPLICABLE = "white-box attack on a model without input gradients"
@@ -89,20 +89,6 @@ def gradient_kinds(model: nn.Module) -> dict[str, str]:
     """How each compressed layer's input gradient is computed ("exact" or "straight-through")."""
     return {name: getattr(m, "gradient", "exact") for name, m in model.named_modules()
             if isinstance(m, CompressedLinear) or hasattr(type(m), "gradient")}
-
-
-def count_nonzero_parameters(model: nn.Module) -> dict:
-    """Non-zero stored values: parameters, plus the dense weights compressed layers stand for."""
-    nonzero, dense = 0, 0
-    for m in model.modules():
-        for p in m.parameters(recurse=False):
-            nonzero += int((p != 0).sum())
-            dense += p.numel()
-        if isinstance(m, CompressedLinear):
-            w = m.dequantize()
-            nonzero += int((w != 0).sum())
-            dense += w.numel()
-    return {"nonzero_parameters": nonzero, "dense_equivalent_parameters": dense}
 
 
 def _model_digest(model: nn.Module) -> str:

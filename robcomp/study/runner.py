@@ -27,7 +27,7 @@ import torch.nn as nn
 from robcomp._version import __version__
 from robcomp.study.checkpoints import cached_state
 from robcomp.compression.compress import compress
-from robcomp.layers.sizes import model_bytes
+from robcomp.layers.sizes import count_nonzero_parameters, model_bytes
 from robcomp.zoo.data import DIGITS, load_digits_split
 from robcomp.evaluation.evaluate import evaluate
 from robcomp._io import DirectoryLock
@@ -38,7 +38,7 @@ from robcomp.report.results import STUDY_RECORD, append_record
 from robcomp.study.spec import Point, StudySpec, default_spec, make_attacks
 from robcomp.training.train import TrainConfig, train
 
-__all__ = ["run_study", "check_output_dir", "check_same_study", "effective_nonzero", "layer_times"]
+__all__ = ["run_study", "check_output_dir", "check_same_study", "layer_times"]
 
 def check_output_dir(out: str | os.PathLike) -> Path:
     """Create ``out`` if needed and prove it is writable, before any work is done."""
@@ -52,30 +52,6 @@ def check_output_dir(out: str | os.PathLike) -> Path:
     except OSError as e:
         raise PermissionError(f"--out {str(out)!r} is not a writable directory: {e.strerror or e}") from None
     return out
-
-
-def effective_nonzero(model: nn.Module) -> int:
-    """Non-zero values of the weights the model computes with: masked weights after their mask,
-    compressed layers' dequantised weights, every other parameter as stored."""
-    from torch.nn.utils import parametrize
-
-    from robcomp.layers.linear import CompressedLinear
-
-    total = 0
-    for name, m in model.named_modules():
-        if ".parametrizations" in f".{name}" or isinstance(m, parametrize.ParametrizationList):
-            continue
-        if isinstance(m, CompressedLinear):
-            with torch.no_grad():
-                total += int((m.dequantize() != 0).sum())
-            total += sum(int((p != 0).sum()) for p in m.parameters(recurse=False))
-            continue
-        if parametrize.is_parametrized(m):
-            for pname in m.parametrizations:
-                with torch.no_grad():
-                    total += int((getattr(m, pname) != 0).sum())
-        total += sum(int((p != 0).sum()) for p in m.parameters(recurse=False))
-    return total
 
 
 @torch.no_grad()
@@ -179,7 +155,7 @@ class _Context:
             else:
                 self.baselines_trained += 1
             info = {"cache_key": ckey, "cached": hit, "time_s": time.perf_counter() - t0,
-                    "bytes": model_bytes(model), "nonzero": effective_nonzero(model)}
+                    "bytes": model_bytes(model), "nonzero": count_nonzero_parameters(model)["nonzero_parameters"]}
             self.bases[key] = (model, info)
         return self.bases[key]
 
@@ -244,7 +220,7 @@ def _record_for(p: Point, ctx: _Context) -> dict:
                       latency_repeats=p.latency_repeats, name=f"{p.model}-{p.width or 'default'}/{p.base}/{label}/"
                       f"{p.regime}/seed{p.seed}", seed=p.seed, sanity=p.sanity)
     eval_s = time.perf_counter() - t0
-    nonzero = effective_nonzero(model)
+    nonzero = count_nonzero_parameters(model)["nonzero_parameters"]
     record.update(common)
     record.update({
         "status": "ok", "finetune": ft_info, "effective_nonzero": nonzero,
