@@ -34,7 +34,7 @@ device, driver, torch/triton versions, date, and every figure's dtype and shape;
 atomically after every phase and shape, and on SIGTERM. A short table is printed last.
 
 ``--tiny``: the same phases on CPU with Triton's interpreter (TRITON_INTERPRET=1, set here) and tiny
-shapes; its timings MEAN NOTHING for performance (``timings_meaningful: false``). tests/test_gpu_suite.py
+shapes; its timings MEAN NOTHING for performance (``timings_meaningful: false``). tests/benchmarks/test_gpu_suite.py
 runs it. The device command is in bench/RESULTS.md.
 """
 from __future__ import annotations
@@ -415,8 +415,8 @@ class Suite:
 
     def run_e2e(self, phase, dtype):
         import robcomp as rc
-        from robcomp.compress import model_bytes
-        from robcomp.models import MLP, TinyViT
+        from robcomp.layers.sizes import model_bytes
+        from robcomp.zoo.models import MLP, TinyViT
         dt = dtype_name(dtype)
         if self.tiny:
             models = {"tiny_vit": (lambda: TinyViT(width=64, depth=1, heads=4, patch=2, image_size=8), (1, 8, 8)),
@@ -607,8 +607,8 @@ def parse_args(argv=None):
 def model_linear_shapes(tiny: bool) -> list[tuple[int, int]]:
     """(K, N) of the built-in models' Linear layers that compression touches (no head, no tiny layer),
     plus the ViT-B/16 and 4096-MLP shapes of the end-to-end models (not in tiny mode)."""
-    from robcomp.compress import MIN_WEIGHTS
-    from robcomp.models import MLP, TinyViT, build_model
+    from robcomp.compression.selection import MIN_WEIGHTS
+    from robcomp.zoo.models import MLP, TinyViT, build_model
     models = [build_model(name) for name in ("cnn", "mlp", "vit")]
     if not tiny:
         models += [TinyViT(width=768, depth=1, heads=12, patch=16, mlp_ratio=4, in_channels=3, image_size=224),

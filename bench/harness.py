@@ -41,13 +41,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
 import math
 import os
 import platform
 import re
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -325,18 +323,9 @@ class Measurement:
 def atomic_write_json(path: Path | str, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` through a temporary file and ``os.replace``: a reader never
     sees a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    from robcomp._io import write_json_atomic  # stdlib only: importing it costs nothing
+
+    return write_json_atomic(path, obj, parents=True, indent=1, default=str)
 
 
 def device_slug(env: dict) -> str:

@@ -411,13 +411,10 @@ def markdown(result: dict, command: str) -> str:
 
 
 def _write(path: str, text: str) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the table private
-    os.replace(tmp, p)
+    _import_robcomp()  # this script also runs from a checkout where robcomp is not installed
+    from robcomp._io import write_text_atomic  # umask permissions, not mkstemp's private 0600
+
+    write_text_atomic(path, text, parents=True)
 
 
 def _shape(text: str) -> tuple[int, int]:

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 
 from bench.harness import time_ms
 from robcomp.attacks import PGD
-from robcomp.data import load_digits_split
-from robcomp.models import build_model
+from robcomp.zoo.data import load_digits_split
+from robcomp.zoo.models import build_model
 
 torch.set_num_threads(1)
 EPS, STEPS = 0.1, 20

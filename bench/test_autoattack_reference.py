@@ -23,11 +23,11 @@ import pytest
 import torch
 
 from bench.harness import environment
+from robcomp._io import write_text_atomic
 from robcomp.attacks import preset
-from robcomp.data import load_digits_split
-from robcomp.fileio import write_text_atomic
-from robcomp.models import build_model
-from robcomp.train import TrainConfig, train
+from robcomp.training.train import TrainConfig, train
+from robcomp.zoo.data import load_digits_split
+from robcomp.zoo.models import build_model
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -111,7 +111,7 @@ def test_standard_preset_vs_torchattacks(benchmark):
             assert row["robcomp"]["robust_accuracy"] <= row["torchattacks"]["robust_accuracy"] + 3 / len(y), row
     result = {"suite": "autoattack-vs-torchattacks", "env": environment("cpu"),
               "torchattacks": torchattacks.__version__, "torch_threads": torch.get_num_threads(),
-              "model": "SmallCNN (robcomp.models 'cnn') trained on the digits train split, seed 0 (see training)",
+              "model": "SmallCNN (robcomp.zoo.models 'cnn') trained on the digits train split, seed 0 (see training)",
               "examples": len(y), "input_shape": list(x.shape[1:]), "dtype": str(x.dtype), "cases": rows}
     write_text_atomic(RESULTS / "autoattack-vs-torchattacks-cpu.json", json.dumps(result, indent=1))
     benchmark.extra_info.update({"cases": len(rows)})

@@ -34,7 +34,6 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -46,8 +45,10 @@ import torch.nn.functional as F
 
 import robcomp
 from bench.harness import RESULTS_DIR, matmul_flops
+from robcomp._io import write_json_atomic
+from robcomp.compression.handlers import layer_type_for
 from robcomp.kernels import cpu as CPU
-from robcomp.nn import LAYER_TYPES, tensor_bytes
+from robcomp.layers.linear import tensor_bytes
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
 
 FULL = os.environ.get("ROBCOMP_BENCH_CPU", "").strip() == "full"
@@ -133,12 +134,8 @@ class _Results:
 
     def write(self) -> None:
         self._file()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         self.env["peers_absent"] = dict(PEERS_ABSENT)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".cpu-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump({"environment": self.env, "results": self.rows}, f, indent=1)
-        os.replace(tmp, self.path)
+        write_json_atomic(self.path, {"environment": self.env, "results": self.rows}, parents=True, indent=1)
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +173,7 @@ def _layers(k, n):
         torch.manual_seed(0)
         linear = nn.Linear(k, n, bias=False)
         linear.weight.data = _weight(n, k)
-        _LAYERS[(k, n)] = linear, {fmt: LAYER_TYPES[type(r)].from_linear(linear, r) for fmt, r in RECIPES.items()}
+        _LAYERS[(k, n)] = linear, {fmt: layer_type_for(r).from_linear(linear, r) for fmt, r in RECIPES.items()}
     return _LAYERS[(k, n)]
 
 
@@ -336,11 +333,11 @@ def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, t
             rows.append({**common, "impl": name, "ms": round(t, 4), "speedup_vs_dense_fp32": round(base / t, 3),
                          "gflops": round(matmul_flops(m, n, k) / (t * 1e-3) / 1e9, 2)})
         # the dispatched path: robcomp.tune fed this run's timings (the same decision rule)
-        cache = robcomp.dispatch.DispatchCache(tmp_path / "dispatch.json")
+        cache = robcomp.layers.dispatch.DispatchCache(tmp_path / "dispatch.json")
         for fmt, layer in layers.items():
             table = robcomp.tune(nn.Sequential(layer), x, cache=cache,
                                  measure=lambda fn, fmt=fmt: ms[f"{fmt}:{fn.args[0]}"])
-            choice = table["0"][f"float32|M{robcomp.dispatch.m_bucket(m)}"]["choice"]
+            choice = table["0"][f"float32|M{robcomp.layers.dispatch.m_bucket(m)}"]["choice"]
             t = ms[f"{fmt}:{choice}"]
             row = {**common, "impl": f"{fmt}:dispatched", "path": choice, "ms": round(t, 4),
                    "speedup_vs_dense_fp32": round(base / t, 3), "weight_bytes": tensor_bytes(layer),
@@ -365,8 +362,8 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
     linear = nn.Linear(256, 256, bias=False)
     linear.weight.data = _weight(256, 256)
     x = torch.randn(1, 256)
-    layer = LAYER_TYPES[Int8Dynamic].from_linear(linear, Int8Dynamic())
-    sp = LAYER_TYPES[Sparse24].from_linear(linear, Sparse24())
+    layer = layer_type_for(Int8Dynamic).from_linear(linear, Int8Dynamic())
+    sp = layer_type_for(Sparse24).from_linear(linear, Sparse24())
     raw_v, raw_m = sp.values, sp.meta
     from robcomp.inputs import check_float_input
 
@@ -381,7 +378,7 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
     # per format: the whole call (checks, dispatch, path record), the chosen path alone, and the
     # format's CPU entry point alone (derived-weight lookup, custom-op wrapper, kernel)
     for fmt, recipe in RECIPES.items():
-        lay = LAYER_TYPES[type(recipe)].from_linear(linear, recipe)
+        lay = layer_type_for(recipe).from_linear(linear, recipe)
         path = lay.select_path(x)
         fns[f"{fmt}:layer"] = lambda lay=lay: lay(x)
         fns[f"{fmt}:run_path({path})"] = lambda lay=lay, path=path: lay.run_path(path, x)

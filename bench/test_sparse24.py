@@ -151,7 +151,7 @@ def test_backward_input(benchmark, recorder, device, weights, k, n, m):
 @pytest.mark.parametrize("k,n", SHAPES[:1], ids=lambda s: str(s))
 def test_layer_with_dispatch(benchmark, recorder, device, k, n, m):
     """The Sparse24 layer (Triton / semi-structured / dense chosen per shape) vs the dense layer."""
-    from robcomp.nn import Sparse24Linear
+    from robcomp.layers.linear import Sparse24Linear
     linear = torch.nn.Linear(k, n, bias=True, device=device, dtype=DTYPE)
     layer = Sparse24Linear.from_linear(linear, backend="auto")
     x = randn(m, k, dtype=DTYPE, device=device)

@@ -30,7 +30,7 @@ Kernels (one kernel, four layers, as in DESIGN.md)
    custom ops with fake implementations and a registered autograd formula, so that
    ``torch.compile(model, fullgraph=True)`` traces models with 2:4 layers.
 4. ``sparse24_linear(x, values, meta, bias=None)``: the functional form used by
-   :class:`robcomp.nn.Sparse24Linear`.
+   :class:`robcomp.layers.linear.Sparse24Linear`.
 
 Dtypes: ``x`` is fp16, bf16 or fp32 and fixes the compute dtype; the output (and ``dX``) has
 ``x``'s dtype. ``values`` may be any of the three float dtypes: it is cast to ``x``'s dtype in

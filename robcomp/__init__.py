@@ -5,17 +5,15 @@ The public names are imported on first use (PEP 562), so ``import robcomp`` and 
 line's ``--help`` / ``--version`` do not pay for importing torch.
 """
 import importlib
-import sys
-import types
 
-__version__ = "0.1.0"
+from robcomp._version import __version__  # noqa: F401  (public)
 
 _LAZY = {
-    "compress": ("robcomp.compress", "compress"),
-    "evaluate": ("robcomp.evaluate", "evaluate"),
+    "compress": ("robcomp.compression.compress", "compress"),
+    "evaluate": ("robcomp.evaluation.evaluate", "evaluate"),
     "save": ("robcomp.serialize", "save"),
     "load": ("robcomp.serialize", "load"),
-    "tune": ("robcomp.tuning", "tune"),
+    "tune": ("robcomp.layers.tuning", "tune"),
     "attacks": ("robcomp.attacks", None),
     **{name: ("robcomp.recipes", name) for name in (
         "Recipe", "Sparse24", "Int8WeightOnly", "Int4WeightOnly", "Int8Dynamic", "FP8Dynamic", "Sparse24Int4",
@@ -39,16 +37,3 @@ def __getattr__(name):
 
 def __dir__():
     return sorted(set(globals()) | set(_LAZY))
-
-
-class _Package(types.ModuleType):
-    """``robcomp.compress`` and ``robcomp.evaluate`` are functions that share their module's name:
-    importing the submodule must not replace the function on the package."""
-
-    def __setattr__(self, name, value):
-        if isinstance(value, types.ModuleType) and _LAZY.get(name, (None, None))[1] == name:
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package

@@ -43,8 +43,8 @@ def _study_spec(args):
     """The spec a ``run`` command asks for: --config or the default, --quick, then the overrides."""
     import dataclasses
 
-    from robcomp.models import MODELS
-    from robcomp.studyspec import default_spec, load_spec, quick_spec
+    from robcomp.zoo.models import MODELS
+    from robcomp.study.spec import default_spec, load_spec, quick_spec
 
     try:
         spec = load_spec(args.config) if args.config else default_spec()
@@ -82,7 +82,7 @@ def _executor(args):
 
     if importlib.util.find_spec("ray") is None:
         raise UsageError('--executor ray needs Ray: pip install -e ".[ray]"')
-    from robcomp.ray_executor import RayExecutor
+    from robcomp.study.ray_executor import RayExecutor
 
     try:
         return RayExecutor(args.address, args.task_cpus, args.task_gpus or 0)
@@ -91,11 +91,11 @@ def _executor(args):
 
 
 def _cmd_run(args) -> int:
-    from robcomp.study import check_output_dir, run_study
-    from robcomp.studyspec import default_spec_text
+    from robcomp.study.runner import check_output_dir, run_study
+    from robcomp.study.spec import default_spec_text
 
     if args.print_config:
-        from robcomp.studyspec import shipped_spec_text
+        from robcomp.study.spec import shipped_spec_text
 
         if args.config and not Path(args.config).exists() and shipped_spec_text(args.config) is not None:
             print(shipped_spec_text(args.config), end="")
@@ -107,9 +107,9 @@ def _cmd_run(args) -> int:
         else:
             print(default_spec_text(), end="")
         return 0
-    from robcomp.fileio import DirectoryBusyError
+    from robcomp._io import DirectoryBusyError
     from robcomp.report.results import read_records
-    from robcomp.study import check_same_study
+    from robcomp.study.runner import check_same_study
 
     spec = _study_spec(args)
     executor = _executor(args)
@@ -137,7 +137,7 @@ def _cmd_run(args) -> int:
 def _cmd_report(args) -> int:
     import shutil
 
-    from robcomp.fileio import atomic_path
+    from robcomp._io import atomic_path
     from robcomp.report import read_records
     from robcomp.report.bench import load_bench
     from robcomp.report.render import render_report
@@ -166,7 +166,7 @@ def _cmd_report(args) -> int:
 def _cmd_env(args) -> int:
     import torch
 
-    from robcomp.env import environment, package_version, triton_status
+    from robcomp.evaluation.env import environment, package_version, triton_status
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = environment(device)
@@ -212,7 +212,7 @@ def _cmd_bench(args) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from robcomp import __version__
+    from robcomp._version import __version__
 
     p = argparse.ArgumentParser(prog="robcomp", description=DESCRIPTION)
     p.add_argument("--version", action="version", version=f"robcomp {__version__}")

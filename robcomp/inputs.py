@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["check_float_input", "check_images", "check_labels", "check_labels_in_range", "check_device",
+__all__ = ["check_float_input", "check_images", "check_labels", "check_labels_in_range", "check_device", "check_positive_int",
            "restores_training_mode"]
 
 
@@ -89,3 +89,9 @@ def restores_training_mode(fn):
                     if name in mode:
                         m.training = mode[name]
     return wrapper
+
+
+def check_positive_int(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value

@@ -1,14 +1,17 @@
 """Compression recipes: frozen dataclasses that say *what* to do, validated on construction.
 
-How a recipe is carried out lives elsewhere (``robcomp.nn`` for layer formats, ``robcomp.prune``
-for pruning); a recipe is plain configuration that serialises to JSON and back, so it can be
-written into result records and model manifests.
+How a recipe is carried out lives elsewhere (the handler registered for its type in
+``robcomp.compression.registry``: compressed layers of ``robcomp.layers``, pruning, masks); a
+recipe is plain configuration that serialises to JSON and back, so it can be written into result
+records and model manifests.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
+
+from robcomp.options import parse_options
 
 __all__ = [
     "Recipe",
@@ -34,8 +37,6 @@ class Recipe:
     """Base class. ``name`` is the stable identifier used on the command line and in records."""
 
     name: ClassVar[str] = "recipe"
-    #: "layer" recipes swap nn.Linear modules; "model" recipes rewrite the whole model.
-    applies_to: ClassVar[str] = "layer"
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, **dataclasses.asdict(self)}
@@ -122,7 +123,6 @@ class ChannelPrune(Recipe):
     """
 
     name: ClassVar[str] = "channel_prune"
-    applies_to: ClassVar[str] = "model"
     ratio: float = 0.3
     importance: str = "magnitude"
     global_pruning: bool = False
@@ -148,7 +148,6 @@ class MagnitudePrune(Recipe):
     """Unstructured magnitude pruning stored as masks: a research baseline with no speedup."""
 
     name: ClassVar[str] = "magnitude_prune"
-    applies_to: ClassVar[str] = "model"
     sparsity: float = 0.5
     scope: str = "layer"
 
@@ -182,30 +181,11 @@ def recipe_from_dict(d: dict[str, Any]) -> Recipe:
         raise ValueError(f"bad arguments for recipe {name!r}: {e}") from None
 
 
-def _parse_value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low == "none":
-        return None
-    for conv in (int, float):
-        try:
-            return conv(text)
-        except ValueError:
-            pass
-    return text
-
-
 def parse_recipe(spec: str) -> Recipe:
     """Parse ``name`` or ``name:key=value,key=value`` (the command-line form), e.g.
     ``int4_weight_only:group_size=64`` or ``channel_prune:ratio=0.5``."""
-    name, _, args = spec.strip().partition(":")
+    name = spec.strip().partition(":")[0]
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known recipes: {', '.join(RECIPES)}")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, (a.strip() for a in args.split(","))):
-        key, eq, value = item.partition("=")
-        if not eq:
-            raise ValueError(f"recipe argument {item!r} in {spec!r} is not of the form key=value")
-        kwargs[key.strip()] = _parse_value(value.strip())
+    name, kwargs = parse_options(spec, "recipe")
     return recipe_from_dict({"name": name, **kwargs})

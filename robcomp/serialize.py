@@ -59,7 +59,9 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-from robcomp.fileio import atomic_path
+from robcomp._io import atomic_path
+from robcomp._version import __version__
+from robcomp.summary import CompressionSummary
 
 __all__ = ["save", "load", "read_manifest", "FORMAT", "FORMAT_VERSION"]
 
@@ -168,11 +170,31 @@ def _is_hf_config(value: Any) -> bool:
             and callable(getattr(cls, "from_dict", None)))
 
 
+#: robcomp modules that moved in 0.1.0's package layout (robcomp/<layer>/...), old -> new: files saved
+#: before name their classes and functions by the old paths
+_MOVED_MODULES = {
+    "robcomp.nn": "robcomp.layers.linear", "robcomp.conv": "robcomp.layers.conv",
+    "robcomp.masks": "robcomp.compression.masks", "robcomp.prune": "robcomp.compression.prune",
+    "robcomp.models": "robcomp.zoo.models", "robcomp.embeddings": "robcomp.evaluation.embeddings",
+    "robcomp.randomised": "robcomp.evaluation.randomised", "robcomp.compress": "robcomp.compression.compress",
+}
+
+
+def _current_name(name: str) -> str:
+    """``name`` with a robcomp module path of the flat layout replaced by where it lives now."""
+    for old, new in _MOVED_MODULES.items():
+        if name.startswith(old + "."):
+            return new + name[len(old):]
+    return name
+
+
 def _lookup(name: str, accept: Callable[[Any], bool]) -> Any:
     """The object named ``module.qualname`` in an already imported module or an importable module
-    of :data:`_IMPORTABLE_ROOTS` that ``accept`` takes; ValueError otherwise."""
+    of :data:`_IMPORTABLE_ROOTS` that ``accept`` takes; ValueError otherwise. Qualnames may be
+    nested (``Outer.Inner``): the longest importable module prefix is tried first."""
     if not isinstance(name, str) or "." not in name:
         raise ValueError(f"manifest names an invalid object {name!r}")
+    name = _current_name(name)
     parts = name.split(".")
     for cut in range(len(parts) - 1, 0, -1):
         mod_name, qual = ".".join(parts[:cut]), parts[cut:]
@@ -276,8 +298,6 @@ def _describe(module: nn.Module, name: str, skip_params: set[str] = frozenset(),
 def _manifest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
     import safetensors
 
-    import robcomp
-
     modules, tied = [], {}
     for name, module in model.named_modules(remove_duplicate=False):
         if "parametrizations" in name.split("."):
@@ -285,7 +305,7 @@ def _manifest(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict:
         modules.append(_describe(module, name, tied=tied))
     summary = getattr(model, "compression_summary", None)
     return {"format": FORMAT, "format_version": FORMAT_VERSION,
-            "versions": {"robcomp": robcomp.__version__, "torch": torch.__version__,
+            "versions": {"robcomp": __version__, "torch": torch.__version__,
                          "safetensors": safetensors.__version__},
             "recipes": summary.recipes if summary is not None else [],
             "compression_summary": summary.to_dict() if summary is not None else None,
@@ -386,7 +406,7 @@ def _resolver(model_factory: Callable[[], nn.Module] | None, root_type: str, pat
         if not isinstance(template, nn.Module):
             raise TypeError(f"model_factory must return an nn.Module, got {type(template).__name__}")
         expected = _type_name(parametrize.type_before_parametrizations(template))
-        if expected != root_type:
+        if expected != _current_name(root_type):
             raise ValueError(f"{path} holds a {root_type}, but model_factory builds a {expected}: "
                              "pass the factory of the saved model's class (or none)")
         for m in template.modules():
@@ -396,29 +416,13 @@ def _resolver(model_factory: Callable[[], nn.Module] | None, root_type: str, pat
     def resolve(name: str) -> type:
         if not isinstance(name, str) or "." not in name:
             raise ValueError(f"manifest names an invalid module type {name!r}")
-        if name in known:
-            return known[name]
-        # qualnames may be nested (Outer.Inner): find the longest importable module prefix
-        parts = name.split(".")
-        for cut in range(len(parts) - 1, 0, -1):
-            mod_name, qual = ".".join(parts[:cut]), parts[cut:]
-            root = mod_name.split(".")[0]
-            if mod_name in sys.modules:
-                mod = sys.modules[mod_name]
-            elif root in _IMPORTABLE_ROOTS:
-                try:
-                    mod = importlib.import_module(mod_name)
-                except ImportError:
-                    continue
-            else:
-                continue
-            obj = mod
-            for q in qual:
-                obj = getattr(obj, q, None)
-            if isinstance(obj, type) and issubclass(obj, nn.Module):
-                return obj
-        raise ValueError(f"manifest names module class {name!r}, which is not available: import the module "
-                         "that defines it or pass model_factory=... building the original model")
+        if _current_name(name) in known:
+            return known[_current_name(name)]
+        try:
+            return _lookup(name, lambda obj: isinstance(obj, type) and issubclass(obj, nn.Module))
+        except ValueError:
+            raise ValueError(f"manifest names module class {name!r}, which is not available: import the module "
+                             "that defines it or pass model_factory=... building the original model") from None
 
     return resolve
 
@@ -481,7 +485,6 @@ def load(path: str | os.PathLike, model_factory: Callable[[], nn.Module] | None 
     compressed layers, tensors bit-exact. ``model_factory()`` (optional) supplies the classes of
     your own model (its weights and shapes are ignored). Returns the model in eval mode with its
     ``compression_summary`` restored."""
-    from robcomp.compress import CompressionSummary
 
     manifest, tensors = _open(path)
     entries = manifest.get("modules")

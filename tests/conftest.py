@@ -27,7 +27,7 @@ def _seed():
 @pytest.fixture(scope="session")
 def digits():
     """The embedded digits split: x_train, y_train, x_test, y_test."""
-    from robcomp.data import load_digits_split
+    from robcomp.zoo.data import load_digits_split
 
     return load_digits_split(seed=0)
 
@@ -35,8 +35,8 @@ def digits():
 @pytest.fixture(scope="session")
 def mlp(digits):
     """A small MLP trained for a few epochs on the digits, shared by the attack and evaluation tests."""
-    from robcomp.models import build_model
-    from robcomp.train import TrainConfig, train
+    from robcomp.zoo.models import build_model
+    from robcomp.training.train import TrainConfig, train
 
     xtr, ytr, _, _ = digits
     torch.manual_seed(0)

@@ -61,7 +61,7 @@ def test_quick_main_job_end_to_end_and_cache_reuse(tmp_path):
 def test_print_config_prints_the_shipped_study(capsys, tmp_path):
     import tomllib
 
-    from robcomp.studyspec import default_spec, parse_spec
+    from robcomp.study.spec import default_spec, parse_spec
 
     assert main(["run", "--print-config"]) == 0
     text = capsys.readouterr().out
@@ -166,11 +166,11 @@ def test_corrupt_middle_line_is_one_line_naming_it(tmp_path, capsys):
 
 
 def test_quick_run_uses_its_own_default_directory(tmp_path, monkeypatch):
-    import robcomp.study
+    import robcomp.study.runner
 
     seen = []
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(robcomp.study, "run_study", lambda spec, out, **kw: seen.append((spec.name, out)))
+    monkeypatch.setattr(robcomp.study.runner, "run_study", lambda spec, out, **kw: seen.append((spec.name, out)))
     assert main(["run", "--quick", "--no-progress"]) == 0
     assert main(["run", "--no-progress"]) == 0
     assert [out for _, out in seen] == ["robcomp-out-quick", "robcomp-out"]

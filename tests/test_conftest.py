@@ -3,7 +3,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from robcomp.cache import cache_dir
+from robcomp._io import cache_dir
 
 
 def test_cache_dir_is_a_fresh_temporary_directory():

@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from robcomp.studyspec import default_spec, quick_spec
+from robcomp.study.spec import default_spec, quick_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 

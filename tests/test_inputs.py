@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from robcomp.attacks import APGDT, FGSM
-from robcomp.compress import compress
-from robcomp.evaluate import evaluate
-from robcomp.models import build_model
-from robcomp.nn import CompressedLinear
+from robcomp.compression.compress import compress
+from robcomp.evaluation.evaluate import evaluate
+from robcomp.layers.linear import CompressedLinear
 from robcomp.recipes import Int8WeightOnly
+from robcomp.zoo.models import build_model
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import robcomp as rc
-from robcomp.conv import PatchConv
-from robcomp.nn import CompressedLinear
+from robcomp.layers.conv import PatchConv
+from robcomp.layers.linear import CompressedLinear
 from robcomp.outputs import LogitsModel, logits_of
 
 

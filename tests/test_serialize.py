@@ -9,15 +9,15 @@ import torch
 import torch.nn as nn
 
 import robcomp
-from robcomp.compress import compress
-from robcomp.masks import apply_nm_masks, masked_modules
-from robcomp.models import build_model
-from robcomp.nn import LAYER_TYPES
+from robcomp.compression.compress import compress
+from robcomp.compression.handlers import layer_recipe_types
+from robcomp.compression.masks import apply_nm_masks, masked_modules
 from robcomp.recipes import ChannelPrune, MagnitudePrune, Sparse24, Sparse24Int4
 from robcomp.serialize import read_manifest
+from robcomp.zoo.models import build_model
 
 X = torch.rand(8, 1, 8, 8)
-LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in LAYER_TYPES]
+LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ else cls() for cls in layer_recipe_types()]
 ALL_RECIPES = LAYER_RECIPES + [ChannelPrune(0.5), MagnitudePrune(0.7), [ChannelPrune(0.3), Sparse24Int4(group_size=32)]]
 
 
@@ -220,3 +220,25 @@ def test_version_1_files_without_digests_still_load(tmp_path):
         h["__metadata__"]["robcomp.manifest.sha256"] = hashlib.sha256(text.encode()).hexdigest()
     _rewrite_header(path, as_version_1)
     _same(model, robcomp.load(path))
+
+
+@pytest.mark.parametrize("model_factory", [None, lambda: build_model("mlp")], ids=["no_factory", "factory"])
+def test_files_naming_the_flat_layout_modules_still_load(tmp_path, model_factory):
+    """Files saved before the package layout name robcomp.nn.* and robcomp.models.*: they load as the
+    classes' new homes, with or without a model_factory."""
+    import hashlib
+
+    model = compress(build_model("mlp"), Sparse24())
+    path = robcomp.save(model, tmp_path / "flat.safetensors")
+
+    def as_flat_layout(h):
+        text = h["__metadata__"]["robcomp.manifest"]
+        assert "robcomp.layers.linear.Sparse24Linear" in text and "robcomp.zoo.models.MLP" in text
+        text = text.replace("robcomp.layers.linear.", "robcomp.nn.").replace("robcomp.zoo.models.", "robcomp.models.")
+        h["__metadata__"]["robcomp.manifest"] = text
+        h["__metadata__"]["robcomp.manifest.sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    _rewrite_header(path, as_flat_layout)
+    assert "robcomp.layers.linear.Sparse24Linear" in json.dumps(read_manifest(path))
+    loaded = robcomp.load(path, model_factory)
+    _same(model, loaded)
+    assert type(loaded.body[0]).__module__ == "robcomp.layers.linear"

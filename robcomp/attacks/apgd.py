@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import torch
 
-from robcomp.attacks.base import (Attack, _flat_norm, ce_loss, check_eps, check_norm, check_positive_int,
-                                  dlr_loss, loss_and_gradient, project)
+from robcomp.attacks.base import Attack, _flat_norm, ce_loss, check_eps, check_norm, dlr_loss, loss_and_gradient, project
 from robcomp.attacks.pgd import keep_strongest, run_restarts
+from robcomp.inputs import check_positive_int
 
 _LOSSES = {"ce": ce_loss, "dlr": dlr_loss}
 

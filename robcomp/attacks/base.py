@@ -66,12 +66,6 @@ def check_norm(norm: str) -> str:
     return norm
 
 
-def check_positive_int(name: str, value, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
-
-
 # ------------------------------------------------------------------------------- projections
 def project_linf(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     """Projection onto {|x_adv - x|_inf <= eps} intersected with [0, 1] (exact: the set is a box)."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-from robcomp.attacks.base import check_positive_int
+from robcomp.inputs import check_positive_int
 
 __all__ = ["EOT"]
 

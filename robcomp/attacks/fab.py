@@ -23,9 +23,9 @@ import math
 
 import torch
 
-from robcomp.attacks.base import (Attack, check_eps, check_positive_int, distance, logits_and_jacobian,
-                                  loss_and_gradient)
+from robcomp.attacks.base import Attack, check_eps, distance, logits_and_jacobian, loss_and_gradient
 from robcomp.attacks.boundary import project_onto_hyperplane
+from robcomp.inputs import check_positive_int
 
 FAB_NORMS = ("Linf", "L2", "L1")
 

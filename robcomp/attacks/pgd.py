@@ -17,8 +17,8 @@ import math
 
 import torch
 
-from robcomp.attacks.base import (LOSSES, Attack, _flat_norm, check_eps, check_norm, check_positive_int,
-                                  loss_and_gradient, project)
+from robcomp.attacks.base import LOSSES, Attack, _flat_norm, check_eps, check_norm, loss_and_gradient, project
+from robcomp.inputs import check_positive_int
 
 SCHEDULES = ("constant", "cosine", "step")
 

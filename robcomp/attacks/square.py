@@ -26,7 +26,8 @@ import math
 
 import torch
 
-from robcomp.attacks.base import Attack, _flat_norm, check_eps, check_positive_int, margin
+from robcomp.attacks.base import Attack, _flat_norm, check_eps, margin
+from robcomp.inputs import check_positive_int
 
 
 def p_selection(p_init: float, it: int, n_queries: int, rescale: bool = True) -> float:

@@ -1,6 +1,7 @@
 """Result records and the reports rendered from them (markdown, self-contained HTML, PNG plots)."""
 from robcomp.report.markdown import format_table, render_markdown, summary_rows
-from robcomp.report.results import append_record, read_records, write_text_atomic
+from robcomp._io import write_text_atomic
+from robcomp.report.results import append_record, read_records
 
 
 def render_report(directory, records=None):

@@ -1,7 +1,7 @@
 """Summary table and ``report.md`` from evaluation records."""
 from __future__ import annotations
 
-from robcomp.report.results import write_text_atomic
+from robcomp._io import write_text_atomic
 
 __all__ = ["summary_rows", "format_table", "render_markdown"]
 

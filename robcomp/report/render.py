@@ -16,13 +16,11 @@ from robcomp.report.findings import Section, analyse
 from robcomp.report.html import render_html
 from robcomp.report.markdown import format_table, summary_rows
 from robcomp.report.plots import plot_hardware, plot_section
-from robcomp.report.results import read_records, write_text_atomic
+from robcomp._io import write_text_atomic
+from robcomp.report.results import STUDY_RECORD, read_records
 from robcomp.report.sweep import plot_sweep, sweep_finding, sweep_record, sweep_table
 
 __all__ = ["render_report", "summary_text", "bench_files", "split_records"]
-
-STUDY_RECORD = "study_spec"
-
 
 def split_records(records: list[dict]) -> tuple[dict | None, list[dict]]:
     """``(last spec header or None, point records deduplicated by point_id, first kept)``."""
@@ -155,7 +153,7 @@ def summary_text(records: list[dict]) -> str:
 
 
 def _point_ids(spec: dict) -> set[str] | None:
-    from robcomp.studyspec import spec_from_dict
+    from robcomp.study.spec import spec_from_dict
 
     try:
         return {p.id for p in spec_from_dict(spec).points()}

@@ -13,9 +13,12 @@ import os
 import warnings
 from pathlib import Path
 
-from robcomp.fileio import write_text_atomic
+from robcomp._io import append_text_atomic
 
-__all__ = ["append_record", "read_records", "write_text_atomic"]
+__all__ = ["append_record", "read_records", "STUDY_RECORD"]
+
+#: ``type`` of the header record that stores the study spec in results.jsonl
+STUDY_RECORD = "study_spec"
 
 
 def _parse(path: Path, text: str, tolerate_partial_last_line: bool) -> tuple[list[dict], int]:
@@ -46,12 +49,12 @@ def _parse(path: Path, text: str, tolerate_partial_last_line: bool) -> tuple[lis
 def append_record(path: str | os.PathLike, record: dict) -> None:
     """Append ``record`` as one line; a partial last line left by an interrupted writer is dropped."""
     path = Path(path)
-    old = path.read_text(encoding="utf-8") if path.exists() else ""
-    _, end = _parse(path, old, tolerate_partial_last_line=True)
-    old = old[:end]
-    if old and not old.endswith("\n"):
-        old += "\n"
-    write_text_atomic(path, old + json.dumps(record, sort_keys=True) + "\n")
+
+    def finished_lines(old: str) -> str:
+        old = old[:_parse(path, old, tolerate_partial_last_line=True)[1]]
+        return old + "\n" if old and not old.endswith("\n") else old
+
+    append_text_atomic(path, json.dumps(record, sort_keys=True) + "\n", keep=finished_lines)
 
 
 def read_records(path: str | os.PathLike, *, tolerate_partial_last_line: bool = False) -> list[dict]:

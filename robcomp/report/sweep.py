@@ -12,7 +12,7 @@ __all__ = ["sweep_record", "sweep_table", "sweep_finding", "plot_sweep", "speedu
 
 def sweep_record(records: list[dict]) -> dict | None:
     """The last kernel sweep of ``records`` (None when the run measured none)."""
-    from robcomp.kernel_sweep import KERNEL_SWEEP_RECORD
+    from robcomp.evaluation.kernel_sweep import KERNEL_SWEEP_RECORD
 
     found = [r for r in records if r.get("type") == KERNEL_SWEEP_RECORD]
     return found[-1] if found else None
@@ -74,7 +74,7 @@ def sweep_finding(rec: dict) -> str:
 
 def plot_sweep(rec: dict, path: str | Path) -> Path | None:
     """Speedup vs dense (log) over layer size, one panel per batch, one line per format."""
-    from robcomp.report import plots as P
+    import robcomp.report.plots as P
 
     plt = P.plt
     ok = [r for r in rec["rows"] if r.get("status") == "ok" and math.isfinite(r["speedup"]) and r["speedup"] > 0]

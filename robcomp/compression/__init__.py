@@ -1,0 +1,3 @@
+"""Compression: ``compress(model, recipes)`` and the handlers that carry out each recipe (layer swap,
+channel pruning, masks, permutation search), the layer selection rules. Above ``robcomp.layers``.
+"""

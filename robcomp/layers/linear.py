@@ -1,0 +1,699 @@
+"""Compressed replacements for ``nn.Linear``.
+
+Each module stores only the compressed format (as buffers) and computes from it; the number of
+bytes in its buffers is the model size the reports quote. Modules keep nn.Linear's attributes
+(``in_features``, ``out_features``, ``bias``) and expose the dense equivalent through
+``dequantize()`` (and the read-only ``weight`` property) for inspection and references.
+
+The packed weights are frozen: gradients flow to the *input* (what white-box attacks need) and to
+the bias, never to the packed weight. Fine-tune masked or fake-quantised dense weights first and
+pack at the end.
+
+Backends: ``"torch"`` runs the plain-PyTorch reference (``robcomp.kernels.reference``),
+``"triton"`` the Triton kernels, ``"cpu"`` robcomp's CPU kernels (``robcomp.kernels.cpu``) and
+``"auto"`` the dispatched path: each layer lists the paths it can run on a device
+(:meth:`CompressedLinear.paths`), runs the one ``robcomp.tune`` recorded for the input's device,
+dtype and row count, else its static default (:meth:`CompressedLinear.default_path`), and records
+what it ran (``last_path``, ``paths_run``). ``forward`` never times anything (``robcomp.dispatch``).
+
+Derived weights a path needs (the tinygemm copy of an int4 weight, bf16 scales, a semi-structured
+2:4 weight) are built once per layer on first use, kept as plain attributes (not saved), and
+counted in :func:`tensor_bytes` and ``compressed_bytes()``: no hidden memory.
+"""
+from __future__ import annotations
+
+import abc
+from typing import ClassVar
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from robcomp.layers.backend import resolve_backend, triton_available, validate_backend
+from robcomp.layers.dispatch import m_bucket
+from robcomp.inputs import check_float_input
+from robcomp.kernels import reference as ref
+from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Recipe, Sparse24, Sparse24Int4
+
+__all__ = [
+    "CompressedLinear",
+    "Sparse24Linear",
+    "Int8WeightOnlyLinear",
+    "Int4WeightOnlyLinear",
+    "Int8DynamicLinear",
+    "FP8DynamicLinear",
+    "Sparse24Int4Linear",
+    "tensor_bytes",
+    "layer_paths",
+]
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Bytes held by a module's parameters and buffers plus the derived weights its compressed
+    layers built for a fast path (what the model occupies in memory)."""
+    tensors = list(module.parameters()) + list(module.buffers())
+    derived = sum(m.derived_bytes() for m in module.modules() if isinstance(m, CompressedLinear))
+    return sum(t.numel() * t.element_size() for t in tensors) + derived
+
+
+def layer_paths(model: nn.Module) -> dict[str, dict[str, str]]:
+    """``{layer name: {"<dtype>|M<bucket>": path}}``: which path each compressed layer ran, per
+    dtype and row bucket, since it was built (what ``rc.evaluate`` records)."""
+    return {name: dict(m.paths_run) for name, m in model.named_modules()
+            if isinstance(m, CompressedLinear) and m.paths_run}
+
+
+class CompressedLinear(nn.Module, abc.ABC):
+    """Base class of the compressed layers: shape bookkeeping, bias, backend dispatch."""
+
+    recipe_type: ClassVar[type[Recipe]]
+    #: how the input gradient is computed: "exact" (dY @ W of the stored weight) or
+    #: "straight-through" (a rounding step in the forward is treated as the identity)
+    gradient: ClassVar[str] = "exact"
+    #: buffers that stay float32 through ``model.half()`` / ``.to(dtype)``: the per-channel scales
+    #: of the dynamic formats, which the kernels take in fp32 (rounding them to fp16 changes results)
+    fp32_buffers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, in_features: int, out_features: int, bias: torch.Tensor | None,
+                 recipe: Recipe, backend: str = "auto") -> None:
+        super().__init__()
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.recipe = recipe
+        self.backend = validate_backend(backend)
+        if hasattr(recipe, "group_size"):
+            self.group_size = recipe.group_size
+        if bias is None:
+            self.register_parameter("bias", None)
+        else:
+            self.bias = nn.Parameter(bias.detach().clone())
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def incompatibility(cls, linear: nn.Linear, recipe: Recipe) -> str | None:
+        """Why ``recipe`` cannot be applied to ``linear`` (None when it can)."""
+        return None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, recipe: Recipe | None = None, backend: str = "auto") -> "CompressedLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        recipe = cls.recipe_type() if recipe is None else recipe
+        if not isinstance(recipe, cls.recipe_type):
+            raise TypeError(f"recipe must be a {cls.recipe_type.__name__}, got {type(recipe).__name__}")
+        reason = cls.incompatibility(linear, recipe)
+        if reason:
+            raise ValueError(f"cannot apply {recipe.label()} to Linear({linear.in_features}, "
+                             f"{linear.out_features}): {reason}")
+        module = cls._build(linear, recipe, backend)
+        return module.to(linear.weight.device)
+
+    @classmethod
+    def _build(cls, linear: nn.Linear, recipe: Recipe, backend: str) -> "CompressedLinear":
+        module = cls(linear.in_features, linear.out_features, linear.bias, recipe, backend)
+        for name, tensor in cls.pack(linear.weight.detach(), recipe).items():
+            module.register_buffer(name, tensor)
+        return module
+
+    @staticmethod
+    @abc.abstractmethod
+    def pack(weight: torch.Tensor, recipe: Recipe) -> dict[str, torch.Tensor]:
+        """The buffers (name -> tensor) that store ``weight`` in this format."""
+
+    def _apply(self, fn, recurse=True):
+        """``fn`` moves and converts every tensor; the :attr:`fp32_buffers` follow the device
+        only (moved from the float32 originals, so nothing is rounded on the way)."""
+        keep = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        super()._apply(fn, recurse)
+        for name, original in keep.items():
+            self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
+        return self
+
+    # ------------------------------------------------------------------ running
+    #: paths this format has on CPU / CUDA, beyond "reference" (availability: :meth:`paths`)
+    cpu_paths: ClassVar[tuple[str, ...]] = ("native", "dense")
+    cuda_paths: ClassVar[tuple[str, ...]] = ("triton", "dense")
+    #: paths that give no input gradient; a call that needs one runs ``fallback_path`` instead
+    inference_only: ClassVar[frozenset[str]] = frozenset()
+    #: per-process run-time state kept in ``__dict__`` (paths, tuned choices, derived weights):
+    #: never saved by ``robcomp.save``, rebuilt on use
+    transient_attrs: ClassVar[frozenset[str]] = frozenset(
+        {"last_path", "_paths_run", "_tuned_paths", "_paths_memo", "_derived", "_bnb_cache"})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_float_input(x, f"{type(self).__name__}.forward")
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
+        path = self.select_path(x)
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_path"] = path  # plain attribute (nn.Module.__setattr__ is slow)
+            self.paths_run[f"{str(x.dtype).replace('torch.', '')}|M{m_bucket(x.numel() // max(x.shape[-1], 1))}"] = path
+        return self.run_path(path, x)
+
+    @property
+    def paths_run(self) -> dict[str, str]:
+        return self.__dict__.setdefault("_paths_run", {})
+
+    def select_path(self, x: torch.Tensor) -> str:
+        """The path ``forward`` runs for ``x``: fixed by an explicit backend, else the tuned choice
+        for (device type, dtype, M bucket), else :meth:`default_path`."""
+        backend = resolve_backend(self.backend, x.device)
+        if backend == "torch":
+            return "reference"
+        if backend in ("triton", "bitsandbytes"):
+            return backend
+        if backend == "cpu":
+            if x.device.type != "cpu":
+                raise ValueError(f"backend='cpu' runs robcomp's CPU kernels; the input is on {x.device}")
+            return "native" if "native" in self.paths(x.device, x.dtype) else "reference"
+        if backend != "auto":
+            raise ValueError(f"backend {backend!r} is not supported by {type(self).__name__}; "
+                             "use 'auto', 'torch', 'cpu' or 'triton'")
+        m = x.numel() // max(x.shape[-1], 1)
+        path = self.tuned_paths.get((x.device.type, x.dtype, m_bucket(m)))
+        if path is None:
+            path = self.default_path(x.device, x.dtype, m)
+        if torch.compiler.is_compiling() and not self.ready_for(path, x.device):
+            return "reference"  # no derived weight may be built while tracing
+        return path
+
+    @property
+    def tuned_paths(self) -> dict:
+        """``{(device type, dtype, M bucket): path}`` recorded by ``robcomp.tune``."""
+        return self.__dict__.setdefault("_tuned_paths", {})
+
+    def paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        """The paths this layer can run on ``device`` for ``dtype`` activations (tune's candidates)."""
+        device = torch.device(device)
+        memo = self.__dict__.setdefault("_paths_memo", {})  # shapes and installs do not change
+        key = (device.type, dtype)
+        if key not in memo:
+            memo[key] = self._paths(device, dtype)
+        return memo[key]
+
+    def _paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
+        if device.type == "cpu":
+            from robcomp.kernels import cpu as cpu_kernels
+            fast = self.cpu_paths if cpu_kernels.available() and dtype in cpu_kernels.native_dtypes() else ()
+            out = tuple(p for p in fast if self.can_run(p, device))
+        elif device.type == "cuda":
+            out = tuple(p for p in self.cuda_paths if p != "triton" or triton_available())
+        else:
+            out = ()
+        return out + ("reference",)
+
+    def can_run(self, path: str, device: torch.device) -> bool:
+        """False where a path exists for the format but not for this layer's shape."""
+        return True
+
+    def default_path(self, device: torch.device, dtype: torch.dtype, m: int) -> str:
+        """Static choice without a tuned entry: the first of :meth:`paths` (on CPU the native
+        kernel where one exists for ``dtype``, on CUDA the Triton kernel)."""
+        return self.paths(device, dtype)[0]
+
+    def ready_for(self, path: str, device: torch.device) -> bool:
+        """Whether ``path`` can run without building a derived weight first."""
+        return True
+
+    def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
+        """Run ``path`` (one of :data:`robcomp.layers.dispatch.PATHS`) on ``x``."""
+        if path in self.inference_only and torch.is_grad_enabled() and x.requires_grad:
+            path = self.fallback_path(x.device)
+            if not torch.compiler.is_compiling():
+                self.__dict__["last_path"] = path
+        if path == "reference":
+            return self.forward_reference(x)
+        if path == "triton":
+            return self.forward_triton(x)
+        if path == "bitsandbytes":
+            return self.forward_bitsandbytes(x)
+        if path == "native":
+            if x.device.type != "cpu":
+                raise ValueError(f"path 'native' runs robcomp's CPU kernels; the input is on {x.device}")
+            return self.forward_cpu(x)
+        if path == "dense":
+            # in the path's compute dtype (bf16 for weight-only formats on CPU); the CPU unpackers are
+            # numba kernels dynamo cannot trace, so a traced graph unpacks with the torch reference
+            w = self.dequantize().to(x.dtype) if torch.compiler.is_compiling() else self.dense_weight(x)
+            if w.dtype == x.dtype:
+                return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)  # bias added (and its gradient summed) in x's dtype
+            return y if self.bias is None else y + self.bias.to(x.dtype)
+        method = getattr(self, f"forward_{path}", None)
+        if method is None:
+            raise ValueError(f"path {path!r} is not available for {type(self).__name__}; "
+                             f"it has {self.paths(x.device, x.dtype)}")
+        return method(x)
+
+    def fallback_path(self, device: torch.device) -> str:
+        return "triton" if device.type == "cuda" and triton_available() else "reference"
+
+    def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through robcomp's CPU kernels (``robcomp.kernels.cpu``)."""
+        raise ValueError(f"{type(self).__name__} has no CPU kernel")
+
+    def dense_weight(self, x: torch.Tensor) -> torch.Tensor:
+        """The dense weight the "dense" path multiplies with, unpacked for this call."""
+        return self.dequantize().to(x.dtype)
+
+    # ------------------------------------------------------------------ derived weights
+    def _stamp(self) -> tuple:
+        bufs = [b for _, b in sorted(self._buffers.items()) if b is not None]
+        return tuple((b.data_ptr(), b._version, b.device) for b in bufs)
+
+    def derived(self, name: str, build) -> object:
+        """The derived weight ``name`` (built by ``build()`` once; rebuilt when a buffer changes)."""
+        cache = self.__dict__.get("_derived")
+        if torch.compiler.is_compiling():  # select_path checked that it exists; never build while tracing
+            return cache[name]
+        stamp = self._stamp()
+        if cache is None or cache.get("stamp") != stamp:
+            cache = {"stamp": stamp}
+            self.__dict__["_derived"] = cache
+        if name not in cache:
+            cache[name] = build()
+        return cache[name]
+
+    def has_derived(self, name: str) -> bool:
+        cache = self.__dict__.get("_derived")
+        if torch.compiler.is_compiling():
+            return bool(cache) and name in cache
+        return bool(cache) and cache.get("stamp") == self._stamp() and name in cache
+
+    def derived_bytes(self) -> int:
+        """Bytes of the derived weights this layer holds now."""
+        cache = self.__dict__.get("_derived") or {}
+        if cache and cache.get("stamp") != self._stamp():  # stale: a packed buffer changed or moved
+            self.__dict__.pop("_derived", None)
+            return 0
+        total = 0
+        for key, value in cache.items():
+            if key == "stamp":
+                continue
+            tensors = value.values() if isinstance(value, dict) else [value]
+            for t in tensors:
+                if isinstance(t, torch.Tensor):
+                    total += _storage_bytes(t)
+        return total
+
+    def forward_bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through bitsandbytes' layers, for the formats it has."""
+        raise ValueError(f"backend 'bitsandbytes' is not supported by {type(self).__name__}; "
+                         "it exists for Int8WeightOnly and Int4WeightOnly")
+
+    @abc.abstractmethod
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through the plain-PyTorch reference (differentiable w.r.t. ``x``)."""
+
+    @abc.abstractmethod
+    def forward_triton(self, x: torch.Tensor) -> torch.Tensor:
+        """Forward through the Triton kernels (with their input-gradient kernels)."""
+
+    # ------------------------------------------------------------------ inspection
+    @abc.abstractmethod
+    def dequantize(self) -> torch.Tensor:
+        """The dense ``[out_features, in_features]`` weight this layer computes with."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Dense equivalent of the packed weight (a detached copy: packed weights are frozen)."""
+        return self.dequantize().detach()
+
+    def compressed_bytes(self) -> int:
+        """Bytes of the stored format plus the derived weights held now."""
+        return tensor_bytes(self)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, recipe={self.recipe.label()}, backend={self.backend}")
+
+
+def _storage_bytes(t: torch.Tensor) -> int:
+    """Bytes of a tensor, including a semi-structured sparse one (its packed parts)."""
+    parts = [getattr(t, a, None) for a in ("packed", "meta")] if not type(t) is torch.Tensor else []
+    parts = [p for p in parts if isinstance(p, torch.Tensor)]
+    if parts:
+        return sum(p.numel() * p.element_size() for p in parts)
+    return t.numel() * t.element_size()
+
+
+class Sparse24Linear(CompressedLinear):
+    """2:4 sparse weight: ``values [N, K/2]`` + 2-bit ``meta`` (format in kernels/reference.py)."""
+
+    recipe_type = Sparse24
+
+    @classmethod
+    def incompatibility(cls, linear, recipe):
+        if linear.in_features % 4:
+            return f"2:4 sparsity needs in_features divisible by 4, got {linear.in_features}"
+        return None
+
+    @staticmethod
+    def pack(weight, recipe):
+        values, meta = ref.sparse24_pack(weight)
+        return {"values": values, "meta": meta}
+
+    def forward_reference(self, x):
+        return ref.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    cuda_paths = ("triton", "semi_structured", "dense")
+    inference_only = frozenset({"semi_structured"})
+
+    def forward_triton(self, x):
+        # imported here: triton is only needed by this backend (custom op robcomp::sparse24_linear)
+        from robcomp.kernels import sparse24 as kernels
+
+        return kernels.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def forward_semi_structured(self, x):
+        """torch semi-structured sparse (cuSPARSELt/CUTLASS, fp16/bf16 CUDA, inference only) on a
+        derived copy of the weight, counted in the layer's bytes."""
+        from torch.sparse import to_sparse_semi_structured
+
+        w = self.derived(f"semi_structured_{x.dtype}", lambda: to_sparse_semi_structured(self.dequantize().to(x.dtype)))
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def default_path(self, device, dtype, m):
+        # CPU: the numba kernel streams half the bytes at batch 1; above that BLAS on the unpacked
+        # weight is faster than the kernel's scalar loops (bench/RESULTS.md, CPU section)
+        paths = self.paths(device, dtype)
+        if torch.device(device).type == "cpu" and m > 1 and "dense" in paths:
+            return "dense"
+        return paths[0]
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):
+            from robcomp.kernels import cpu
+
+            w = cpu.dense_weight("sparse24", self.values, self.meta)
+            return w if x.dtype == torch.float32 else w.to(x.dtype)
+        return self.dequantize().to(x.dtype)
+
+    def dequantize(self):
+        return ref.sparse24_unpack(self.values, self.meta, self.in_features)
+
+
+class Int8WeightOnlyLinear(CompressedLinear):
+    """int8 weight, symmetric per output channel; floating-point activations (W8A16).
+
+    ``backend="bitsandbytes"`` runs bitsandbytes' ``Linear8bitLt`` (CUDA only; its int8 format is
+    the same row-wise absmax int8, so the codes are identical; ``threshold=0``, no outliers).
+    """
+
+    recipe_type = Int8WeightOnly
+
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.int8_weight_pack(weight)
+        return {"qweight": qweight, "scale": scale}
+
+    def forward_bitsandbytes(self, x):
+        return _bnb_forward(self, x, "int8")
+
+    def forward_reference(self, x):
+        return ref.int8_weight_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_triton(self, x):
+        from robcomp.kernels import lowbit
+
+        return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
+
+    def can_run(self, path, device):
+        # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
+        return path != "native" or self.in_features % 16 == 0
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        d = self.derived("cpu_int8", lambda: cpu.derived_int8(self.scale))
+        return cpu.int8_weight_linear(x, self.qweight, self.scale, self.bias, d)
+
+    def ready_for(self, path, device):
+        return path != "native" or self.has_derived("cpu_int8")
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            from robcomp.kernels import cpu
+
+            if cpu.available():
+                return cpu.dense_weight("int8", self.qweight, self.scale)  # bf16, as the native kernel
+        return self.dequantize().to(x.dtype)
+
+    def dequantize(self):
+        return ref.int8_weight_unpack(self.qweight, self.scale)
+
+
+class Int4WeightOnlyLinear(CompressedLinear):
+    """int4 weight, asymmetric per group along in_features, two values per byte (W4A16).
+
+    ``backend="bitsandbytes"`` runs bitsandbytes' ``Linear4bit`` (CUDA only) on this layer's
+    dequantised weight re-quantised to bitsandbytes' own 4-bit format: ``bnb_quant_type`` "nf4"
+    (default) or "fp4", blocks of 64 with absmax scales. That is a second rounding, so its outputs
+    differ from the robcomp int4 format's: it is a baseline, not the same model.
+    """
+
+    recipe_type = Int4WeightOnly
+    #: bitsandbytes 4-bit data type used by backend="bitsandbytes": "nf4" or "fp4"
+    bnb_quant_type: str = "nf4"
+
+    def forward_bitsandbytes(self, x):
+        return _bnb_forward(self, x, "4bit")
+
+    @classmethod
+    def incompatibility(cls, linear, recipe):
+        if linear.in_features % recipe.group_size:
+            return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
+        return None
+
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scales, zeros = ref.int4_pack(weight, recipe.group_size)
+        return {"qweight": qweight, "scales": scales, "zeros": zeros}
+
+    def forward_reference(self, x):
+        return ref.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def forward_triton(self, x):
+        from robcomp.kernels import lowbit
+
+        return lowbit.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
+
+    def can_run(self, path, device):
+        # tinygemm's CPU kernel takes N divisible by 16 and groups of 32..256
+        return path != "native" or (self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256))
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        d = self.derived("cpu_int4", lambda: cpu.derived_int4(self.qweight, self.scales, self.zeros, self.group_size))
+        if d is None:
+            return self.forward_reference(x)
+        return cpu.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias, d)
+
+    def ready_for(self, path, device):
+        return path != "native" or self.has_derived("cpu_int4")
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16):
+            from robcomp.kernels import cpu
+
+            if cpu.available():
+                return cpu.dense_weight("int4", self.qweight, self.scales, self.zeros, group_size=self.group_size)
+        return self.dequantize().to(x.dtype)
+
+    def dequantize(self):
+        return ref.int4_unpack(self.qweight, self.scales, self.zeros, self.group_size)
+
+
+
+
+class Int8DynamicLinear(CompressedLinear):
+    """W8A8: int8 weight (per channel, float32 scale) and int8 activations quantised per token at
+    run time; int8 x int8 -> int32 dot. The input gradient is the straight-through estimator:
+    ``dX = dY @ dequant(W)``, the activation rounding counted as the identity (``gradient``)."""
+
+    recipe_type = Int8Dynamic
+    gradient: ClassVar[str] = "straight-through"
+    fp32_buffers = ("scale",)
+
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.int8_dynamic_pack(weight)
+        return {"qweight": qweight, "scale": scale}
+
+    def forward_reference(self, x):
+        return ref.int8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
+
+    def forward_triton(self, x):
+        from robcomp.kernels import lowbit
+
+        return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+
+    # "dense" would drop the activation rounding, so it is no path of this format
+    cpu_paths = ("native",)
+    cuda_paths = ("triton", "int_mm")
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_int_mm(self, x):
+        """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""
+        q, s = self.qweight, self.scale.float()
+
+        def fn(xd):
+            x2 = xd.reshape(-1, self.in_features)
+            xq, xs = ref.quantize_rows_int8(x2)
+            y = torch._int_mm(xq, q.t()).to(torch.float32) * xs[:, None] * s[None, :]
+            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
+        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+
+    def dequantize(self):
+        return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
+
+
+class FP8DynamicLinear(CompressedLinear):
+    """FP8 (e4m3) weight per channel and e4m3 activations per token. ``backend="triton"`` needs a
+    CUDA GPU with compute capability >= 8.9 and raises ``ValueError`` elsewhere; ``backend="torch"``
+    emulates e4m3 with ``torch.float8_e4m3fn`` casts (CPU included). The codes are stored as raw
+    ``uint8`` bits (``qweight_bits``) so that ``model.half()`` cannot convert them. STE gradient."""
+
+    recipe_type = FP8Dynamic
+    gradient: ClassVar[str] = "straight-through"
+    fp32_buffers = ("scale",)
+
+    @staticmethod
+    def pack(weight, recipe):
+        qweight, scale = ref.fp8_dynamic_pack(weight)
+        return {"qweight_bits": qweight.view(torch.uint8), "scale": scale}
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        return self.qweight_bits.view(torch.float8_e4m3fn)
+
+    def forward_reference(self, x):
+        return ref.fp8_dynamic_linear(x, self.qweight, self.scale.float(), self.bias)
+
+    def forward_triton(self, x):
+        from robcomp.kernels import lowbit
+
+        return lowbit.fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
+
+    cpu_paths = ("native",)
+    cuda_paths = ("triton", "scaled_mm")
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_scaled_mm(self, x):
+        """``torch._scaled_mm`` (FP8 tensor cores, row-wise scales) on the reference's per-token
+        e4m3 activations; STE gradient."""
+        q, s = self.qweight, self.scale.float()
+
+        def fn(xd):
+            x2 = xd.reshape(-1, self.in_features)
+            xq, xs = ref.quantize_rows_fp8(x2)
+            y = torch._scaled_mm(xq, q.t(), scale_a=xs[:, None].contiguous(), scale_b=s[None, :].contiguous(),
+                                 out_dtype=torch.bfloat16 if xd.dtype == torch.float32 else xd.dtype)
+            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
+        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+
+    def dequantize(self):
+        return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
+
+
+class Sparse24Int4Linear(CompressedLinear):
+    """2:4 sparse weight whose kept values are int4 per group (format in kernels/sparse24_lowbit.py):
+    ``qvalues uint8 [N, K/4]``, ``scales``/``zeros [N, K/group_size]``, 2:4 ``meta``. Exact gradient."""
+
+    recipe_type = Sparse24Int4
+
+    @classmethod
+    def incompatibility(cls, linear, recipe):
+        if linear.in_features % recipe.group_size:
+            return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
+        return None
+
+    @staticmethod
+    def pack(weight, recipe):
+        qvalues, scales, zeros, meta = ref.sparse24_int4_pack(weight, recipe.group_size)
+        return {"qvalues": qvalues, "scales": scales, "zeros": zeros, "meta": meta}
+
+    def forward_reference(self, x):
+        return ref.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
+
+    def forward_triton(self, x):
+        from robcomp.kernels import sparse24_lowbit
+
+        return sparse24_lowbit.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta,
+                                                   self.group_size, self.bias)
+
+    def forward_cpu(self, x):
+        from robcomp.kernels import cpu
+
+        return cpu.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
+
+    default_path = Sparse24Linear.default_path
+
+    def dense_weight(self, x):
+        if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):
+            from robcomp.kernels import cpu
+
+            w = cpu.dense_weight("sparse24_int4", self.qvalues, self.scales, self.zeros, self.meta,
+                                 group_size=self.group_size)
+            return w if x.dtype == torch.float32 else w.to(x.dtype)
+        return self.dequantize().to(x.dtype)
+
+    def dequantize(self):
+        return ref.sparse24_int4_unpack(self.qvalues, self.scales, self.zeros, self.meta, self.group_size)
+
+
+# ---------------------------------------------------------------------- bitsandbytes backend
+def _bnb_module(layer: CompressedLinear, kind: str, device: torch.device) -> nn.Module:
+    """bitsandbytes layer for ``layer``'s weight, built once per device (not a registered submodule,
+    so it is neither saved nor counted in the model size)."""
+    cached = layer.__dict__.get("_bnb_cache")
+    if cached is not None and cached[0] == (device, kind, getattr(layer, "bnb_quant_type", None)):
+        return cached[1]
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"backend='bitsandbytes' for {type(layer).__name__} needs a CUDA device (bitsandbytes' "
+                         f"Linear8bitLt / Linear4bit GPU kernels); the input is on {device}. "
+                         "Use backend='torch' or backend='triton' instead.")
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # pragma: no cover - depends on the installation
+        raise RuntimeError(f"backend='bitsandbytes' is unavailable: cannot import bitsandbytes ({e})") from e
+    w = layer.dequantize().detach().to(torch.float16).cpu()
+    if kind == "int8":
+        mod = bnb.nn.Linear8bitLt(layer.in_features, layer.out_features, bias=False,
+                                  has_fp16_weights=False, threshold=0.0)
+        mod.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+    else:
+        qt = layer.bnb_quant_type
+        if qt not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_quant_type must be 'nf4' or 'fp4', got {qt!r}")
+        mod = bnb.nn.Linear4bit(layer.in_features, layer.out_features, bias=False,
+                                compute_dtype=torch.float16, quant_type=qt)
+        mod.weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type=qt)
+    mod = mod.to(device)  # bitsandbytes quantises on the move to the GPU
+    layer.__dict__["_bnb_cache"] = ((device, kind, getattr(layer, "bnb_quant_type", None)), mod)
+    return mod
+
+
+def _bnb_forward(layer: CompressedLinear, x: torch.Tensor, kind: str) -> torch.Tensor:
+    mod = _bnb_module(layer, kind, x.device)
+    y = mod(x.to(torch.float16)).to(x.dtype)
+    if x.requires_grad and torch.is_grad_enabled() and y.grad_fn is None:
+        raise RuntimeError(f"bitsandbytes' {type(mod).__name__} gave no gradient w.r.t. its input; white-box "
+                           "attacks need one: use backend='triton' or 'torch'")
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y

@@ -1,0 +1,220 @@
+"""robcomp's CPU paths (kernels/cpu.py, kernels/numba_cpu.py) against a float64 computation from
+the stored format (kernels/reference.py): forward, input gradient, bias gradient, every path of
+every layer, odd shapes, M from 1, fresh random inputs; bytes accounting of derived weights."""
+import pytest
+import torch
+import torch.nn as nn
+
+from robcomp.kernels import cpu as C
+from robcomp.kernels import reference as R
+from robcomp.layers.linear import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
+                        Sparse24Int4Linear, Sparse24Linear, tensor_bytes)
+from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
+
+pytestmark = pytest.mark.skipif(not C.available(), reason="numba is a declared dependency; absent here")
+
+K_ODD, N_ODD = 200, 52  # not multiples of 8/16 where the format allows it
+# float32 paths: fp32 accumulation of exact products; bf16 paths: 8-bit activation mantissa
+F32_TOL, BF16_TOL = 2e-5, 1.2e-2
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def _layer(cls, recipe, n, k, bias=True):
+    lin = nn.Linear(k, n, bias=bias)
+    lin.weight.data = torch.randn(n, k) * 0.05
+    if bias:
+        lin.bias.data = torch.randn(n) * 0.1
+    return cls.from_linear(lin, recipe, backend="auto")
+
+
+# (layer class, recipe, N, K, bf16 activations on the native path, straight-through gradient)
+CASES = [
+    (Sparse24Linear, Sparse24(), N_ODD, K_ODD, False, False),
+    (Sparse24Int4Linear, Sparse24Int4(group_size=32), N_ODD, 224, False, False),
+    (Int8WeightOnlyLinear, Int8WeightOnly(), N_ODD, 208, True, False),
+    (Int8WeightOnlyLinear, Int8WeightOnly(), N_ODD, K_ODD, True, False),  # torch's kernel refuses K: dense
+    (Int4WeightOnlyLinear, Int4WeightOnly(group_size=32), N_ODD, 224, True, False),  # tinygemm refuses N: dense
+    (Int4WeightOnlyLinear, Int4WeightOnly(group_size=64), 48, 192, True, False),       # tinygemm
+    (Int8DynamicLinear, Int8Dynamic(), N_ODD, K_ODD, False, True),
+    (FP8DynamicLinear, FP8Dynamic(), N_ODD, K_ODD, False, True),
+]
+
+
+def _expected(layer, x, dy):
+    """float64 forward and dX = dY @ W of the stored weight; the dynamic formats' forward is the
+    reference's (activation rounding), their dX the straight-through dY @ dequant(W)."""
+    w = layer.dequantize().double()
+    b = layer.bias.double()
+    if layer.gradient == "straight-through":
+        y = layer.forward_reference(x).double()
+    else:
+        y = x.double() @ w.T + b
+    return y, dy.double() @ w, dy.double().reshape(-1, w.shape[0]).sum(0)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1].label()}-{c[2]}x{c[3]}")
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_every_cpu_path_matches_the_stored_format(case, m):
+    cls, recipe, n, k, bf16, _ = case
+    layer = _layer(cls, recipe, n, k)
+    paths = layer.paths(torch.device("cpu"), torch.float32)
+    assert paths[-1] == "reference" and len(paths) >= 2, paths
+    x = torch.randn(2, m, k)
+    dy = torch.randn(2, m, n)
+    y_exp, gx_exp, gb_exp = _expected(layer, x, dy)
+    for path in paths:
+        xr = x.clone().requires_grad_()
+        layer.bias.grad = None
+        y = layer.run_path(path, xr)
+        assert y.dtype == torch.float32 and y.shape == (2, m, n)
+        (gx,) = torch.autograd.grad(y, xr, dy, retain_graph=True)
+        y.backward(dy)
+        low = bf16 and path in ("native", "dense")
+        tol = BF16_TOL if low else F32_TOL
+        assert _rel(y, y_exp) < tol, (path, _rel(y, y_exp))
+        assert _rel(gx, gx_exp) < tol, (path, _rel(gx, gx_exp))
+        assert _rel(layer.bias.grad, gb_exp) < 1e-5
+        if low:  # the bf16 rounding is visible: the bound is not vacuous
+            assert _rel(y, y_exp) > 1e-5
+
+
+def test_bf16_error_bound_fails_when_the_int4_conversion_is_wrong():
+    """tinygemm's zero point is (8 - z) * s; using z * s would be caught by the tolerance."""
+    layer = _layer(Int4WeightOnlyLinear, Int4WeightOnly(group_size=64), 48, 192)
+    d = C.derived_int4(layer.qweight, layer.scales, layer.zeros, 64)
+    wrong = dict(d, scales_zeros=torch.stack([layer.scales.float(), layer.zeros.float() * layer.scales.float()],
+                                             -1).transpose(0, 1).contiguous().bfloat16())
+    x = torch.randn(5, 192)
+    y_exp = x.double() @ layer.dequantize().double().T + layer.bias.double()
+    good = C.int4_linear(x, layer.qweight, layer.scales, layer.zeros, 64, layer.bias, d)
+    bad = C.int4_linear(x, layer.qweight, layer.scales, layer.zeros, 64, layer.bias, wrong)
+    assert _rel(good, y_exp) < BF16_TOL < _rel(bad, y_exp)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_native_paths_by_activation_dtype(dtype):
+    layer = _layer(Sparse24Linear, Sparse24(), 32, 64)
+    paths = layer.paths(torch.device("cpu"), dtype)
+    x = torch.randn(3, 64).to(dtype)
+    y = layer(x)
+    assert y.dtype == dtype
+    if dtype == torch.float16:  # no native fp16 CPU kernel: the reference runs
+        assert paths == ("reference",) and layer.last_path == "reference"
+    else:
+        assert "native" in paths
+        y_exp = x.double() @ layer.dequantize().double().T + layer.bias.double()
+        assert _rel(y, y_exp) < 1e-2
+
+
+def test_outputs_are_fully_written_and_nan_propagates():
+    layer = _layer(Sparse24Linear, Sparse24(), N_ODD, K_ODD)
+    x = torch.randn(1, K_ODD)
+    assert torch.isfinite(layer.run_path("native", x)).all()
+    x[0, :] = float("nan")
+    assert torch.isnan(layer.run_path("native", x)).all()  # fastmath keeps NaN semantics
+    y = C.sparse24_linear(torch.randn(4, K_ODD), layer.values, layer.meta, None)
+    assert torch.isfinite(y).all()
+
+
+def test_derived_weights_are_counted_in_bytes():
+    layer = _layer(Int4WeightOnlyLinear, Int4WeightOnly(group_size=64), 48, 192)
+    stored = sum(t.numel() * t.element_size() for t in layer.state_dict().values())
+    assert tensor_bytes(layer) == layer.compressed_bytes() == stored
+    layer(torch.randn(2, 192))
+    assert layer.last_path == "native"
+    d = layer.derived_bytes()
+    # tinygemm codes [48, 96] uint8 + [3, 48, 2] bf16 scales/zeros
+    assert d == 48 * 96 + 3 * 48 * 2 * 2
+    assert tensor_bytes(layer) == layer.compressed_bytes() == stored + d
+    assert tensor_bytes(nn.Sequential(layer)) == stored + d
+    # a changed packed weight drops and rebuilds the derived copy
+    layer.qweight.add_(0)
+    assert layer.derived_bytes() == 0
+
+
+def test_backend_cpu_and_errors():
+    layer = _layer(Int8DynamicLinear, Int8Dynamic(), 16, 32)
+    layer.backend = "cpu"
+    layer(torch.randn(2, 32))
+    assert layer.last_path == "native"
+    with pytest.raises(ValueError, match="in_features"):
+        C.int8_dynamic_linear(torch.randn(2, 31), layer.qweight, layer.scale, None)
+    with pytest.raises(ValueError, match="empty"):
+        C.sparse24_linear(torch.randn(0, 32), *R.sparse24_pack(torch.randn(8, 32)), None)
+    with pytest.raises(TypeError, match="floating-point"):
+        C.sparse24_linear(torch.ones(2, 32, dtype=torch.int32), *R.sparse24_pack(torch.randn(8, 32)), None)
+    with pytest.raises(ValueError, match="path"):
+        layer.run_path("semi_structured", torch.randn(2, 32))
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "sparse24", "sparse24_int4", "fp8"])
+def test_dense_unpack_matches_reference(kind):
+    w = torch.randn(24, 128)
+    if kind == "int8":
+        t, exp, g = R.int8_weight_pack(w), None, None
+        exp = R.int8_weight_unpack(*t)
+    elif kind == "int4":
+        g = 32
+        t = R.int4_pack(w, g)
+        exp = R.int4_unpack(*t, g)
+    elif kind == "sparse24":
+        t, g = R.sparse24_pack(w), None
+        exp = R.sparse24_unpack(*t, 128)
+    elif kind == "fp8":
+        t, g = R.fp8_dynamic_pack(w), None
+        exp = R.fp8_dynamic_unpack(*t)
+    else:
+        g = 32
+        t = R.sparse24_int4_pack(w, g)
+        exp = R.sparse24_int4_unpack(*t, g)
+    got = C.dense_weight(kind, *t, group_size=g)
+    if kind in ("int8", "int4"):  # bf16, round to nearest even
+        assert got.dtype == torch.bfloat16
+        torch.testing.assert_close(got, exp.to(torch.bfloat16), rtol=0, atol=0)
+    else:
+        torch.testing.assert_close(got, exp.float(), rtol=0, atol=0)
+
+
+def test_torch_compile_traces_the_cpu_paths():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    model = nn.Sequential(Sparse24Linear.from_linear(dense[0]), nn.ReLU(),
+                          Int4WeightOnlyLinear.from_linear(dense[2], Int4WeightOnly(group_size=32)), nn.ReLU(),
+                          Int8DynamicLinear.from_linear(dense[4]))
+    x = torch.randn(1, 64, requires_grad=True)
+    expected = model(x)  # eager call first: builds the derived weights (never built while tracing)
+    assert [model[i].last_path for i in (0, 2, 4)] == ["native"] * 3
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_int8_row_quantiser_matches_the_reference_bit_for_bit():
+    x = torch.randn(7, 131) * torch.logspace(-3, 3, 7)[:, None]
+    x[0, :4] = torch.tensor([127.0, 63.5, -0.5 * 127 / 127, 0.0])  # exact ties round away from zero
+    x[1] = 0.0  # an all-zero row uses the 1e-12 floor
+    q, s = C.quantize_int8_rows(x)
+    q_ref, s_ref = R.quantize_rows_int8(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    x[2, 5] = float("nan")
+    _, s_nan = C.quantize_int8_rows(x)
+    assert torch.isnan(s_nan[2]) and torch.isfinite(s_nan[3:]).all()
+
+
+@pytest.mark.parametrize("m", [1, 6])
+def test_inplace_op_after_a_cpu_layer_keeps_gradients(m):
+    """The CPU kernels return buffers they own; an in-place ReLU after them must stay legal."""
+    layer = _layer(Sparse24Linear, Sparse24(), 32, 64, bias=False)
+    x = torch.randn(m, 64, requires_grad=True)
+    y = torch.relu_(layer.run_path("native", x))
+    y.sum().backward()
+    w = layer.dequantize().double()
+    mask = (x.double() @ w.T > 0).double()
+    assert _rel(x.grad, mask @ w) < F32_TOL
