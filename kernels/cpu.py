@@ -92,20 +92,43 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
+def _blocked(t2: torch.Tensor, width: int) -> np.ndarray:
+    """``[M, D] -> [ceil(M / width), D, width]`` float32 (zero-padded rows): the M > 1 kernels'
+    block layout, ``tb[b, d, j] = t2[b * width + j, d]``."""
+    m, d = t2.shape
+    mp = -(-m // width) * width
+    if mp != m:
+        t2 = torch.cat([t2, t2.new_zeros(mp - m, d)])
+    return _np(t2.detach().reshape(mp // width, width, d).transpose(1, 2).contiguous())
+
+
 def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
     """``[M, K] float32 -> [M, N] float32`` through the numba forward kernel ``name``."""
     m = x2.shape[0]
     par = _parallel()
-    if m == 1:
+    if m == 1 and name == "s24i4" and _s24i4_fwd1_ok(weights):
+        qv, scales, zeros, meta, hg = weights
         out = np.empty(n, np.float32)
-        # the 2:4 kernels take x by lane within its group of 4: xp[t, g] = x[4 g + t]
-        x1 = x2[0].reshape(-1, 4).t() if name in ("sp24", "s24i4") else x2[0]
-        hg = weights[-1] if name == "s24i4" else None
-        NB.kernel(name + "_fwd1", par, hg)(_np(x1), *weights, out)
+        # x by half and lane of each meta byte's 8 columns: xq[h, t, j] = x[8 j + 4 h + t]
+        xq = _np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0))
+        NB.kernel("s24i4_fwd1", par, hg)(xq, qv.view(np.uint16), scales, zeros, meta, out)
         return torch.from_numpy(out).reshape(1, n)
-    out = np.zeros((n, m), np.float32)
-    NB.kernel(name + "_fwdm", par)(_np(x2.t()), *weights, out)
-    return torch.from_numpy(out).t()
+    if m == 1 and name != "s24i4":
+        out = np.empty(n, np.float32)
+        # the 2:4 kernel takes x by lane within its group of 4: xp[t, g] = x[4 g + t]
+        x1 = x2[0].reshape(-1, 4).t() if name == "sp24" else x2[0]
+        NB.kernel(name + "_fwd1", par)(_np(x1), *weights, out)
+        return torch.from_numpy(out).reshape(1, n)
+    width = NB.block_width(m)
+    out = np.empty((n, -(-m // width) * width), np.float32)
+    NB.kernel(f"{name}_fwdb{width}", par)(_blocked(x2, width), *weights, out)
+    return torch.from_numpy(out)[:, :m].t()
+
+
+def _s24i4_fwd1_ok(weights) -> bool:
+    # the batch-1 kernel reads two groups' codes as one uint16 and a scale group as whole meta bytes
+    qv, hg = weights[0], weights[-1]
+    return qv.shape[1] % 2 == 0 and hg % 4 == 0
 
 
 def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
@@ -116,8 +139,8 @@ def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
 
 def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
-    weight once); for M > 1 the weight is unpacked by numba into float32 and multiplied by MKL
-    (the numba M > 1 loops do not vectorise, so BLAS on the unpacked weight is faster)."""
+    weight once); for M > 1 the 2:4 formats' blocked kernels, the others BLAS on the weight
+    unpacked by numba into float32."""
     if g2.shape[0] == 1:
         if name in ("sp24", "s24i4"):  # dX by lane within each group of 4 (see numba_cpu)
             dxp = np.zeros((4, k // 4), np.float32)
@@ -130,6 +153,12 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
         dx = np.zeros(k, np.float32)
         NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx)
         return torch.from_numpy(dx).reshape(1, k)
+    if name in ("sp24", "s24i4"):  # blocked over rows of dY, straight from the packed weight
+        width = NB.block_width(g2.shape[0])
+        gb = _blocked(g2, width)
+        dxb = np.zeros((gb.shape[0], k, width), np.float32)
+        NB.kernel(f"{name}_bwdb{width}", _parallel())(gb, *weights, dxb)
+        return torch.from_numpy(dxb).transpose(1, 2).reshape(-1, k)[:g2.shape[0]]
     unpack_weights = weights if name != "lut8" else (*weights, np.ones(g2.shape[1], np.float32))
     return g2 @ _unpack_f32(name, (g2.shape[1], k), *unpack_weights)
 

@@ -6,22 +6,28 @@ memory-bound product reads only the stored bytes: 2:4 reads the kept values and 
 accumulation is float32 (``fastmath`` is limited to reassociation and FMA contraction, so NaN and
 Inf still propagate).
 
-* ``*_fwd1`` (batch 1): the 2:4 kernels take ``x`` by lane, ``xp[t, g] = x[4 g + t]``, and expand
+* ``*_fwd1`` (batch 1): the 2:4 kernel takes ``x`` by lane, ``xp[t, g] = x[4 g + t]``, and expands
   each group's kept pair to its four lanes with selects, so the loop over groups vectorises with
-  contiguous loads (no gathers). The 2:4+int4 kernel is specialised per group size.
-* ``*_fwdm`` (2:4 formats, M > 1): ``xt [K, M]``, one axpy of length M per kept value. numba does
-  not vectorise these loops well (scalar FMAs), so the dispatch prefers BLAS on the unpacked
-  weight above batch 1 unless ``robcomp.tune`` measures otherwise.
-* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight; larger batches use BLAS on the
-  weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the weight-only formats'
-  dense path, rounded to nearest even).
+  contiguous loads (no gathers). The 2:4+int4 kernel reads per meta byte (two groups): the codes
+  as one ``uint16`` and ``x`` by half and lane; it is specialised per group size.
+* ``*_fwdb<B>`` / ``*_bwdb<B>`` (2:4 formats, M > 1, forward and dX): generated per block width B
+  (4 .. 64 rows of x or dY per pass over the weight), B scalar accumulators packed into vector
+  registers by LLVM's SLP vectoriser (switched on while these compile), one broadcast FMA per
+  kept value and B rows: twice fewer FMAs than dense, the weight read once per block.
+* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight; the other formats' larger batches
+  use BLAS on the weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the
+  weight-only formats' dense path, rounded to nearest even).
 
 Forward and unpack kernels exist in a serial and a ``parallel=True`` (``prange`` over rows) build;
 ``kernels.cpu`` picks the parallel one when torch runs with more than one thread. Gradient
-kernels scatter into a shared dX and are serial. Also here: fast int4 packing of large weights and
+kernels scatter into a shared dX and are serial (the blocked ones run blocks in parallel). Also here: fast int4 packing of large weights and
 the older batch-1 int4/int8 GEMV helpers.
 """
 from __future__ import annotations
+
+import contextlib
+import re
+import threading
 
 import numpy as np
 import torch
@@ -89,13 +95,16 @@ def _sp24_bwd1(g, values, meta, dxp):
 
 
 def _s24i4_fwd1_for(half_group):
-    """The batch-1 2:4+int4 kernel for one group size: as ``_sp24_fwd1`` with codes ``q - z``
-    summed per scale group; the constant trip count (``half_group / 4`` meta bytes) lets the inner
-    loop vectorise."""
+    """The batch-1 2:4+int4 kernel for one group size. Everything it reads is contiguous over the
+    meta byte ``j`` (two groups of 4, 8 columns): ``meta[r, j]``, the two groups' code bytes as one
+    ``uint16`` (``qv16[r, j]``, a view of the stored codes) and x by half and lane,
+    ``xq[h, t, j] = x[8 j + 4 h + t]``; each group's kept pair is expanded to its four lanes with
+    selects and ``q - z`` summed per scale group (``half_group / 4`` meta bytes, a constant trip
+    count), so the loop vectorises with contiguous loads and no gathers."""
     nbytes = half_group // 4
 
-    def s24i4_fwd1(xp, qv, scales, zeros, meta, hg, out):
-        n = qv.shape[0]
+    def s24i4_fwd1(xq, qv16, scales, zeros, meta, out):
+        n = qv16.shape[0]
         for r in prange(n):
             acc = np.float32(0.0)
             for gi in range(scales.shape[1]):
@@ -106,19 +115,19 @@ def _s24i4_fwd1_for(half_group):
                 a3 = np.float32(0.0)
                 for jj in range(nbytes):
                     j = gi * nbytes + jj
-                    byte = np.int32(meta[r, j])
+                    mb = np.int32(meta[r, j])
+                    cw = np.int32(qv16[r, j])
                     for h in range(2):
-                        g = 2 * j + h
-                        nib = (byte >> (4 * h)) & 15
+                        nib = (mb >> (4 * h)) & 15
                         i0 = nib & 3
                         i1 = nib >> 2
-                        code = np.int32(qv[r, g])
+                        code = cw >> (8 * h)
                         v0 = np.float32(code & 15) - z
-                        v1 = np.float32(code >> 4) - z
-                        a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
-                        a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
-                        a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
-                        a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
+                        v1 = np.float32((code >> 4) & 15) - z
+                        a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
+                        a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
+                        a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
+                        a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
                 acc += (a0 + a1 + a2 + a3) * scales[r, gi]
             out[r] = acc
     return s24i4_fwd1
@@ -208,36 +217,91 @@ def _int4_bwd1(g, qw, scales, zeros, group, dx2):
                 dx2[1, b] += np.float32(byte >> 4) * sg - zs
 
 
-def _sp24_fwdm(xt, values, meta, out):
-    n, half = values.shape
-    m = xt.shape[1]
-    for r in prange(n):
-        for g in range(half // 2):
-            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
-            k0 = 4 * g + (nib & 3)
-            k1 = 4 * g + (nib >> 2)
-            v0 = values[r, 2 * g]
-            v1 = values[r, 2 * g + 1]
-            for j in range(m):
-                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+# ----------------------------------------------------------------- M > 1: blocked kernels
+# Generated per block width B (rows of x per weight pass): B scalar accumulators that LLVM's SLP
+# vectoriser packs into one vector register (B = 16: one zmm / two ymm), so each kept value costs
+# one broadcast FMA per B rows and the weight is streamed once per block. The accumulation is
+# strict (only FMA contraction): no float reduction for the loop vectoriser to turn into gathers
+# over groups. x and dY come blocked, ``xb[b, k, j] = x[b B + j, k]``.
+_DECODE = """
+                nib = np.int32(meta[r, g >> 1]) >> ((g & 1) * 4)
+                k0 = 4 * g + (nib & 3)
+                k1 = 4 * g + ((nib >> 2) & 3)"""
+_SP24_VALUES = """
+                v0 = values[r, 2 * g]
+                v1 = values[r, 2 * g + 1]"""
+_S24I4_VALUES = """
+                code = np.int32(qv[r, g])
+                v0 = (np.float32(code & 15) - z) * s
+                v1 = (np.float32(code >> 4) - z) * s"""
 
 
-def _s24i4_fwdm(xt, qv, scales, zeros, meta, half_group, out):
-    n = qv.shape[0]
-    m = xt.shape[1]
-    for r in prange(n):
-        for grp in range(qv.shape[1]):
-            gi = (2 * grp) // half_group
-            s = scales[r, gi]
-            z = zeros[r, gi]
-            nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
-            k0 = 4 * grp + (nib & 3)
-            k1 = 4 * grp + (nib >> 2)
-            byte = qv[r, grp]
-            v0 = (np.float32(byte & 15) - z) * s
-            v1 = (np.float32(byte >> 4) - z) * s
-            for j in range(m):
-                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+def _blocked_source(kind: str, direction: str, width: int) -> str:
+    lanes = range(width)
+    if kind == "sp24":
+        args, values, rows = "values, meta", _SP24_VALUES, "values.shape[0]"
+        groups = "            for g in range(values.shape[1] // 2):"
+    else:
+        args, values, rows = "qv, scales, zeros, meta, half_group", _S24I4_VALUES, "qv.shape[0]"
+        groups = ("            for gi in range(scales.shape[1]):\n"
+                  "              s = scales[r, gi]\n              z = zeros[r, gi]\n"
+                  "              for g in range(gi * (half_group // 2), (gi + 1) * (half_group // 2)):")
+    if kind != "sp24":  # one more indentation level inside the scale-group loop
+        values = values.replace("\n                ", "\n                  ")
+        decode = _DECODE.replace("\n                ", "\n                  ")
+        ind = "                  "
+    else:
+        decode, ind = _DECODE, "                "
+    if direction == "fwd":
+        head = f"def {kind}_fwdb{width}(xb, {args}, out):\n    n = {rows}\n    for b in range(xb.shape[0]):\n" \
+               f"        for r in prange(n):\n"
+        init = "".join(f"            a{j} = np.float32(0.0)\n" for j in lanes)
+        body = "".join(f"{ind}a{j} += v0 * xb[b, k0, {j}] + v1 * xb[b, k1, {j}]\n" for j in lanes)
+        tail = "".join(f"            out[r, b * {width} + {j}] = a{j}\n" for j in lanes)
+    else:  # dX: rows scatter into a shared block of dX, so blocks (not rows) run in parallel
+        head = f"def {kind}_bwdb{width}(gb, {args}, dxb):\n    n = {rows}\n    for b in prange(gb.shape[0]):\n" \
+               f"        for r in range(n):\n"
+        init = "".join(f"            y{j} = gb[b, r, {j}]\n" for j in lanes)
+        body = "".join(f"{ind}dxb[b, k0, {j}] += v0 * y{j}\n" for j in lanes) + \
+            "".join(f"{ind}dxb[b, k1, {j}] += v1 * y{j}\n" for j in lanes)
+        tail = ""
+    return head + init + groups + decode + values + "\n" + body + tail
+
+
+def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
+    namespace = {"np": np, "prange": prange}
+    exec(_blocked_source(kind, direction, width), namespace)  # noqa: S102 - generated from the templates above
+    fn = namespace[f"{kind}_{direction}b{width}"]
+    f32_3, f32_2, u8_2 = numba.float32[:, :, ::1], numba.float32[:, ::1], numba.uint8[:, ::1]
+    weights = (f32_2, u8_2) if kind == "sp24" else (u8_2, f32_2, f32_2, u8_2, numba.int64)
+    sig = numba.void(f32_3, *weights, f32_2 if direction == "fwd" else f32_3)
+    with _slp_vectorize():
+        return njit(sig, parallel=parallel, fastmath={"contract"}, nogil=True, error_model="numpy",
+                    boundscheck=False)(fn)
+
+
+@contextlib.contextmanager
+def _slp_vectorize():
+    """numba compiles with LLVM's SLP vectoriser off (``NUMBA_SLP_VECTORIZE=0``, read per
+    compilation); the blocked kernels need it, so it is on while they compile (eagerly, under a
+    lock) and restored after: other numba code in the process is unaffected."""
+    with _SLP_LOCK:
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            numba.config.SLP_VECTORIZE = saved
+
+
+_SLP_LOCK = threading.Lock()
+#: block widths of the M > 1 kernels (the caller pads M to a multiple of the chosen one)
+BLOCK_WIDTHS = (4, 8, 16, 32, 64)
+
+
+def block_width(m: int) -> int:
+    """The block width for ``m`` rows: the smallest of :data:`BLOCK_WIDTHS` that holds them, else the largest."""
+    return next((w for w in BLOCK_WIDTHS if m <= w), BLOCK_WIDTHS[-1])
 
 
 # dense unpackers for the dense-from-unpacked path
@@ -330,11 +394,14 @@ def kernel(name: str, parallel: bool = False, half_group: int | None = None):
     row-parallel (forward, unpack) kernels only; gradient kernels scatter into a shared dX."""
     if numba is None:
         raise RuntimeError("numba is not installed; use robcomp.kernels.reference")
-    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1")
+    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1" or "_fwdb" in name or "_bwdb" in name)
     key = (name, parallel, half_group)
     fn = _COMPILED.get(key)
     if fn is None:
-        if name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
+        blocked = re.fullmatch(r"(sp24|s24i4)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
+        if blocked:
+            fn = _compile_blocked(blocked[1], blocked[2], int(blocked[3]), bool(parallel))
+        elif name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
             fn = njit(parallel=parallel, cache=False, fastmath=_FM, nogil=True)(_s24i4_fwd1_for(half_group))
         else:
             fn = njit(parallel=parallel, cache=True, fastmath=_FM, nogil=True)(_BODIES[name])

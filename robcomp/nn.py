@@ -379,10 +379,10 @@ class Sparse24Linear(CompressedLinear):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def default_path(self, device, dtype, m):
-        # CPU: the numba kernel streams half the bytes at batch 1; above that BLAS on the unpacked
-        # weight is faster than the kernel's scalar loops (bench/RESULTS.md, CPU section)
+        # CPU: the numba kernels (half the bytes, blocked over rows) win up to a few dozen rows; far
+        # above, BLAS on the unpacked weight (bench/RESULTS.md, CPU section)
         paths = self.paths(device, dtype)
-        if torch.device(device).type == "cpu" and m > 1 and "dense" in paths:
+        if torch.device(device).type == "cpu" and m > 128 and "dense" in paths:
             return "dense"
         return paths[0]
 
