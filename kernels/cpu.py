@@ -45,7 +45,8 @@ import torch
 from robcomp.kernels import numba_cpu as NB
 from robcomp.kernels import reference as ref
 
-__all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int4_linear",
+__all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int8_weight_linear_fp32",
+           "int4_linear",
            "int8_dynamic_linear", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
            "dense_weight", "lut_int8", "lut_fp8"]
 
@@ -350,6 +351,36 @@ def int8_weight_linear(x, qweight, scale, bias, d):
     def bwd(g2):
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+#: rows per pass of the fp32-activation int8 GEMV (``int8_weight_linear_fp32``); above them the
+#: bf16 ``_weight_int8pack_mm`` is faster (the numba loop runs out of vector registers)
+INT8_FP32_ROWS = 2
+
+
+def int8_weight_linear_fp32(x, qweight, scale, bias):
+    """W8A32: numba GEMV on the stored int8 codes with **float32** activations (int8 -> fp32
+    convert + FMA per code, float32 accumulation, per-channel scale at the end), up to two rows of
+    x per pass over the weight; dX as ``int8_weight_linear``. Fastest at M <= ``INT8_FP32_ROWS``."""
+    _check(x, qweight.shape[1])
+    s32 = scale.float().contiguous()
+    n = qweight.shape[0]
+
+    def fwd(x2):
+        m = x2.shape[0]
+        width = 1 if m == 1 else INT8_FP32_ROWS
+        rows = -(-m // width) * width
+        xb = _f32(x2)
+        if rows != m:
+            xb = torch.cat([xb, xb.new_zeros(rows - m, xb.shape[1])])
+        out = np.empty((rows, n), np.float32)
+        NB.kernel(f"int8_fwdb{width}", _parallel())(_np(xb.reshape(-1, width, xb.shape[1])), _np(qweight),
+                                                     _np(s32), out)
+        return torch.from_numpy(out)[:m]
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, n)
 
 
 def derived_int4(qweight, scales, zeros, group_size) -> dict[str, torch.Tensor] | None:

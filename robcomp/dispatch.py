@@ -43,7 +43,8 @@ __all__ = ["cache_dir", "m_bucket", "decide", "DispatchCache", "choose", "device
            "measure_interleaved", "PATHS"]
 
 #: every path name a layer may run (CompressedLinear.paths lists those of one layer and device)
-PATHS = ("native", "dense", "reference", "triton", "semi_structured", "int_mm", "scaled_mm", "bitsandbytes")
+PATHS = ("native", "dense", "reference", "triton", "semi_structured", "int_mm", "scaled_mm", "bitsandbytes",
+         "numba_fp32", "fbgemm")
 CACHE_FILE = "dispatch.json"
 
 

@@ -424,9 +424,25 @@ class Int8WeightOnlyLinear(CompressedLinear):
 
         return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
+    # "numba_fp32": numba GEMV with fp32 activations, the fastest at M <= 2 (kernels/cpu.py)
+    cpu_paths = ("native", "dense", "numba_fp32")
+
     def can_run(self, path, device):
         # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
         return path != "native" or self.in_features % 16 == 0
+
+    def default_path(self, device, dtype, m):
+        paths = self.paths(device, dtype)
+        if m <= 2 and "numba_fp32" in paths:
+            return "numba_fp32"
+        return paths[0]
+
+    def forward_numba_fp32(self, x):
+        from robcomp.kernels import cpu
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'numba_fp32' runs robcomp's CPU kernels; the input is on {x.device}")
+        return cpu.int8_weight_linear_fp32(x, self.qweight, self.scale, self.bias)
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
