@@ -47,7 +47,7 @@ from robcomp.kernels import reference as ref
 
 __all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int8_weight_linear_fp32",
            "int4_linear",
-           "int8_dynamic_linear", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
+           "int8_dynamic_linear", "int8_dynamic_linear_gemv", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
            "dense_weight", "lut_int8", "lut_fp8"]
 
 #: activation dtypes the native CPU paths accept (others use the reference path)
@@ -142,7 +142,8 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
     weight once); for M > 1 the 2:4 formats' blocked kernels, the others BLAS on the weight
     unpacked by numba into float32."""
-    if g2.shape[0] == 1:
+    # (the batch-1 2:4+int4 kernel walks whole meta bytes per scale group: group sizes of 8k only)
+    if g2.shape[0] == 1 and (name != "s24i4" or _s24i4_fwd1_ok(weights)):
         if name in ("sp24", "s24i4"):  # dX by lane within each group of 4 (see numba_cpu)
             dxp = np.zeros((4, k // 4), np.float32)
             NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxp)
@@ -268,6 +269,24 @@ def _int4_bwd_op(g2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return _int4_bwd(g2, qweight, scales, zeros, group_size)
 
 
+def _int8_gemv_f32_op(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K] float32 @ (q * scale).T``, up to two rows of x per pass over the codes."""
+    m, n = x2.shape[0], qweight.shape[0]
+    width = 1 if m == 1 else INT8_FP32_ROWS
+    rows = -(-m // width) * width
+    xb = x2 if rows == m else torch.cat([x2, x2.new_zeros(rows - m, x2.shape[1])])
+    out = np.empty((rows, n), np.float32)
+    NB.kernel(f"int8_fwdb{width}", _parallel())(_np(xb.reshape(-1, width, xb.shape[1])), _np(qweight), _np(scale), out)
+    return torch.from_numpy(out[:m])
+
+
+def _int8_gemv_i32_op(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """``xq [M, K] int8 @ q.T`` accumulated exactly in int32 (as ``torch._int_mm``), row by row."""
+    out = np.empty((xq.shape[0], qweight.shape[0]), np.int32)
+    NB.kernel("i8i8_fwdb1", _parallel())(_np(xq.reshape(-1, 1, xq.shape[1])), _np(qweight), out)
+    return torch.from_numpy(out)
+
+
 sp24_fwd = _op("sp24_fwd", _sp24_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 sp24_bwd = _op("sp24_bwd", _sp24_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 s24i4_fwd = _op("s24i4_fwd", _s24i4_fwd_op, _fake_fwd(lambda w: w.shape[0]))
@@ -276,6 +295,9 @@ lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+int8_gemv_f32 = _op("int8_gemv_f32", _int8_gemv_f32_op, _fake_fwd(lambda w: w.shape[0]))
+int8_gemv_i32 = _op("int8_gemv_i32", _int8_gemv_i32_op,
+                    lambda xq, w: xq.new_empty((xq.shape[0], w.shape[0]), dtype=torch.int32))
 quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
                          lambda x2: (torch.empty_like(x2, dtype=torch.int8),
                                      x2.new_empty((x2.shape[0],), dtype=torch.float32)))
@@ -367,16 +389,7 @@ def int8_weight_linear_fp32(x, qweight, scale, bias):
     n = qweight.shape[0]
 
     def fwd(x2):
-        m = x2.shape[0]
-        width = 1 if m == 1 else INT8_FP32_ROWS
-        rows = -(-m // width) * width
-        xb = _f32(x2)
-        if rows != m:
-            xb = torch.cat([xb, xb.new_zeros(rows - m, xb.shape[1])])
-        out = np.empty((rows, n), np.float32)
-        NB.kernel(f"int8_fwdb{width}", _parallel())(_np(xb.reshape(-1, width, xb.shape[1])), _np(qweight),
-                                                     _np(s32), out)
-        return torch.from_numpy(out)[:m]
+        return int8_gemv_f32(_f32(x2), qweight, s32)
 
     def bwd(g2):
         return int8_bwd(g2 * s32, qweight)
@@ -426,6 +439,23 @@ def int8_dynamic_linear(x, qweight, scale, bias):
     def bwd(g2):
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def int8_dynamic_linear_gemv(x, qweight, scale, bias):
+    """W8A8 as ``int8_dynamic_linear`` (same per-token codes, exact int32 dot, float32 rescale,
+    STE dX) with a numba int8 GEMV instead of ``torch._int_mm``, one row of x per pass over the
+    weight: faster at M = 1, where ``_int_mm`` reorders the weight on every call."""
+    _check(x, qweight.shape[1])
+    s32 = scale.float()
+    n = qweight.shape[0]
+
+    def fwd(x2):
+        xq, xs = quantize_int8_rows(x2)
+        return int8_gemv_i32(xq, qweight).to(torch.float32) * xs[:, None] * s32[None, :]
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, n)
 
 
 def fp8_dynamic_linear(x, qweight, scale, bias):

@@ -280,6 +280,17 @@ def _int8_source(width: int) -> str:
             + "".join(f"            out[b * {width} + {j}, r] = a{j} * scale[r]\n" for j in lanes))
 
 
+def _i8i8_source(width: int) -> str:
+    # W8A8: int8 x int8 products accumulated exactly in int32 (as torch._int_mm), ``width`` rows
+    lanes = range(width)
+    return (f"def i8i8_fwdb{width}(xb, q, out):\n    n, k = q.shape\n    for b in range(xb.shape[0]):\n"
+            "        for r in prange(n):\n"
+            + "".join(f"            a{j} = np.int32(0)\n" for j in lanes)
+            + "            for i in range(k):\n                w = np.int32(q[r, i])\n"
+            + "".join(f"                a{j} += w * np.int32(xb[b, {j}, i])\n" for j in lanes)
+            + "".join(f"            out[b * {width} + {j}, r] = a{j}\n" for j in lanes))
+
+
 def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
     namespace = {"np": np, "prange": prange}
     if kind == "int8":
@@ -287,6 +298,11 @@ def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
         sig = numba.void(numba.float32[:, :, ::1], numba.int8[:, ::1], numba.float32[::1], numba.float32[:, ::1])
         return njit(sig, parallel=parallel, fastmath=_FM, nogil=True, error_model="numpy",
                     boundscheck=False)(namespace[f"int8_fwdb{width}"])
+    if kind == "i8i8":
+        exec(_i8i8_source(width), namespace)  # noqa: S102 - generated from the template above
+        sig = numba.void(numba.int8[:, :, ::1], numba.int8[:, ::1], numba.int32[:, ::1])
+        return njit(sig, parallel=parallel, nogil=True, error_model="numpy",
+                    boundscheck=False)(namespace[f"i8i8_fwdb{width}"])
     exec(_blocked_source(kind, direction, width), namespace)  # noqa: S102 - generated from the templates above
     fn = namespace[f"{kind}_{direction}b{width}"]
     f32_3, f32_2, u8_2 = numba.float32[:, :, ::1], numba.float32[:, ::1], numba.uint8[:, ::1]
@@ -415,7 +431,7 @@ def kernel(name: str, parallel: bool = False, half_group: int | None = None):
     key = (name, parallel, half_group)
     fn = _COMPILED.get(key)
     if fn is None:
-        blocked = re.fullmatch(r"(sp24|s24i4|int8)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
+        blocked = re.fullmatch(r"(sp24|s24i4|int8|i8i8)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
         if blocked:
             fn = _compile_blocked(blocked[1], blocked[2], int(blocked[3]), bool(parallel))
         elif name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)

@@ -553,13 +553,25 @@ class Int8DynamicLinear(CompressedLinear):
         return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     # "dense" would drop the activation rounding, so it is no path of this format
-    cpu_paths = ("native",)
+    # "numba_int8": the same int8 x int8 -> int32 product by a numba GEMV, the default at M = 1
+    cpu_paths = ("native", "numba_int8")
     cuda_paths = ("triton", "int_mm")
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
 
         return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def default_path(self, device, dtype, m):
+        paths = self.paths(device, dtype)
+        return "numba_int8" if m == 1 and "numba_int8" in paths else paths[0]
+
+    def forward_numba_int8(self, x):
+        from robcomp.kernels import cpu
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'numba_int8' runs robcomp's CPU kernels; the input is on {x.device}")
+        return cpu.int8_dynamic_linear_gemv(x, self.qweight, self.scale, self.bias)
 
     def forward_int_mm(self, x):
         """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""
