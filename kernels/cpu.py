@@ -8,17 +8,22 @@ format             forward                                        input gradient
 =================  =============================================  ===========================
 int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from the codes (M=1),
                    int8 codes (K % 16 == 0); activations cast     else BLAS on the weight
-                   to **bf16**, output cast back to x's dtype     unpacked by numba, float32
+                   to **bf16**, output cast back to x's dtype;    unpacked by numba, float32
+                   M <= 2: ``int8_weight_linear_fp32``, a numba
+                   GEMV with **float32** activations
 int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
 int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (straight-through,
-                   (exact int32), float32 rescale                  ``dY @ dequant(W)``)
+                   (exact int32), float32 rescale; M = 1: a        ``dY @ dequant(W)``)
+                   numba int8 GEMV (``int8_dynamic_linear_gemv``,
+                   exact int32 too: ``_int_mm`` reorders the
+                   weight on every call)
 fp8 dynamic        per-token e4m3; codes decoded by a 256-entry    as int8 (straight-through)
                    table (numba at M=1, else BLAS on the decoded
                    codes), float32 accumulation
-2:4                numba on kept values + metadata, float32        numba (M=1), else BLAS on
-                                                                   the unpacked weight
+2:4                numba on kept values + metadata, float32:      numba, from the packed
+                   M=1 lane-expanded GEMV, M>1 blocked kernels     weight (M=1 and blocked)
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
 
