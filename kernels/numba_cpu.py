@@ -14,7 +14,8 @@ Inf still propagate).
   (4 .. 64 rows of x or dY per pass over the weight), B scalar accumulators packed into vector
   registers by LLVM's SLP vectoriser (switched on while these compile), one broadcast FMA per
   kept value and B rows: twice fewer FMAs than dense, the weight read once per block.
-* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight; the other formats' larger batches
+* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight (the 2:4 formats use their blocked
+  kernels instead, faster); the other formats' larger batches
   use BLAS on the weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the
   weight-only formats' dense path, rounded to nearest even).
 
