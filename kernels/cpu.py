@@ -119,11 +119,13 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
         xq = _np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0))
         NB.kernel("s24i4_fwd1", par, hg)(xq, qv.view(np.uint16), scales, zeros, meta, out)
         return torch.from_numpy(out).reshape(1, n)
-    if m == 1 and name != "s24i4":
+    if m == 1 and name == "sp24" and x2.shape[1] % 8 == 0:
         out = np.empty(n, np.float32)
-        # the 2:4 kernel takes x by lane within its group of 4: xp[t, g] = x[4 g + t]
-        x1 = x2[0].reshape(-1, 4).t() if name == "sp24" else x2[0]
-        NB.kernel(name + "_fwd1", par)(_np(x1), *weights, out)
+        NB.kernel("sp24_fwd1", par)(_np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0)), *weights, out)
+        return torch.from_numpy(out).reshape(1, n)
+    if m == 1 and name not in ("sp24", "s24i4"):
+        out = np.empty(n, np.float32)
+        NB.kernel(name + "_fwd1", par)(_np(x2[0]), *weights, out)
         return torch.from_numpy(out).reshape(1, n)
     width = NB.block_width(m)
     out = np.empty((n, -(-m // width) * width), np.float32)

@@ -6,10 +6,10 @@ memory-bound product reads only the stored bytes: 2:4 reads the kept values and 
 accumulation is float32 (``fastmath`` is limited to reassociation and FMA contraction, so NaN and
 Inf still propagate).
 
-* ``*_fwd1`` (batch 1): the 2:4 kernel takes ``x`` by lane, ``xp[t, g] = x[4 g + t]``, and expands
-  each group's kept pair to its four lanes with selects, so the loop over groups vectorises with
-  contiguous loads (no gathers). The 2:4+int4 kernel reads per meta byte (two groups): the codes
-  as one ``uint16`` and ``x`` by half and lane; it is specialised per group size.
+* ``*_fwd1`` (batch 1, K % 8 == 0): the 2:4 kernels read per meta byte (two groups of 4): ``x`` by
+  half and lane, ``xq[h, t, j] = x[8 j + 4 h + t]``, each group's kept pair expanded to its four
+  lanes with selects, so the loop vectorises with contiguous loads (no gathers); the 2:4+int4
+  kernel reads two groups' codes as one ``uint16`` and is specialised per group size.
 * ``*_fwdb<B>`` / ``*_bwdb<B>`` (2:4 formats, M > 1, forward and dX): generated per block width B
   (4 .. 64 rows of x or dY per pass over the weight), B scalar accumulators packed into vector
   registers by LLVM's SLP vectoriser (switched on while these compile), one broadcast FMA per
@@ -52,10 +52,10 @@ def available() -> bool:
 # Plain Python functions, compiled below in the variants used. ``_blocked(B)`` builds the
 # ``M > 1`` kernels for a fixed block of B columns of ``xt``/``gt`` (padded to a multiple of B by
 # the caller): a constant trip count lets LLVM keep the B accumulators in one vector register.
-def _sp24_fwd1(xp, values, meta, out):
-    # batch 1, x given by lane: xp[t, g] = x[4 g + t]. Each group's kept pair is expanded to its 4
-    # lanes with selects (no gathers) and one meta byte (two groups) is decoded per step: the
-    # loop vectorises over groups with contiguous loads
+def _sp24_fwd1(xq, values, meta, out):
+    # batch 1, per meta byte j (two groups of 4, 8 columns): x by half and lane,
+    # xq[h, t, j] = x[8 j + 4 h + t]; each group's kept pair is expanded to its 4 lanes with
+    # selects (no gathers), so the loop over meta bytes vectorises with contiguous loads
     n = values.shape[0]
     for r in prange(n):
         a0 = np.float32(0.0)
@@ -63,18 +63,17 @@ def _sp24_fwd1(xp, values, meta, out):
         a2 = np.float32(0.0)
         a3 = np.float32(0.0)
         for j in range(meta.shape[1]):
-            byte = np.int32(meta[r, j])
+            mb = np.int32(meta[r, j])
             for h in range(2):
-                g = 2 * j + h
-                nib = (byte >> (4 * h)) & 15
+                nib = (mb >> (4 * h)) & 15
                 i0 = nib & 3
                 i1 = nib >> 2
-                v0 = values[r, 2 * g]
-                v1 = values[r, 2 * g + 1]
-                a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
-                a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
-                a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
-                a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
+                v0 = values[r, 4 * j + 2 * h]
+                v1 = values[r, 4 * j + 2 * h + 1]
+                a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
+                a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
+                a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
+                a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
         out[r] = a0 + a1 + a2 + a3
 
 
