@@ -99,37 +99,37 @@ def _s24i4_fwd1_for(half_group):
     meta byte ``j`` (two groups of 4, 8 columns): ``meta[r, j]``, the two groups' code bytes as one
     ``uint16`` (``qv16[r, j]``, a view of the stored codes) and x by half and lane,
     ``xq[h, t, j] = x[8 j + 4 h + t]``; each group's kept pair is expanded to its four lanes with
-    selects and ``q - z`` summed per scale group (``half_group / 4`` meta bytes, a constant trip
-    count), so the loop vectorises with contiguous loads and no gathers."""
+    selects, each value ``q s - z s`` with its scale group's (``half_group / 4`` meta bytes, a
+    constant divisor), so the loop vectorises with contiguous loads and no gathers."""
     nbytes = half_group // 4
 
     def s24i4_fwd1(xq, qv16, scales, zeros, meta, out):
+        # one loop over the row (no per-scale-group reduction): each value is q * s - z * s with its
+        # group's scale, so the four accumulators stay in vector registers across scale groups
         n = qv16.shape[0]
         for r in prange(n):
-            acc = np.float32(0.0)
-            for gi in range(scales.shape[1]):
-                z = zeros[r, gi]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                for jj in range(nbytes):
-                    j = gi * nbytes + jj
-                    mb = np.int32(meta[r, j])
-                    cw = np.int32(qv16[r, j])
-                    for h in range(2):
-                        nib = (mb >> (4 * h)) & 15
-                        i0 = nib & 3
-                        i1 = nib >> 2
-                        code = cw >> (8 * h)
-                        v0 = np.float32(code & 15) - z
-                        v1 = np.float32((code >> 4) & 15) - z
-                        a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
-                        a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
-                        a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
-                        a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
-                acc += (a0 + a1 + a2 + a3) * scales[r, gi]
-            out[r] = acc
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for j in range(meta.shape[1]):
+                gi = j // nbytes
+                sc = scales[r, gi]
+                zs = zeros[r, gi] * sc
+                mb = np.int32(meta[r, j])
+                cw = np.int32(qv16[r, j])
+                for h in range(2):
+                    nib = (mb >> (4 * h)) & 15
+                    i0 = nib & 3
+                    i1 = nib >> 2
+                    code = cw >> (8 * h)
+                    v0 = np.float32(code & 15) * sc - zs
+                    v1 = np.float32((code >> 4) & 15) * sc - zs
+                    a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
+                    a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
+                    a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
+                    a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
+            out[r] = a0 + a1 + a2 + a3
     return s24i4_fwd1
 
 
