@@ -41,6 +41,12 @@ def targets(rows) -> str:
             ratio = r["speedup_vs_dense_fp32"]
             met = "yes" if ratio >= target else f"no ({ratio / target:.2f} of target)"
             lines.append(f"| {fmt} | {m} | >= {target}x | {ratio:.2f}x ({r['path']}) | {met} |")
+    for m in TARGETS["int8_dynamic"]:  # the peer target: >= 1.0x of quantize_dynamic
+        r = idx.get((4096, 4096, 1, "forward", m, "int8_dynamic:dispatched"))
+        if r is not None and "speedup_vs_quantize_dynamic" in r:
+            ratio = r["speedup_vs_quantize_dynamic"]
+            met = "yes" if ratio >= 1.0 else f"no ({ratio:.2f} of target)"
+            lines.append(f"| int8_dynamic vs quantize_dynamic | {m} | >= 1.0x | {ratio:.2f}x ({r['path']}) | {met} |")
     return "\n".join(lines)
 
 

@@ -8,17 +8,22 @@ format             forward                                        input gradient
 =================  =============================================  ===========================
 int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from the codes (M=1),
                    int8 codes (K % 16 == 0); activations cast     else BLAS on the weight
-                   to **bf16**, output cast back to x's dtype     unpacked by numba, float32
+                   to **bf16**, output cast back to x's dtype;    unpacked by numba, float32
+                   M <= 2: ``int8_weight_linear_fp32``, a numba
+                   GEMV with **float32** activations
 int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
 int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (straight-through,
-                   (exact int32), float32 rescale                  ``dY @ dequant(W)``)
+                   (exact int32), float32 rescale; M = 1: a        ``dY @ dequant(W)``)
+                   numba int8 GEMV (``int8_dynamic_linear_gemv``,
+                   exact int32 too: ``_int_mm`` reorders the
+                   weight on every call)
 fp8 dynamic        per-token e4m3; codes decoded by a 256-entry    as int8 (straight-through)
                    table (numba at M=1, else BLAS on the decoded
                    codes), float32 accumulation
-2:4                numba on kept values + metadata, float32        numba (M=1), else BLAS on
-                                                                   the unpacked weight
+2:4                numba on kept values + metadata, float32:      numba, from the packed
+                   M=1 lane-expanded GEMV, M>1 blocked kernels     weight (M=1 and blocked)
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
 
@@ -45,8 +50,9 @@ import torch
 from robcomp.kernels import numba_cpu as NB
 from robcomp.kernels import reference as ref
 
-__all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int4_linear",
-           "int8_dynamic_linear", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
+__all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int8_weight_linear_fp32",
+           "int4_linear",
+           "int8_dynamic_linear", "int8_dynamic_linear_gemv", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
            "dense_weight", "lut_int8", "lut_fp8"]
 
 #: activation dtypes the native CPU paths accept (others use the reference path)
@@ -92,20 +98,45 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
+def _blocked(t2: torch.Tensor, width: int) -> np.ndarray:
+    """``[M, D] -> [ceil(M / width), D, width]`` float32 (zero-padded rows): the M > 1 kernels'
+    block layout, ``tb[b, d, j] = t2[b * width + j, d]``."""
+    m, d = t2.shape
+    mp = -(-m // width) * width
+    if mp != m:
+        t2 = torch.cat([t2, t2.new_zeros(mp - m, d)])
+    return _np(t2.detach().reshape(mp // width, width, d).transpose(1, 2).contiguous())
+
+
 def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
     """``[M, K] float32 -> [M, N] float32`` through the numba forward kernel ``name``."""
     m = x2.shape[0]
     par = _parallel()
-    if m == 1:
+    if m == 1 and name == "s24i4" and _s24i4_fwd1_ok(weights):
+        qv, scales, zeros, meta, hg = weights
         out = np.empty(n, np.float32)
-        # the 2:4 kernels take x by lane within its group of 4: xp[t, g] = x[4 g + t]
-        x1 = x2[0].reshape(-1, 4).t() if name in ("sp24", "s24i4") else x2[0]
-        hg = weights[-1] if name == "s24i4" else None
-        NB.kernel(name + "_fwd1", par, hg)(_np(x1), *weights, out)
+        # x by half and lane of each meta byte's 8 columns: xq[h, t, j] = x[8 j + 4 h + t]
+        xq = _np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0))
+        NB.kernel("s24i4_fwd1", par, hg)(xq, qv.view(np.uint16), scales, zeros, meta, out)
         return torch.from_numpy(out).reshape(1, n)
-    out = np.zeros((n, m), np.float32)
-    NB.kernel(name + "_fwdm", par)(_np(x2.t()), *weights, out)
-    return torch.from_numpy(out).t()
+    if m == 1 and name == "sp24" and x2.shape[1] % 8 == 0:
+        out = np.empty(n, np.float32)
+        NB.kernel("sp24_fwd1", par)(_np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0)), *weights, out)
+        return torch.from_numpy(out).reshape(1, n)
+    if m == 1 and name not in ("sp24", "s24i4"):
+        out = np.empty(n, np.float32)
+        NB.kernel(name + "_fwd1", par)(_np(x2[0]), *weights, out)
+        return torch.from_numpy(out).reshape(1, n)
+    width = NB.block_width(m)
+    out = np.empty((n, -(-m // width) * width), np.float32)
+    NB.kernel(f"{name}_fwdb{width}", par)(_blocked(x2, width), *weights, out)
+    return torch.from_numpy(out)[:, :m].t()
+
+
+def _s24i4_fwd1_ok(weights) -> bool:
+    # the batch-1 kernel reads two groups' codes as one uint16 and a scale group as whole meta bytes
+    qv, hg = weights[0], weights[-1]
+    return qv.shape[1] % 2 == 0 and hg % 4 == 0
 
 
 def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
@@ -116,13 +147,11 @@ def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
 
 def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
-    weight once); for M > 1 the weight is unpacked by numba into float32 and multiplied by MKL
-    (the numba M > 1 loops do not vectorise, so BLAS on the unpacked weight is faster)."""
-    if g2.shape[0] == 1:
-        if name in ("sp24", "s24i4"):  # dX by lane within each group of 4 (see numba_cpu)
-            dxp = np.zeros((4, k // 4), np.float32)
-            NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxp)
-            return torch.from_numpy(dxp).t().reshape(1, k)
+    weight once); for M > 1 the 2:4 formats' blocked kernels, the others BLAS on the weight
+    unpacked by numba into float32."""
+    # the 2:4 formats take the blocked kernel at M = 1 too (width 4, zero-padded): it measured
+    # ~1.5x faster than the lane-plane *_bwd1 kernels at 4096x4096
+    if g2.shape[0] == 1 and name not in ("sp24", "s24i4"):
         if name == "int4":  # even / odd k in two planes
             dx2 = np.zeros((2, k // 2), np.float32)
             NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx2)
@@ -130,6 +159,12 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
         dx = np.zeros(k, np.float32)
         NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx)
         return torch.from_numpy(dx).reshape(1, k)
+    if name in ("sp24", "s24i4"):  # blocked over rows of dY, straight from the packed weight
+        width = NB.block_width(g2.shape[0])
+        gb = _blocked(g2, width)
+        dxb = np.zeros((gb.shape[0], k, width), np.float32)
+        NB.kernel(f"{name}_bwdb{width}", _parallel())(gb, *weights, dxb)
+        return torch.from_numpy(dxb).transpose(1, 2).reshape(-1, k)[:g2.shape[0]]
     unpack_weights = weights if name != "lut8" else (*weights, np.ones(g2.shape[1], np.float32))
     return g2 @ _unpack_f32(name, (g2.shape[1], k), *unpack_weights)
 
@@ -238,6 +273,24 @@ def _int4_bwd_op(g2: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, 
     return _int4_bwd(g2, qweight, scales, zeros, group_size)
 
 
+def _int8_gemv_f32_op(x2: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``x2 [M, K] float32 @ (q * scale).T``, up to two rows of x per pass over the codes."""
+    m, n = x2.shape[0], qweight.shape[0]
+    width = 1 if m == 1 else INT8_FP32_ROWS
+    rows = -(-m // width) * width
+    xb = x2 if rows == m else torch.cat([x2, x2.new_zeros(rows - m, x2.shape[1])])
+    out = np.empty((rows, n), np.float32)
+    NB.kernel(f"int8_fwdb{width}", _parallel())(_np(xb.reshape(-1, width, xb.shape[1])), _np(qweight), _np(scale), out)
+    return torch.from_numpy(out[:m])
+
+
+def _int8_gemv_i32_op(xq: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
+    """``xq [M, K] int8 @ q.T`` accumulated exactly in int32 (as ``torch._int_mm``), row by row."""
+    out = np.empty((xq.shape[0], qweight.shape[0]), np.int32)
+    NB.kernel("i8i8_fwdb1", _parallel())(_np(xq.reshape(-1, 1, xq.shape[1])), _np(qweight), out)
+    return torch.from_numpy(out)
+
+
 sp24_fwd = _op("sp24_fwd", _sp24_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 sp24_bwd = _op("sp24_bwd", _sp24_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 s24i4_fwd = _op("s24i4_fwd", _s24i4_fwd_op, _fake_fwd(lambda w: w.shape[0]))
@@ -246,6 +299,9 @@ lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+int8_gemv_f32 = _op("int8_gemv_f32", _int8_gemv_f32_op, _fake_fwd(lambda w: w.shape[0]))
+int8_gemv_i32 = _op("int8_gemv_i32", _int8_gemv_i32_op,
+                    lambda xq, w: xq.new_empty((xq.shape[0], w.shape[0]), dtype=torch.int32))
 quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
                          lambda x2: (torch.empty_like(x2, dtype=torch.int8),
                                      x2.new_empty((x2.shape[0],), dtype=torch.float32)))
@@ -323,6 +379,27 @@ def int8_weight_linear(x, qweight, scale, bias, d):
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
 
+#: rows per pass of the fp32-activation int8 GEMV (``int8_weight_linear_fp32``); above them the
+#: bf16 ``_weight_int8pack_mm`` is faster (the numba loop runs out of vector registers)
+INT8_FP32_ROWS = 2
+
+
+def int8_weight_linear_fp32(x, qweight, scale, bias):
+    """W8A32: numba GEMV on the stored int8 codes with **float32** activations (int8 -> fp32
+    convert + FMA per code, float32 accumulation, per-channel scale at the end), up to two rows of
+    x per pass over the weight; dX as ``int8_weight_linear``. Fastest at M <= ``INT8_FP32_ROWS``."""
+    _check(x, qweight.shape[1])
+    s32 = scale.float().contiguous()
+    n = qweight.shape[0]
+
+    def fwd(x2):
+        return int8_gemv_f32(_f32(x2), qweight, s32)
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, n)
+
+
 def derived_int4(qweight, scales, zeros, group_size) -> dict[str, torch.Tensor] | None:
     """The tinygemm copy of a robcomp int4 weight: packed codes and ``[K/g, N, 2]`` bf16
     (scale, zp) with ``zp = (8 - zero) * scale``; None where tinygemm cannot take the shape."""
@@ -366,6 +443,23 @@ def int8_dynamic_linear(x, qweight, scale, bias):
     def bwd(g2):
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
+
+
+def int8_dynamic_linear_gemv(x, qweight, scale, bias):
+    """W8A8 as ``int8_dynamic_linear`` (same per-token codes, exact int32 dot, float32 rescale,
+    STE dX) with a numba int8 GEMV instead of ``torch._int_mm``, one row of x per pass over the
+    weight: faster at M = 1, where ``_int_mm`` reorders the weight on every call."""
+    _check(x, qweight.shape[1])
+    s32 = scale.float()
+    n = qweight.shape[0]
+
+    def fwd(x2):
+        xq, xs = quantize_int8_rows(x2)
+        return int8_gemv_i32(xq, qweight).to(torch.float32) * xs[:, None] * s32[None, :]
+
+    def bwd(g2):
+        return int8_bwd(g2 * s32, qweight)
+    return _Linear.apply(x, bias, fwd, bwd, n)
 
 
 def fp8_dynamic_linear(x, qweight, scale, bias):

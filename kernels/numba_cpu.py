@@ -6,22 +6,29 @@ memory-bound product reads only the stored bytes: 2:4 reads the kept values and 
 accumulation is float32 (``fastmath`` is limited to reassociation and FMA contraction, so NaN and
 Inf still propagate).
 
-* ``*_fwd1`` (batch 1): the 2:4 kernels take ``x`` by lane, ``xp[t, g] = x[4 g + t]``, and expand
-  each group's kept pair to its four lanes with selects, so the loop over groups vectorises with
-  contiguous loads (no gathers). The 2:4+int4 kernel is specialised per group size.
-* ``*_fwdm`` (2:4 formats, M > 1): ``xt [K, M]``, one axpy of length M per kept value. numba does
-  not vectorise these loops well (scalar FMAs), so the dispatch prefers BLAS on the unpacked
-  weight above batch 1 unless ``robcomp.tune`` measures otherwise.
-* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight; larger batches use BLAS on the
-  weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the weight-only formats'
-  dense path, rounded to nearest even).
+* ``*_fwd1`` (batch 1, K % 8 == 0): the 2:4 kernels read per meta byte (two groups of 4): ``x`` by
+  half and lane, ``xq[h, t, j] = x[8 j + 4 h + t]``, each group's kept pair expanded to its four
+  lanes with selects, so the loop vectorises with contiguous loads (no gathers); the 2:4+int4
+  kernel reads two groups' codes as one ``uint16`` and is specialised per group size.
+* ``*_fwdb<B>`` / ``*_bwdb<B>`` (2:4 formats, M > 1, forward and dX): generated per block width B
+  (4 .. 64 rows of x or dY per pass over the weight), B scalar accumulators packed into vector
+  registers by LLVM's SLP vectoriser (switched on while these compile), one broadcast FMA per
+  kept value and B rows: twice fewer FMAs than dense, the weight read once per block.
+* ``*_bwd1``: ``dX = dY W`` at batch 1 from the packed weight (the 2:4 formats use their blocked
+  kernels instead, faster); the other formats' larger batches
+  use BLAS on the weight unpacked by the ``*_unpack`` kernels (float32, or bf16 bits for the
+  weight-only formats' dense path, rounded to nearest even).
 
 Forward and unpack kernels exist in a serial and a ``parallel=True`` (``prange`` over rows) build;
 ``kernels.cpu`` picks the parallel one when torch runs with more than one thread. Gradient
-kernels scatter into a shared dX and are serial. Also here: fast int4 packing of large weights and
+kernels scatter into a shared dX and are serial (the blocked ones run blocks in parallel). Also here: fast int4 packing of large weights and
 the older batch-1 int4/int8 GEMV helpers.
 """
 from __future__ import annotations
+
+import contextlib
+import re
+import threading
 
 import numpy as np
 import torch
@@ -45,10 +52,10 @@ def available() -> bool:
 # Plain Python functions, compiled below in the variants used. ``_blocked(B)`` builds the
 # ``M > 1`` kernels for a fixed block of B columns of ``xt``/``gt`` (padded to a multiple of B by
 # the caller): a constant trip count lets LLVM keep the B accumulators in one vector register.
-def _sp24_fwd1(xp, values, meta, out):
-    # batch 1, x given by lane: xp[t, g] = x[4 g + t]. Each group's kept pair is expanded to its 4
-    # lanes with selects (no gathers) and one meta byte (two groups) is decoded per step: the
-    # loop vectorises over groups with contiguous loads
+def _sp24_fwd1(xq, values, meta, out):
+    # batch 1, per meta byte j (two groups of 4, 8 columns): x by half and lane,
+    # xq[h, t, j] = x[8 j + 4 h + t]; each group's kept pair is expanded to its 4 lanes with
+    # selects (no gathers), so the loop over meta bytes vectorises with contiguous loads
     n = values.shape[0]
     for r in prange(n):
         a0 = np.float32(0.0)
@@ -56,18 +63,17 @@ def _sp24_fwd1(xp, values, meta, out):
         a2 = np.float32(0.0)
         a3 = np.float32(0.0)
         for j in range(meta.shape[1]):
-            byte = np.int32(meta[r, j])
+            mb = np.int32(meta[r, j])
             for h in range(2):
-                g = 2 * j + h
-                nib = (byte >> (4 * h)) & 15
+                nib = (mb >> (4 * h)) & 15
                 i0 = nib & 3
                 i1 = nib >> 2
-                v0 = values[r, 2 * g]
-                v1 = values[r, 2 * g + 1]
-                a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
-                a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
-                a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
-                a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
+                v0 = values[r, 4 * j + 2 * h]
+                v1 = values[r, 4 * j + 2 * h + 1]
+                a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
+                a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
+                a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
+                a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
         out[r] = a0 + a1 + a2 + a3
 
 
@@ -89,38 +95,41 @@ def _sp24_bwd1(g, values, meta, dxp):
 
 
 def _s24i4_fwd1_for(half_group):
-    """The batch-1 2:4+int4 kernel for one group size: as ``_sp24_fwd1`` with codes ``q - z``
-    summed per scale group; the constant trip count (``half_group / 4`` meta bytes) lets the inner
-    loop vectorise."""
+    """The batch-1 2:4+int4 kernel for one group size. Everything it reads is contiguous over the
+    meta byte ``j`` (two groups of 4, 8 columns): ``meta[r, j]``, the two groups' code bytes as one
+    ``uint16`` (``qv16[r, j]``, a view of the stored codes) and x by half and lane,
+    ``xq[h, t, j] = x[8 j + 4 h + t]``; each group's kept pair is expanded to its four lanes with
+    selects, each value ``q s - z s`` with its scale group's (``half_group / 4`` meta bytes, a
+    constant divisor), so the loop vectorises with contiguous loads and no gathers."""
     nbytes = half_group // 4
 
-    def s24i4_fwd1(xp, qv, scales, zeros, meta, hg, out):
-        n = qv.shape[0]
+    def s24i4_fwd1(xq, qv16, scales, zeros, meta, out):
+        # one loop over the row (no per-scale-group reduction): each value is q * s - z * s with its
+        # group's scale, so the four accumulators stay in vector registers across scale groups
+        n = qv16.shape[0]
         for r in prange(n):
-            acc = np.float32(0.0)
-            for gi in range(scales.shape[1]):
-                z = zeros[r, gi]
-                a0 = np.float32(0.0)
-                a1 = np.float32(0.0)
-                a2 = np.float32(0.0)
-                a3 = np.float32(0.0)
-                for jj in range(nbytes):
-                    j = gi * nbytes + jj
-                    byte = np.int32(meta[r, j])
-                    for h in range(2):
-                        g = 2 * j + h
-                        nib = (byte >> (4 * h)) & 15
-                        i0 = nib & 3
-                        i1 = nib >> 2
-                        code = np.int32(qv[r, g])
-                        v0 = np.float32(code & 15) - z
-                        v1 = np.float32(code >> 4) - z
-                        a0 += (v0 if i0 == 0 else np.float32(0.0)) * xp[0, g]
-                        a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xp[1, g]
-                        a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xp[2, g]
-                        a3 += (v1 if i1 == 3 else np.float32(0.0)) * xp[3, g]
-                acc += (a0 + a1 + a2 + a3) * scales[r, gi]
-            out[r] = acc
+            a0 = np.float32(0.0)
+            a1 = np.float32(0.0)
+            a2 = np.float32(0.0)
+            a3 = np.float32(0.0)
+            for j in range(meta.shape[1]):
+                gi = j // nbytes
+                sc = scales[r, gi]
+                zs = zeros[r, gi] * sc
+                mb = np.int32(meta[r, j])
+                cw = np.int32(qv16[r, j])
+                for h in range(2):
+                    nib = (mb >> (4 * h)) & 15
+                    i0 = nib & 3
+                    i1 = nib >> 2
+                    code = cw >> (8 * h)
+                    v0 = np.float32(code & 15) * sc - zs
+                    v1 = np.float32((code >> 4) & 15) * sc - zs
+                    a0 += (v0 if i0 == 0 else np.float32(0.0)) * xq[h, 0, j]
+                    a1 += (v1 if i1 == 1 else (v0 if i0 == 1 else np.float32(0.0))) * xq[h, 1, j]
+                    a2 += (v1 if i1 == 2 else (v0 if i0 == 2 else np.float32(0.0))) * xq[h, 2, j]
+                    a3 += (v1 if i1 == 3 else np.float32(0.0)) * xq[h, 3, j]
+            out[r] = a0 + a1 + a2 + a3
     return s24i4_fwd1
 
 
@@ -208,36 +217,124 @@ def _int4_bwd1(g, qw, scales, zeros, group, dx2):
                 dx2[1, b] += np.float32(byte >> 4) * sg - zs
 
 
-def _sp24_fwdm(xt, values, meta, out):
-    n, half = values.shape
-    m = xt.shape[1]
-    for r in prange(n):
-        for g in range(half // 2):
-            nib = (meta[r, g >> 1] >> ((g & 1) * 4)) & 15
-            k0 = 4 * g + (nib & 3)
-            k1 = 4 * g + (nib >> 2)
-            v0 = values[r, 2 * g]
-            v1 = values[r, 2 * g + 1]
-            for j in range(m):
-                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+# ----------------------------------------------------------------- M > 1: blocked kernels
+# Generated per block width B (rows of x per weight pass): B scalar accumulators that LLVM's SLP
+# vectoriser packs into one vector register (B = 16: one zmm / two ymm), so each kept value costs
+# one broadcast FMA per B rows and the weight is streamed once per block. The accumulation is
+# strict (only FMA contraction): no float reduction for the loop vectoriser to turn into gathers
+# over groups. x and dY come blocked, ``xb[b, k, j] = x[b B + j, k]``.
+_DECODE = """
+                nib = np.int32(meta[r, g >> 1]) >> ((g & 1) * 4)
+                k0 = 4 * g + (nib & 3)
+                k1 = 4 * g + ((nib >> 2) & 3)"""
+_SP24_VALUES = """
+                v0 = values[r, 2 * g]
+                v1 = values[r, 2 * g + 1]"""
+_S24I4_VALUES = """
+                code = np.int32(qv[r, g])
+                v0 = (np.float32(code & 15) - z) * s
+                v1 = (np.float32(code >> 4) - z) * s"""
 
 
-def _s24i4_fwdm(xt, qv, scales, zeros, meta, half_group, out):
-    n = qv.shape[0]
-    m = xt.shape[1]
-    for r in prange(n):
-        for grp in range(qv.shape[1]):
-            gi = (2 * grp) // half_group
-            s = scales[r, gi]
-            z = zeros[r, gi]
-            nib = (meta[r, grp >> 1] >> ((grp & 1) * 4)) & 15
-            k0 = 4 * grp + (nib & 3)
-            k1 = 4 * grp + (nib >> 2)
-            byte = qv[r, grp]
-            v0 = (np.float32(byte & 15) - z) * s
-            v1 = (np.float32(byte >> 4) - z) * s
-            for j in range(m):
-                out[r, j] += v0 * xt[k0, j] + v1 * xt[k1, j]
+def _blocked_source(kind: str, direction: str, width: int) -> str:
+    lanes = range(width)
+    if kind == "sp24":
+        args, values, rows = "values, meta", _SP24_VALUES, "values.shape[0]"
+        groups = "            for g in range(values.shape[1] // 2):"
+    else:
+        args, values, rows = "qv, scales, zeros, meta, half_group", _S24I4_VALUES, "qv.shape[0]"
+        groups = ("            for gi in range(scales.shape[1]):\n"
+                  "              s = scales[r, gi]\n              z = zeros[r, gi]\n"
+                  "              for g in range(gi * (half_group // 2), (gi + 1) * (half_group // 2)):")
+    if kind != "sp24":  # one more indentation level inside the scale-group loop
+        values = values.replace("\n                ", "\n                  ")
+        decode = _DECODE.replace("\n                ", "\n                  ")
+        ind = "                  "
+    else:
+        decode, ind = _DECODE, "                "
+    if direction == "fwd":
+        head = f"def {kind}_fwdb{width}(xb, {args}, out):\n    n = {rows}\n    for b in range(xb.shape[0]):\n" \
+               f"        for r in prange(n):\n"
+        init = "".join(f"            a{j} = np.float32(0.0)\n" for j in lanes)
+        body = "".join(f"{ind}a{j} += v0 * xb[b, k0, {j}] + v1 * xb[b, k1, {j}]\n" for j in lanes)
+        tail = "".join(f"            out[r, b * {width} + {j}] = a{j}\n" for j in lanes)
+    else:  # dX: rows scatter into a shared block of dX, so blocks (not rows) run in parallel
+        head = f"def {kind}_bwdb{width}(gb, {args}, dxb):\n    n = {rows}\n    for b in prange(gb.shape[0]):\n" \
+               f"        for r in range(n):\n"
+        init = "".join(f"            y{j} = gb[b, r, {j}]\n" for j in lanes)
+        body = "".join(f"{ind}dxb[b, k0, {j}] += v0 * y{j}\n" for j in lanes) + \
+            "".join(f"{ind}dxb[b, k1, {j}] += v1 * y{j}\n" for j in lanes)
+        tail = ""
+    return head + init + groups + decode + values + "\n" + body + tail
+
+
+def _int8_source(width: int) -> str:
+    # W8 x fp32: each int8 code converted once and used for ``width`` rows of x; a float reduction
+    # over k per row, vectorised by the loop vectoriser (reassociation allowed)
+    lanes = range(width)
+    return (f"def int8_fwdb{width}(xb, q, scale, out):\n    n, k = q.shape\n    for b in range(xb.shape[0]):\n"
+            "        for r in prange(n):\n"
+            + "".join(f"            a{j} = np.float32(0.0)\n" for j in lanes)
+            + "            for i in range(k):\n                w = np.float32(q[r, i])\n"
+            + "".join(f"                a{j} += w * xb[b, {j}, i]\n" for j in lanes)
+            + "".join(f"            out[b * {width} + {j}, r] = a{j} * scale[r]\n" for j in lanes))
+
+
+def _i8i8_source(width: int) -> str:
+    # W8A8: int8 x int8 products accumulated exactly in int32 (as torch._int_mm), ``width`` rows
+    lanes = range(width)
+    return (f"def i8i8_fwdb{width}(xb, q, out):\n    n, k = q.shape\n    for b in range(xb.shape[0]):\n"
+            "        for r in prange(n):\n"
+            + "".join(f"            a{j} = np.int32(0)\n" for j in lanes)
+            + "            for i in range(k):\n                w = np.int32(q[r, i])\n"
+            + "".join(f"                a{j} += w * np.int32(xb[b, {j}, i])\n" for j in lanes)
+            + "".join(f"            out[b * {width} + {j}, r] = a{j}\n" for j in lanes))
+
+
+def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
+    namespace = {"np": np, "prange": prange}
+    if kind == "int8":
+        exec(_int8_source(width), namespace)  # noqa: S102 - generated from the template above
+        sig = numba.void(numba.float32[:, :, ::1], numba.int8[:, ::1], numba.float32[::1], numba.float32[:, ::1])
+        return njit(sig, parallel=parallel, fastmath=_FM, nogil=True, error_model="numpy",
+                    boundscheck=False)(namespace[f"int8_fwdb{width}"])
+    if kind == "i8i8":
+        exec(_i8i8_source(width), namespace)  # noqa: S102 - generated from the template above
+        sig = numba.void(numba.int8[:, :, ::1], numba.int8[:, ::1], numba.int32[:, ::1])
+        return njit(sig, parallel=parallel, nogil=True, error_model="numpy",
+                    boundscheck=False)(namespace[f"i8i8_fwdb{width}"])
+    exec(_blocked_source(kind, direction, width), namespace)  # noqa: S102 - generated from the templates above
+    fn = namespace[f"{kind}_{direction}b{width}"]
+    f32_3, f32_2, u8_2 = numba.float32[:, :, ::1], numba.float32[:, ::1], numba.uint8[:, ::1]
+    weights = (f32_2, u8_2) if kind == "sp24" else (u8_2, f32_2, f32_2, u8_2, numba.int64)
+    sig = numba.void(f32_3, *weights, f32_2 if direction == "fwd" else f32_3)
+    with _slp_vectorize():
+        return njit(sig, parallel=parallel, fastmath={"contract"}, nogil=True, error_model="numpy",
+                    boundscheck=False)(fn)
+
+
+@contextlib.contextmanager
+def _slp_vectorize():
+    """numba compiles with LLVM's SLP vectoriser off (``NUMBA_SLP_VECTORIZE=0``, read per
+    compilation); the blocked kernels need it, so it is on while they compile (eagerly, under a
+    lock) and restored after: other numba code in the process is unaffected."""
+    with _SLP_LOCK:
+        saved = numba.config.SLP_VECTORIZE
+        numba.config.SLP_VECTORIZE = 1
+        try:
+            yield
+        finally:
+            numba.config.SLP_VECTORIZE = saved
+
+
+_SLP_LOCK = threading.Lock()
+#: block widths of the M > 1 kernels (the caller pads M to a multiple of the chosen one)
+BLOCK_WIDTHS = (4, 8, 16, 32, 64)
+
+
+def block_width(m: int) -> int:
+    """The block width for ``m`` rows: the smallest of :data:`BLOCK_WIDTHS` that holds them, else the largest."""
+    return next((w for w in BLOCK_WIDTHS if m <= w), BLOCK_WIDTHS[-1])
 
 
 # dense unpackers for the dense-from-unpacked path
@@ -330,11 +427,14 @@ def kernel(name: str, parallel: bool = False, half_group: int | None = None):
     row-parallel (forward, unpack) kernels only; gradient kernels scatter into a shared dX."""
     if numba is None:
         raise RuntimeError("numba is not installed; use robcomp.kernels.reference")
-    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1")
+    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1" or "_fwdb" in name or "_bwdb" in name)
     key = (name, parallel, half_group)
     fn = _COMPILED.get(key)
     if fn is None:
-        if name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
+        blocked = re.fullmatch(r"(sp24|s24i4|int8|i8i8)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
+        if blocked:
+            fn = _compile_blocked(blocked[1], blocked[2], int(blocked[3]), bool(parallel))
+        elif name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
             fn = njit(parallel=parallel, cache=False, fastmath=_FM, nogil=True)(_s24i4_fwd1_for(half_group))
         else:
             fn = njit(parallel=parallel, cache=True, fastmath=_FM, nogil=True)(_BODIES[name])

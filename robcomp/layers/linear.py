@@ -379,10 +379,10 @@ class Sparse24Linear(CompressedLinear):
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
     def default_path(self, device, dtype, m):
-        # CPU: the numba kernel streams half the bytes at batch 1; above that BLAS on the unpacked
-        # weight is faster than the kernel's scalar loops (bench/RESULTS.md, CPU section)
+        # CPU: the numba kernels (half the bytes, blocked over rows) win up to a few dozen rows; far
+        # above, BLAS on the unpacked weight (bench/RESULTS.md, CPU section)
         paths = self.paths(device, dtype)
-        if torch.device(device).type == "cpu" and m > 1 and "dense" in paths:
+        if torch.device(device).type == "cpu" and m > 128 and "dense" in paths:
             return "dense"
         return paths[0]
 
@@ -423,9 +423,25 @@ class Int8WeightOnlyLinear(CompressedLinear):
 
         return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
+    # "numba_fp32": numba GEMV with fp32 activations, the fastest at M <= 2 (kernels/cpu.py)
+    cpu_paths = ("native", "dense", "numba_fp32")
+
     def can_run(self, path, device):
         # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
         return path != "native" or self.in_features % 16 == 0
+
+    def default_path(self, device, dtype, m):
+        paths = self.paths(device, dtype)
+        if m <= 2 and "numba_fp32" in paths:
+            return "numba_fp32"
+        return paths[0]
+
+    def forward_numba_fp32(self, x):
+        from robcomp.kernels import cpu
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'numba_fp32' runs robcomp's CPU kernels; the input is on {x.device}")
+        return cpu.int8_weight_linear_fp32(x, self.qweight, self.scale, self.bias)
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
@@ -535,13 +551,25 @@ class Int8DynamicLinear(CompressedLinear):
         return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     # "dense" would drop the activation rounding, so it is no path of this format
-    cpu_paths = ("native",)
+    # "numba_int8": the same int8 x int8 -> int32 product by a numba GEMV, the default at M = 1
+    cpu_paths = ("native", "numba_int8")
     cuda_paths = ("triton", "int_mm")
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
 
         return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def default_path(self, device, dtype, m):
+        paths = self.paths(device, dtype)
+        return "numba_int8" if m == 1 and "numba_int8" in paths else paths[0]
+
+    def forward_numba_int8(self, x):
+        from robcomp.kernels import cpu
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'numba_int8' runs robcomp's CPU kernels; the input is on {x.device}")
+        return cpu.int8_dynamic_linear_gemv(x, self.qweight, self.scale, self.bias)
 
     def forward_int_mm(self, x):
         """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""

@@ -1,11 +1,13 @@
 """robcomp's CPU paths (kernels/cpu.py, kernels/numba_cpu.py) against a float64 computation from
 the stored format (kernels/reference.py): forward, input gradient, bias gradient, every path of
 every layer, odd shapes, M from 1, fresh random inputs; bytes accounting of derived weights."""
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
 
 from robcomp.kernels import cpu as C
+from robcomp.kernels import numba_cpu as NB
 from robcomp.kernels import reference as R
 from robcomp.layers.linear import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
                         Sparse24Int4Linear, Sparse24Linear, tensor_bytes)
@@ -57,20 +59,20 @@ def _expected(layer, x, dy):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[1].label()}-{c[2]}x{c[3]}")
-@pytest.mark.parametrize("m", [1, 3, 17])
-def test_every_cpu_path_matches_the_stored_format(case, m):
+@pytest.mark.parametrize("m", [1, 2, 5, 33])
+def test_every_cpu_path_matches_the_stored_format(case, m, poisoned_buffers):
     cls, recipe, n, k, bf16, _ = case
     layer = _layer(cls, recipe, n, k)
     paths = layer.paths(torch.device("cpu"), torch.float32)
     assert paths[-1] == "reference" and len(paths) >= 2, paths
-    x = torch.randn(2, m, k)
-    dy = torch.randn(2, m, n)
+    x = torch.randn(1, m, k)  # M = m rows behind a leading dimension
+    dy = torch.randn(1, m, n)
     y_exp, gx_exp, gb_exp = _expected(layer, x, dy)
     for path in paths:
         xr = x.clone().requires_grad_()
         layer.bias.grad = None
         y = layer.run_path(path, xr)
-        assert y.dtype == torch.float32 and y.shape == (2, m, n)
+        assert y.dtype == torch.float32 and y.shape == (1, m, n)
         (gx,) = torch.autograd.grad(y, xr, dy, retain_graph=True)
         y.backward(dy)
         low = bf16 and path in ("native", "dense")
@@ -80,6 +82,69 @@ def test_every_cpu_path_matches_the_stored_format(case, m):
         assert _rel(layer.bias.grad, gb_exp) < 1e-5
         if low:  # the bf16 rounding is visible: the bound is not vacuous
             assert _rel(y, y_exp) > 1e-5
+
+
+class _PoisonedNumpy:
+    """numpy, except that ``empty`` returns NaN (floats) or the most negative integer: a kernel
+    that leaves part of its output unwritten fails the comparison."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        dtype = np.dtype(dtype)
+        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind == "i" else np.iinfo(dtype).max
+        return np.full(shape, fill, dtype)
+
+
+@pytest.fixture
+def poisoned_buffers(monkeypatch):
+    monkeypatch.setattr(C, "np", _PoisonedNumpy())
+
+
+@pytest.mark.parametrize("m", sorted({1, 2, 5, 33} | {w + d for w in NB.BLOCK_WIDTHS for d in (-1, 1)}))
+@pytest.mark.parametrize("group", [4, 8, 32])
+def test_blocked_2to4_kernels_match_float64_at_every_block_width(m, group, poisoned_buffers):
+    """The 2:4 and 2:4+int4 forward and dX kernels at row counts just below and above each block
+    width (padding), group sizes that take the batch-1 uint16 kernel (8, 32) or not (4)."""
+    n, k = 37, 8 * group if group > 4 else 100  # 100: K % 8 == 4, the batch-1 2:4 kernel falls back
+    w = torch.randn(n, k)
+    values, meta = R.sparse24_pack(w)
+    q, s, z, qm = R.sparse24_int4_pack(w, group)
+    cases = [(lambda x: C.sparse24_linear(x, values, meta, None), R.sparse24_unpack(values, meta, k)),
+             (lambda x: C.sparse24_int4_linear(x, q, s, z, qm, group, None), R.sparse24_int4_unpack(q, s, z, qm, group))]
+    for fn, dense in cases:
+        x = torch.randn(m, k, requires_grad=True)
+        dy = torch.randn(m, n)
+        y = fn(x)
+        (gx,) = torch.autograd.grad(y, x, dy)
+        assert _rel(y, x.detach().double() @ dense.double().T) < F32_TOL
+        assert _rel(gx, dy.double() @ dense.double()) < F32_TOL
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 33])
+def test_int8_gemv_paths_match_float64(m, poisoned_buffers):
+    n, k = N_ODD, K_ODD
+    q, s = R.int8_weight_pack(torch.randn(n, k))
+    x = torch.randn(m, k)
+    w = q.double() * s.double()[:, None]
+    assert _rel(C.int8_weight_linear_fp32(x, q, s, None), x.double() @ w.T) < F32_TOL
+    qd, sd = R.int8_dynamic_pack(torch.randn(n, k))
+    y_ref = R.int8_dynamic_linear(x, qd, sd.float(), None)
+    assert _rel(C.int8_dynamic_linear_gemv(x, qd, sd, None), y_ref) < F32_TOL
+    # the tolerance sees a wrong product: dropping one code's contribution is caught
+    q2 = q.clone()
+    q2[:, 0] = 0
+    assert _rel(C.int8_weight_linear_fp32(x, q2, s, None), x.double() @ w.T) > F32_TOL
+
+
+def test_small_batches_default_to_the_fp32_and_int8_gemv_paths():
+    i8 = _layer(Int8WeightOnlyLinear, Int8WeightOnly(), 32, 64)
+    dyn = _layer(Int8DynamicLinear, Int8Dynamic(), 32, 64)
+    cpu = torch.device("cpu")
+    assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == "native"
+    assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
 
 
 def test_bf16_error_bound_fails_when_the_int4_conversion_is_wrong():
@@ -187,7 +252,7 @@ def test_torch_compile_traces_the_cpu_paths():
                           Int8DynamicLinear.from_linear(dense[4]))
     x = torch.randn(1, 64, requires_grad=True)
     expected = model(x)  # eager call first: builds the derived weights (never built while tracing)
-    assert [model[i].last_path for i in (0, 2, 4)] == ["native"] * 3
+    assert [model[i].last_path for i in (0, 2, 4)] == ["native", "native", "numba_int8"]
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
     y = compiled(x)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
