@@ -18,7 +18,7 @@ Honesty features (see docs/evaluation.md):
 * a model without input gradients (``no_input_gradient``) gets its white-box attacks marked not
   applicable while black-box and transfer attacks still run;
 * a randomised model is attacked with EOT gradients and scored by a vote over several forwards
-  (:mod:`robcomp.randomised`); its noise is seeded per batch where torch's generators or a
+  (:mod:`robcomp.evaluation.randomised`); its noise is seeded per batch where torch's generators or a
   ``generator`` attribute supply it, and the record says when repeats will differ.
 
 The record is plain JSON-serialisable data.
@@ -430,7 +430,7 @@ def _record(model, attacks, counts, total, input_shape, device, dtype, *, name, 
     else:
         record["latency"] = {}
     record["env"] = environment(device)
-    # which implementation each compressed layer ran, per dtype and row bucket (robcomp.dispatch)
+    # which implementation each compressed layer ran, per dtype and row bucket (robcomp.layers.dispatch)
     from robcomp.layers.linear import layer_paths
     record["paths"] = layer_paths(model)
     return record

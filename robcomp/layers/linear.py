@@ -14,7 +14,7 @@ Backends: ``"torch"`` runs the plain-PyTorch reference (``robcomp.kernels.refere
 ``"auto"`` the dispatched path: each layer lists the paths it can run on a device
 (:meth:`CompressedLinear.paths`), runs the one ``robcomp.tune`` recorded for the input's device,
 dtype and row count, else its static default (:meth:`CompressedLinear.default_path`), and records
-what it ran (``last_path``, ``paths_run``). ``forward`` never times anything (``robcomp.dispatch``).
+what it ran (``last_path``, ``paths_run``). ``forward`` never times anything (``robcomp.layers.dispatch``).
 
 Derived weights a path needs (the tinygemm copy of an int4 weight, bf16 scales, a semi-structured
 2:4 weight) are built once per layer on first use, kept as plain attributes (not saved), and

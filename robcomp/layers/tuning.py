@@ -8,7 +8,7 @@ that were not tuned use the layer's static default (``CompressedLinear.default_p
 layers with ``backend="auto"`` are tuned (an explicit backend fixes the path). The table
 (``{layer name: {"<dtype>|M<bucket>": {"choice", "timings_ms", "key", "cached", "candidates"}}}``)
 is JSON-serialisable; measurements are stored in ``dispatch.json`` under ``$ROBCOMP_CACHE_DIR``
-(see ``robcomp.dispatch``) so tuning again on the same machine and software measures nothing.
+(see ``robcomp.layers.dispatch``) so tuning again on the same machine and software measures nothing.
 Timing: CPU round-robin over the candidates with medians (``dispatch.measure_interleaved``),
 CUDA ``triton.testing.do_bench``; inputs are fresh random tensors of the recorded shape.
 """

@@ -75,7 +75,7 @@ def _study_rows(records: list[dict]) -> list[dict]:
 def _hardware(records: list[dict], directory: Path, plots: Path,
               sweep: dict | None = None) -> tuple[Section, Path | None, Path | None]:
     """The hardware section, its bandwidth plot and the kernel sweep's plot (``sweep``: the run's
-    kernel_sweep record, robcomp.kernel_sweep)."""
+    kernel_sweep record, robcomp.evaluation.kernel_sweep)."""
     study = _study_rows(records)
     rows_b = []
     notes = []

@@ -1,6 +1,6 @@
 """The kernel sweep in the hardware section: a table (one row per format and layer size, one
 speedup column per batch) and a plot (speedup vs layer size, one panel per batch, one line per
-format), both read from the ``kernel_sweep`` record of results.jsonl alone (robcomp.kernel_sweep).
+format), both read from the ``kernel_sweep`` record of results.jsonl alone (robcomp.evaluation.kernel_sweep).
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ A crash or a kill loses at most the point in progress: rerunning the same spec s
 points and gives the same accuracies as an uninterrupted run (training and attacks are seeded
 and deterministic on CPU; timings are measurements and differ run to run).
 
-Trained baselines and fine-tuned models are cached (``robcomp.cache``), keyed by everything that
+Trained baselines and fine-tuned models are cached (``robcomp.study.checkpoints``), keyed by everything that
 determines their weights, so a second run into a fresh directory only compresses and evaluates.
 """
 from __future__ import annotations

@@ -152,7 +152,7 @@ class StudySpec:
     layer_timing: bool = True
     families: dict = field(default_factory=dict)
     experiments: tuple[Experiment, ...] = ()
-    #: ``[kernel_sweep]``: each layer format vs dense over layer size and batch (robcomp.kernel_sweep)
+    #: ``[kernel_sweep]``: each layer format vs dense over layer size and batch (robcomp.evaluation.kernel_sweep)
     kernel_sweep: dict = field(default_factory=lambda: dict(_SWEEP_DEFAULTS))
 
     def to_dict(self) -> dict:

@@ -87,5 +87,5 @@ def test_executor_flags_are_checked_before_anything_is_written(tmp_path, capsys,
 
 def test_ray_executor_is_an_extra_not_a_dependency():
     # importing robcomp's study machinery never imports ray
-    code = "import sys, robcomp.study.runner, robcomp.cli, robcomp.ray_executor; sys.exit('ray' in sys.modules)"
+    code = "import sys, robcomp.study.runner, robcomp.cli, robcomp.study.ray_executor; sys.exit('ray' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0

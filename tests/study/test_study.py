@@ -195,7 +195,7 @@ def test_killed_run_resumes_to_the_same_results(quick_run, tmp_path):
 
 def test_second_run_into_a_locked_directory_refuses(tmp_path):
     """Two processes, one --out: the second run refuses and writes nothing."""
-    hold = ("import sys\nfrom robcomp.fileio import DirectoryLock\nwith DirectoryLock(sys.argv[1]):\n"
+    hold = ("import sys\nfrom robcomp._io import DirectoryLock\nwith DirectoryLock(sys.argv[1]):\n"
             "    print('locked', flush=True)\n    sys.stdin.readline()\n")
     holder = subprocess.Popen([sys.executable, "-c", hold, str(tmp_path)], stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True)
