@@ -403,6 +403,10 @@ GEMV_BLOCK_MS = (1, 2, 4)
 #: narrow tiles for SMALL_M < M <= MEDIUM_M: BLOCK_M = 16/32/64 by M, split-K fills the GPU;
 #: 2:4 formats use 8 warps (their select tile is 4x the weight tile)
 GEMM_MEDIUM_BLOCK_MS = (16, 32, 64)
+#: largest M whose medium tile may be narrowed (BLOCK_N 64 -> 32) to fill the GPU without split-K:
+#: a narrow 2:4 tile spends more instructions per weight on its selects (static model, sm_90
+#: SASS: 2:4 + int4 is predicted slower narrow than split at every M, 2:4 fp16 above M = 16)
+MEDIUM_NARROW_M = {0: 64, 1: 64, 2: 64, 3: 16, 4: 0}
 #: large M, autotuned (fp16 / bf16): dense formats and 2:4 formats; BLOCK_K 32 serves int4 group 32
 GEMM_LARGE = {
     "dense": [cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
@@ -425,12 +429,15 @@ def _bk_cap(fmt: int, group: Optional[int], cap: int) -> int:
     return min(cap, group) if fmt in GROUPED else cap
 
 
-def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> triton.Config:
+def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None,
+                block_n: Optional[int] = None) -> triton.Config:
     """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
-    columns = 64 kept pairs), BLOCK_N filling the register budget."""
+    columns = 64 kept pairs), BLOCK_N filling the register budget (or ``block_n``, narrower)."""
     bk = _bk_cap(fmt, group, 256)
     acc_k = bk // 4 if fmt in SPARSE else bk
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
+    if block_n is not None:
+        bn = max(16, min(bn, block_n))
     if interpreting() if interp is None else interp:
         bn = min(bn, 32)
     # dense codes: fewer warps when 8 would leave a thread under 16 bytes of codes (no 16-byte
@@ -438,6 +445,15 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
     code_bytes = bn * bk // (2 if fmt == INT4 else 1)
     warps = 4 if fmt not in SPARSE and block_m <= 2 and code_bytes < 16 * 32 * GEMV_WARPS else GEMV_WARPS
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
+
+
+def gemv_configs(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> list:
+    """The budget-filling GEMV tile, then the same with BLOCK_N halved down to 16 (more CTAs for
+    narrow outputs: a grid that fills the GPU without split-K)."""
+    out = [gemv_config(fmt, block_m, group, interp)]
+    while out[-1].kwargs["BLOCK_N"] > 16:
+        out.append(gemv_config(fmt, block_m, group, interp, block_n=out[-1].kwargs["BLOCK_N"] // 2))
+    return out
 
 
 def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Optional[bool] = None) -> triton.Config:
@@ -449,6 +465,15 @@ def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Opt
     if fmt in SPARSE:  # the select tile is 4x the weight tile: more warps, fewer stages
         return cfg(bm, 64, _bk_cap(fmt, group, 64), 8 if bm >= 32 else 4, 2 if bm == 32 else 3)
     return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 3 if bm == 32 else 4)
+
+
+def narrowed(c: triton.Config, key: str, floor: int = 32) -> list:
+    """``[c]`` and, when ``c.kwargs[key] > floor``, ``c`` with that output width halved down to ``floor``."""
+    out = [c]
+    while out[-1].kwargs[key] > floor:
+        kw = dict(out[-1].kwargs, **{key: out[-1].kwargs[key] // 2})
+        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
 
 
 def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:
@@ -491,6 +516,22 @@ def choose_split(tiles: int, length: int, block: int, sms: int, min_iters: int =
     return split
 
 
+#: a grid of at least this fraction of one wave of CTAs runs without split-K: one launch writing
+#: the output directly beats split-K's zero-fill + atomics + cast (3 launches, ~4 us each)
+WAVE_FILL = 0.9
+
+
+def fill_or_split(configs: list, tiles_of: Callable, length: int, block_key: str, sms: int) -> tuple:
+    """``(config, split)``: the widest of ``configs`` whose grid fills ``WAVE_FILL`` of the SMs
+    alone (split 1: one launch, no atomics), else the first with :func:`choose_split` of the
+    reduction (``length``, tiles of ``block_key``)."""
+    for c in configs:
+        if tiles_of(c) >= WAVE_FILL * sms:
+            return c, 1
+    c = configs[0]
+    return c, choose_split(tiles_of(c), length, c.kwargs[block_key], sms)
+
+
 def f32_dot(dtype: torch.dtype) -> bool:
     """Exact fp32 dots: fp32 activations (no TF32, as F.linear), and bf16 under the interpreter,
     whose bf16 ``tl.dot`` is wrong (upcasting is exact: bf16 products fit in fp32)."""
@@ -506,25 +547,28 @@ class Plan:
     config: Optional[triton.Config]
     split: int
     block_m: int = 0       # gemv only
-    atomic: bool = False   # fp32 atomic_add into a zeroed buffer (GEMV with split > 1; every M <= MEDIUM_M tile)
+    atomic: bool = False   # fp32 atomic_add into a zeroed buffer (split > 1)
 
 
 def plan_forward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: torch.dtype, sms: int,
                  interp: Optional[bool] = None) -> Plan:
     """The kernel, config and split the forward launcher runs (``interp=False``: the GPU's plan
-    even under the interpreter, for the AOT registry and the static model)."""
+    even under the interpreter, for the AOT registry and the static model). Small and medium M:
+    the widest tile whose grid fills the GPU without split-K, else split-K with atomics."""
     interp = interpreting() if interp is None else interp
     f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
     if m <= SMALL_M:
         bm = triton.next_power_of_2(m)
-        c = gemv_config(fmt, bm, group, interp)
-        split = choose_split(triton.cdiv(n, c.kwargs["BLOCK_N"]), k, c.kwargs["BLOCK_K"], sms)
+        c, split = fill_or_split(gemv_configs(fmt, bm, group, interp), lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]),
+                                 k, "BLOCK_K", sms)
         return Plan("gemv", "small", c, split, bm, split > 1)
     if m <= MEDIUM_M or f32:
-        c = medium_config(fmt, m, group, f32, interp)
-        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
-        split = choose_split(tiles, k, c.kwargs["BLOCK_K"], sms) if m <= MEDIUM_M else 1
-        return Plan("gemm", "medium", c, split, 0, m <= MEDIUM_M)
+        base = medium_config(fmt, m, group, f32, interp)
+        narrow = m <= MEDIUM_NARROW_M[fmt] and not f32
+        cands = narrowed(base, "BLOCK_N") if narrow else [base]
+        tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])  # noqa: E731
+        c, split = fill_or_split(cands, tiles, k, "BLOCK_K", sms) if m <= MEDIUM_M else (base, 1)
+        return Plan("gemm", "medium", c, split, 0, split > 1)
     return Plan("gemm", "large", None, 1)
 
 
@@ -536,9 +580,10 @@ def plan_backward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype:
         c = medium_config(fmt, max(m, 16), group, f32, interp)
         c = cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _bk_cap(fmt, group, c.kwargs["BLOCK_K"]),
                 c.num_warps, c.num_stages)
-        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])
-        split = choose_split(tiles, n, c.kwargs["BLOCK_N"], sms) if m <= MEDIUM_M else 1
-        return Plan("dx", "medium", c, split, 0, m <= MEDIUM_M)
+        cands = narrowed(c, "BLOCK_K") if m <= MEDIUM_NARROW_M[fmt] and not f32 else [c]
+        tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])  # noqa: E731
+        c, split = fill_or_split(cands, tiles, n, "BLOCK_N", sms) if m <= MEDIUM_M else (c, 1)
+        return Plan("dx", "medium", c, split, 0, split > 1)
     return Plan("dx", "large", None, 1)
 
 

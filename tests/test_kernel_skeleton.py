@@ -70,7 +70,8 @@ def test_integer_codes_convert_exactly_without_i2f():
 
 @pytest.mark.parametrize("fmt", [sk.INT8.value, sk.INT4.value, sk.S24.value, sk.S24I4.value])
 def test_small_m_plans_cover_the_gpu(fmt):
-    """At 4096 x 4096 every M <= 64 launch has at least one CTA per SM of an H100 (132)."""
+    """At 4096 x 4096 every M <= 64 launch fills ``WAVE_FILL`` of an H100's 132 SMs, and does
+    so in one launch: no split-K (zero-fill + atomics + cast) where the grid fills the GPU alone."""
     group = 128 if fmt in sk.GROUPED else None
     for m in (1, 2, 4, 16, 64):
         for plan, cols in ((sk.plan_forward(fmt, m, 4096, 4096, group, torch.float16, 132, interp=False), "n"),
@@ -78,7 +79,12 @@ def test_small_m_plans_cover_the_gpu(fmt):
             c = plan.config.kwargs
             per = c["BLOCK_N"] if plan.kernel != "dx" else c["BLOCK_K"]
             rows = 1 if plan.kernel == "gemv" else triton.cdiv(m, c["BLOCK_M"])
-            assert rows * triton.cdiv(4096, per) * plan.split >= 132, (m, plan)
+            assert rows * triton.cdiv(4096, per) * plan.split >= sk.WAVE_FILL * 132, (m, plan)
+            if plan.kernel == "gemv" or m <= sk.MEDIUM_NARROW_M[fmt]:
+                assert plan.split == 1 and not plan.atomic, (m, plan)
+        # a narrow output (N = 1024, K = 4096) cannot fill the GPU unsplit: split-K with atomics
+        p = sk.plan_forward(fmt, 1, 1024, 4096, group, torch.float16, 132, interp=False)
+        assert p.split > 1 and p.atomic, p
 
 
 def _all_spec_names():
