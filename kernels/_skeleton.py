@@ -163,6 +163,99 @@ def _int4_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.cons
 
 
 @triton.jit
+def _nibble(wd, J: tl.constexpr, mant):
+    """``1 + q/16`` (fp32) of nibble ``J`` (bits ``4J..4J+3``) of int32 words: the code moved into
+    the top mantissa bits of 1.0 by one shift and one AND-OR (no byte extraction, no I2F).
+    ``mant`` = 0x780000, the mask of those bits, held in a register by the caller."""
+    if 4 * J < 19:
+        t = wd << (19 - 4 * J)
+    else:
+        t = wd >> (4 * J - 19)
+    return ((t & mant) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def int4_gemv_step(acc, zacc, x, w_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_sn, mant,
+                   GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """One K tile of the int4 GEMV without a per-weight dequantisation: with ``f = 1 + q/16``,
+    ``sum_k x (q - z) s = 16 s sum_k x f - (16 + z) s sum_k x`` per group, so the loop multiplies
+    x by ``f`` (one FMA per weight), scales each word's partial by ``16 s`` and accumulates the
+    zero term from the group sums of x (``zacc``, shared by every row of the tile). The codes are
+    read as int32 words (word ``w`` of a row = codes ``8w .. 8w+7``, nibble ``j`` = code ``8w + j``).
+    Rounding: fp32 products of ``x f`` (|f| < 2) and one rounding of ``(16 + z) s``; the partials
+    cancel against the zero term, so the fp32 error grows to ~2**-24 * 48 * sum |x| s (vs the
+    fp16 output's 2**-11 relative)."""
+    W: tl.constexpr = BLOCK_K // 8
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K  # columns per scale in the tile
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 8 + tl.arange(0, W)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4)
+    wd = tl.load(words + offs_w[None, :], mask=n_mask[:, None], other=0)
+    # x by nibble: k = 8w + j, j = 4a + 2b + c
+    xc0, xc1 = tl.split(tl.reshape(x, (BLOCK_M, W, 2, 2, 2)))
+    x00, x01 = tl.split(xc0)
+    x10, x11 = tl.split(xc1)
+    x0, x4 = tl.split(x00)
+    x2, x6 = tl.split(x01)
+    x1, x5 = tl.split(x10)
+    x3, x7 = tl.split(x11)
+    p = x0[:, None, :] * _nibble(wd, 0, mant)[None]
+    p += x1[:, None, :] * _nibble(wd, 1, mant)[None]
+    p += x2[:, None, :] * _nibble(wd, 2, mant)[None]
+    p += x3[:, None, :] * _nibble(wd, 3, mant)[None]
+    p += x4[:, None, :] * _nibble(wd, 4, mant)[None]
+    p += x5[:, None, :] * _nibble(wd, 5, mant)[None]
+    p += x6[:, None, :] * _nibble(wd, 6, mant)[None]
+    p += x7[:, None, :] * _nibble(wd, 7, mant)[None]
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 8)), (BLOCK_N, W))
+    acc += p * s16[None]
+    xg = tl.sum(tl.reshape(x, (BLOCK_M, NG, GS)), axis=2)
+    zacc += tl.sum(((16.0 + z) * s)[None, :, :] * xg[:, None, :], axis=2)
+    return acc, zacc
+
+
+@triton.jit
+def int4_gemv_row(acc, zacc, x, w_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_sn, mant,
+                  GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`int4_gemv_step` for one activation row (``x [BLOCK_K]``, ``acc [BLOCK_N, BLOCK_K/8]``,
+    ``zacc [BLOCK_N]``): 2-D tiles, so the products take the layout of the code words and only x
+    moves between layouts."""
+    W: tl.constexpr = BLOCK_K // 8
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 8 + tl.arange(0, W)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4)
+    wd = tl.load(words + offs_w[None, :], mask=n_mask[:, None], other=0)
+    xc0, xc1 = tl.split(tl.reshape(x, (W, 2, 2, 2)))
+    x00, x01 = tl.split(xc0)
+    x10, x11 = tl.split(xc1)
+    x0, x4 = tl.split(x00)
+    x2, x6 = tl.split(x01)
+    x1, x5 = tl.split(x10)
+    x3, x7 = tl.split(x11)
+    p = x0[None, :] * _nibble(wd, 0, mant)
+    p += x1[None, :] * _nibble(wd, 1, mant)
+    p += x2[None, :] * _nibble(wd, 2, mant)
+    p += x3[None, :] * _nibble(wd, 3, mant)
+    p += x4[None, :] * _nibble(wd, 4, mant)
+    p += x5[None, :] * _nibble(wd, 5, mant)
+    p += x6[None, :] * _nibble(wd, 6, mant)
+    p += x7[None, :] * _nibble(wd, 7, mant)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 8)), (BLOCK_N, W))
+    acc += p * s16
+    xg = tl.sum(tl.reshape(x, (NG, GS)), axis=1)
+    zacc += tl.sum(((16.0 + z) * s) * xg[None, :], axis=1)
+    return acc, zacc
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -306,8 +399,19 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
     k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
     if FORMAT == S24 or FORMAT == S24I4:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    elif FORMAT == INT4 and BLOCK_M == 1:  # one partial per code word
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    elif FORMAT == INT4:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # the int4 nibble mask as an opaque register (K > 0): as an immediate, ptxas re-materialises
+    # it with a MOV before most of the AND-ORs
+    mant = tl.where(K > 0, 0x780000, 0)
+    if FORMAT == INT4 and BLOCK_M == 1:
+        zacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        zacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
@@ -324,11 +428,23 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
             a0 = tl.where((i0 == 0)[None], x0[:, None, :], tl.where((i0 == 1)[None], x1[:, None, :], x2[:, None, :]))
             a1 = tl.where((i1 == 3)[None], x3[:, None, :], tl.where((i1 == 2)[None], x2[:, None, :], x1[:, None, :]))
             acc += v0[None] * a0 + v1[None] * a1
+        elif FORMAT == INT4 and BLOCK_M == 1:
+            acc, zacc = int4_gemv_row(acc, zacc, tl.reshape(x, (BLOCK_K,)), w_ptr, s_ptr, z_ptr,
+                                      offs_n.to(tl.int64), n_mask, k0, stride_wn, stride_sn, mant, GROUP_SIZE,
+                                      BLOCK_N, BLOCK_K)
+        elif FORMAT == INT4:
+            acc, zacc = int4_gemv_step(acc, zacc, x, w_ptr, s_ptr, z_ptr, offs_n.to(tl.int64), n_mask, k0,
+                                       stride_wn, stride_sn, mant, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             w = dense_tile(FORMAT, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                            GROUP_SIZE, tl.float32, BLOCK_N, BLOCK_K)
             acc += x[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)
+    if FORMAT == INT4 and BLOCK_M == 1:
+        y = (tl.sum(acc, axis=1) - zacc)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+        if FORMAT == INT4:
+            y -= zacc
     epilogue(y, y_ptr, s_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_s == 0,
              FORMAT == INT8 or FORMAT == FP8, HAS_BIAS, ATOMIC)
 
@@ -430,11 +546,16 @@ def _bk_cap(fmt: int, group: Optional[int], cap: int) -> int:
 
 
 def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None,
-                block_n: Optional[int] = None) -> triton.Config:
+                block_n: Optional[int] = None, k: Optional[int] = None) -> triton.Config:
     """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
     columns = 64 kept pairs), BLOCK_N filling the register budget (or ``block_n``, narrower)."""
-    bk = _bk_cap(fmt, group, 256)
-    acc_k = bk // 4 if fmt in SPARSE else bk
+    if fmt == INT4:  # whole groups, up to 512 columns, dividing K (the tile has no K mask)
+        bk = group
+        while bk < 512 and (k is None or k % (2 * bk) == 0):
+            bk *= 2
+    else:
+        bk = _bk_cap(fmt, group, 256)
+    acc_k = bk // 4 if fmt in SPARSE or fmt == INT4 else bk
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
     if block_n is not None:
         bn = max(16, min(bn, block_n))
@@ -447,12 +568,15 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
-def gemv_configs(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> list:
+def gemv_configs(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None,
+                 k: Optional[int] = None) -> list:
     """The budget-filling GEMV tile, then the same with BLOCK_N halved down to 16 (more CTAs for
-    narrow outputs: a grid that fills the GPU without split-K)."""
-    out = [gemv_config(fmt, block_m, group, interp)]
+    narrow outputs: a grid that fills the GPU without split-K). ``k``: the reduction length (int4
+    tiles must divide it; None: the compiled ``AOT`` shape, 4096)."""
+    k = 4096 if k is None else k
+    out = [gemv_config(fmt, block_m, group, interp, k=k)]
     while out[-1].kwargs["BLOCK_N"] > 16:
-        out.append(gemv_config(fmt, block_m, group, interp, block_n=out[-1].kwargs["BLOCK_N"] // 2))
+        out.append(gemv_config(fmt, block_m, group, interp, block_n=out[-1].kwargs["BLOCK_N"] // 2, k=k))
     return out
 
 
@@ -559,7 +683,7 @@ def plan_forward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: 
     f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
     if m <= SMALL_M:
         bm = triton.next_power_of_2(m)
-        c, split = fill_or_split(gemv_configs(fmt, bm, group, interp), lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]),
+        c, split = fill_or_split(gemv_configs(fmt, bm, group, interp, k), lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]),
                                  k, "BLOCK_K", sms)
         return Plan("gemv", "small", c, split, bm, split > 1)
     if m <= MEDIUM_M or f32:
@@ -624,6 +748,8 @@ def run_forward(fmt: int, x2: torch.Tensor, w, meta, s, z, bias, n: int, k: int,
     g = group or 1
     if p.kernel == "gemv":
         c = p.config
+        if fmt == INT4 and w.data_ptr() % 4:  # the int4 GEMV reads its codes as int32 words
+            w = w.clone()
         grid = (triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
         gemv_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, x2.stride(0), *strides, y.stride(0),
                           FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None, ATOMIC=p.atomic,

@@ -118,7 +118,12 @@ def _tiled_variants(fmt: int, dt: torch.dtype, backward: bool) -> list:
         out += [(base.config, True), (base.config, False)] + [(c, False) for c in narrowed[1:]]
     table = sk.DX_LARGE if backward else sk.GEMM_LARGE
     out += [(c, False) for c in sk.large_configs(table, fmt, group)]
-    return out
+    seen, unique = set(), []
+    for c, atomic in out:  # a narrowed medium tile may equal a large one
+        if (config_label(c), atomic) not in seen:
+            seen.add((config_label(c), atomic))
+            unique.append((c, atomic))
+    return unique
 
 
 def skeleton_specs(fmt: int, dtypes=DTYPES, *, forward: bool = True, scale_fp32: bool = False) -> list:
