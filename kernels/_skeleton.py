@@ -256,6 +256,69 @@ def int4_gemv_row(acc, zacc, x, w_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn
 
 
 @triton.jit
+def _bit(m, B: tl.constexpr):
+    return (m & (1 << B)) != 0
+
+
+@triton.jit
+def _s24i4_group(p, a_sum, xa, xb, xc, xd, wd, mh, C: tl.constexpr, mant):
+    """Products of 2:4 group ``C`` (of 4) of each code word: its kept pair (nibbles ``2C``,
+    ``2C+1``) times the activations its metadata bits select (``i0`` in {0, 1, 2}, ``i1`` in
+    {1, 2, 3}: two bit tests and two selects each), and the sum of the selected activations."""
+    a0 = tl.where(_bit(mh, 4 * C + 1), xc[None, :], tl.where(_bit(mh, 4 * C), xb[None, :], xa[None, :]))
+    a1 = tl.where(_bit(mh, 4 * C + 3), tl.where(_bit(mh, 4 * C + 2), xd[None, :], xc[None, :]), xb[None, :])
+    p += a0 * _nibble(wd, 2 * C, mant)
+    p += a1 * _nibble(wd, 2 * C + 1, mant)
+    return p, a_sum + (a0 + a1)
+
+
+@triton.jit
+def s24i4_gemv_row(acc, x, w_ptr, meta_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_mn, stride_sn,
+                   mant, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile of the 2:4 + int4 GEMV for one activation row (``x [BLOCK_K]``, ``acc [BLOCK_N,
+    BLOCK_K/16]``): codes as int32 words (word ``w`` = the kept pairs of the 2:4 groups of columns
+    ``16w .. 16w+15``), their metadata as 16-bit halves (4 bits per group), ``f = 1 + q/16`` as in
+    :func:`int4_gemv_step`; per word the selected activations' sum ``A`` carries the zero:
+    ``sum a (q - z) s = 16 s sum a f - (16 + z) s A``."""
+    W: tl.constexpr = BLOCK_K // 16
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 16 + tl.arange(0, W)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4) + offs_w[None, :],
+                 mask=n_mask[:, None], other=0)
+    mh = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * (stride_mn // 2) + offs_w[None, :],
+                 mask=n_mask[:, None], other=0).to(tl.int32)
+    # x by column t = 16w + 8a + 4b + 2c + d of the word
+    e, o = tl.split(tl.reshape(x, (W, 2, 2, 2, 2)))          # d
+    e0, e1 = tl.split(e)                                      # c
+    o0, o1 = tl.split(o)
+    e00, e01 = tl.split(e0)                                   # b
+    e10, e11 = tl.split(e1)
+    o00, o01 = tl.split(o0)
+    o10, o11 = tl.split(o1)
+    x0, x8 = tl.split(e00)                                    # a
+    x4, x12 = tl.split(e01)
+    x2, x10 = tl.split(e10)
+    x6, x14 = tl.split(e11)
+    x1, x9 = tl.split(o00)
+    x5, x13 = tl.split(o01)
+    x3, x11 = tl.split(o10)
+    x7, x15 = tl.split(o11)
+    p = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    a = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    p, a = _s24i4_group(p, a, x0, x1, x2, x3, wd, mh, 0, mant)
+    p, a = _s24i4_group(p, a, x4, x5, x6, x7, wd, mh, 1, mant)
+    p, a = _s24i4_group(p, a, x8, x9, x10, x11, wd, mh, 2, mant)
+    p, a = _s24i4_group(p, a, x12, x13, x14, x15, wd, mh, 3, mant)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 16)), (BLOCK_N, W))
+    c = tl.reshape(tl.broadcast_to(((16.0 + z) * s)[:, :, None], (BLOCK_N, NG, GS // 16)), (BLOCK_N, W))
+    return acc + (p * s16 - a * c)
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -397,7 +460,9 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
     x_rows = row_offsets(offs_m, stride_xm)
     m_mask = offs_m < M
     k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
-    if FORMAT == S24 or FORMAT == S24I4:
+    if FORMAT == S24I4 and BLOCK_M == 1:  # one partial per code word
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
+    elif FORMAT == S24 or FORMAT == S24I4:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
     elif FORMAT == INT4 and BLOCK_M == 1:  # one partial per code word
         acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
@@ -416,7 +481,10 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        if FORMAT == S24 or FORMAT == S24I4:
+        if FORMAT == S24I4 and BLOCK_M == 1:
+            acc = s24i4_gemv_row(acc, tl.reshape(x, (BLOCK_K,)), w_ptr, meta_ptr, s_ptr, z_ptr, offs_n.to(tl.int64),
+                                 n_mask, k0, stride_wn, stride_mn, stride_sn, mant, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        elif FORMAT == S24 or FORMAT == S24I4:
             v0, v1, i0, i1 = sparse_parts(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
                                           stride_wn, stride_mn, stride_sn, GROUP_SIZE, x_ptr.dtype.element_ty,
                                           tl.float32, BLOCK_N, BLOCK_K)
@@ -441,6 +509,8 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
             acc += x[:, None, :] * w[None, :, :]
     if FORMAT == INT4 and BLOCK_M == 1:
         y = (tl.sum(acc, axis=1) - zacc)[None, :]
+    elif FORMAT == S24I4 and BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]
     else:
         y = tl.sum(acc, axis=2)
         if FORMAT == INT4:
@@ -549,13 +619,15 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
                 block_n: Optional[int] = None, k: Optional[int] = None) -> triton.Config:
     """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
     columns = 64 kept pairs), BLOCK_N filling the register budget (or ``block_n``, narrower)."""
-    if fmt == INT4:  # whole groups, up to 512 columns, dividing K (the tile has no K mask)
+    if fmt == INT4 or (fmt == S24I4 and block_m == 1):  # whole groups, up to 512 columns, dividing K
         bk = group
         while bk < 512 and (k is None or k % (2 * bk) == 0):
             bk *= 2
     else:
         bk = _bk_cap(fmt, group, 256)
     acc_k = bk // 4 if fmt in SPARSE or fmt == INT4 else bk
+    if fmt == S24I4 and block_m == 1:
+        acc_k = bk // 8
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
     if block_n is not None:
         bn = max(16, min(bn, block_n))
@@ -565,6 +637,8 @@ def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[b
     # vector load); 2:4 tiles keep 8 (their selects need the registers)
     code_bytes = bn * bk // (2 if fmt == INT4 else 1)
     warps = 4 if fmt not in SPARSE and block_m <= 2 and code_bytes < 16 * 32 * GEMV_WARPS else GEMV_WARPS
+    if fmt == INT4 and block_m == 1:
+        warps = 4  # the word GEMV: a thread holds 4 rows of its words, x staged once for all 4
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
 
 
