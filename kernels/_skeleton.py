@@ -11,7 +11,10 @@ of the other formats compile away:
     the K loop. The 2:4 formats multiply in the compressed domain: each kept value selects its
     activation among the 4 of its group (register selects, no zeros multiplied). With
     ``SPLIT > 1`` the programs ``tl.atomic_add`` their fp32 partials into one zeroed fp32 buffer
-    (one kernel; the host casts to the activation dtype when that is not fp32).
+    (one kernel; the host casts to the activation dtype when that is not fp32); the launcher only
+    splits when no narrower tile fills the GPU alone (``fill_or_split``), so most small-M calls
+    are one launch. The int4 formats read their codes as int32 words and multiply x by
+    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``).
 ``gemm_kernel`` (larger M)
     grouped tile order, the weight tile dequantised in registers and fed to ``tl.dot`` (tensor
     cores for fp16/bf16, exact IEEE fp32 dots for fp32), fp32 accumulator, per-channel scale and
