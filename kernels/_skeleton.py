@@ -825,8 +825,11 @@ def run_forward(fmt: int, x2: torch.Tensor, w, meta, s, z, bias, n: int, k: int,
     g = group or 1
     if p.kernel == "gemv":
         c = p.config
-        if fmt == INT4 and w.data_ptr() % 4:  # the int4 GEMV reads its codes as int32 words
+        # the int4 GEMVs read codes as int32 words (2:4 + int4: metadata as 16-bit halves)
+        if fmt in GROUPED and w.data_ptr() % 4:
             w = w.clone()
+        if fmt == S24I4 and meta.data_ptr() % 2:
+            meta = meta.clone()
         grid = (triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
         gemv_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, x2.stride(0), *strides, y.stride(0),
                           FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None, ATOMIC=p.atomic,
