@@ -722,14 +722,15 @@ def choose_split(tiles: int, length: int, block: int, sms: int, min_iters: int =
 WAVE_FILL = 0.9
 
 
-def fill_or_split(configs: list, tiles_of: Callable, length: int, block_key: str, sms: int) -> tuple:
+def fill_or_split(configs: list, tiles_of: Callable, length: int, block_key: str, sms: int,
+                  fallback: Optional[triton.Config] = None) -> tuple:
     """``(config, split)``: the widest of ``configs`` whose grid fills ``WAVE_FILL`` of the SMs
-    alone (split 1: one launch, no atomics), else the first with :func:`choose_split` of the
-    reduction (``length``, tiles of ``block_key``)."""
+    alone (split 1: one launch, no atomics), else ``fallback`` (default: the first) with
+    :func:`choose_split` of the reduction (``length``, tiles of ``block_key``)."""
     for c in configs:
         if tiles_of(c) >= WAVE_FILL * sms:
             return c, 1
-    c = configs[0]
+    c = configs[0] if fallback is None else fallback
     return c, choose_split(tiles_of(c), length, c.kwargs[block_key], sms)
 
 
@@ -765,10 +766,12 @@ def plan_forward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: 
         return Plan("gemv", "small", c, split, bm, split > 1)
     if m <= MEDIUM_M or f32:
         base = medium_config(fmt, m, group, f32, interp)
+        # narrowable formats run their base tile only split (with atomics): stored, two of those
+        # tiles spill a few bytes around the K loop on sm_90 (triton 3.9), the narrow tiles do not
         narrow = m <= MEDIUM_NARROW_M[fmt] and not f32
-        cands = narrowed(base, "BLOCK_N") if narrow else [base]
+        cands = narrowed(base, "BLOCK_N")[1:] if narrow else [base]
         tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])  # noqa: E731
-        c, split = fill_or_split(cands, tiles, k, "BLOCK_K", sms) if m <= MEDIUM_M else (base, 1)
+        c, split = fill_or_split(cands, tiles, k, "BLOCK_K", sms, base) if m <= MEDIUM_M else (base, 1)
         return Plan("gemm", "medium", c, split, 0, split > 1)
     return Plan("gemm", "large", None, 1)
 
@@ -781,9 +784,9 @@ def plan_backward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype:
         c = medium_config(fmt, max(m, 16), group, f32, interp)
         c = cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _bk_cap(fmt, group, c.kwargs["BLOCK_K"]),
                 c.num_warps, c.num_stages)
-        cands = narrowed(c, "BLOCK_K") if m <= MEDIUM_NARROW_M[fmt] and not f32 else [c]
+        cands = narrowed(c, "BLOCK_K")[1:] if m <= MEDIUM_NARROW_M[fmt] and not f32 else [c]
         tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])  # noqa: E731
-        c, split = fill_or_split(cands, tiles, n, "BLOCK_N", sms) if m <= MEDIUM_M else (c, 1)
+        c, split = fill_or_split(cands, tiles, n, "BLOCK_N", sms, c) if m <= MEDIUM_M else (c, 1)
         return Plan("dx", "medium", c, split, 0, split > 1)
     return Plan("dx", "large", None, 1)
 
