@@ -596,6 +596,9 @@ GEMM_MEDIUM_BLOCK_MS = (16, 32, 64)
 #: a narrow 2:4 tile spends more instructions per weight on its selects (static model, sm_90
 #: SASS: 2:4 + int4 is predicted slower narrow than split at every M, 2:4 fp16 above M = 16)
 MEDIUM_NARROW_M = {0: 64, 1: 64, 2: 64, 3: 16, 4: 0}
+#: the same for the input gradient's BLOCK_K (64 -> 32): the narrowed int4 bf16 tile at BLOCK_M = 32
+#: spills 8 bytes on sm_90 under triton 3.6
+DX_NARROW_M = {0: 64, 1: 64, 2: 16, 3: 16, 4: 0}
 #: large M, autotuned (fp16 / bf16): dense formats and 2:4 formats; BLOCK_K 32 serves int4 group 32
 GEMM_LARGE = {
     "dense": [cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
@@ -784,7 +787,7 @@ def plan_backward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype:
         c = medium_config(fmt, max(m, 16), group, f32, interp)
         c = cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _bk_cap(fmt, group, c.kwargs["BLOCK_K"]),
                 c.num_warps, c.num_stages)
-        cands = narrowed(c, "BLOCK_K")[1:] if m <= MEDIUM_NARROW_M[fmt] and not f32 else [c]
+        cands = narrowed(c, "BLOCK_K")[1:] if m <= DX_NARROW_M[fmt] and not f32 else [c]
         tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])  # noqa: E731
         c, split = fill_or_split(cands, tiles, n, "BLOCK_N", sms, c) if m <= MEDIUM_M else (c, 1)
         return Plan("dx", "medium", c, split, 0, split > 1)

@@ -113,7 +113,8 @@ def _tiled_variants(fmt: int, dt: torch.dtype, backward: bool) -> list:
         # the tile at a split-K shape (narrow grid) and at a wide one: the base tile, stored or
         # with atomics, and its narrowed forms (always stored: they only run without split)
         base = (sk.plan_backward if backward else sk.plan_forward)(fmt, bm, 1024, 1024, group, dt, 132, interp=False)
-        if bm <= sk.MEDIUM_NARROW_M[fmt]:  # the base tile only split, its narrowed forms only unsplit
+        if bm <= (sk.DX_NARROW_M if backward else sk.MEDIUM_NARROW_M)[fmt]:
+            # the base tile only split, its narrowed forms only unsplit
             narrowed = sk.narrowed(base.config, "BLOCK_K" if backward else "BLOCK_N")
             out += [(base.config, True)] + [(c, False) for c in narrowed[1:]]
         else:

@@ -101,7 +101,7 @@ def test_small_m_plans_cover_the_gpu(fmt):
             per = c["BLOCK_N"] if plan.kernel != "dx" else c["BLOCK_K"]
             rows = 1 if plan.kernel == "gemv" else triton.cdiv(m, c["BLOCK_M"])
             assert rows * triton.cdiv(4096, per) * plan.split >= sk.WAVE_FILL * 132, (m, plan)
-            if plan.kernel == "gemv" or m <= sk.MEDIUM_NARROW_M[fmt]:
+            if plan.kernel == "gemv" or m <= (sk.DX_NARROW_M if plan.kernel == "dx" else sk.MEDIUM_NARROW_M)[fmt]:
                 assert plan.split == 1 and not plan.atomic, (m, plan)
         # a narrow output (N = 1024, K = 4096) cannot fill the GPU unsplit: split-K with atomics
         p = sk.plan_forward(fmt, 1, 1024, 4096, group, torch.float16, 132, interp=False)
