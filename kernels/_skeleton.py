@@ -11,7 +11,10 @@ of the other formats compile away:
     the K loop. The 2:4 formats multiply in the compressed domain: each kept value selects its
     activation among the 4 of its group (register selects, no zeros multiplied). With
     ``SPLIT > 1`` the programs ``tl.atomic_add`` their fp32 partials into one zeroed fp32 buffer
-    (one kernel; the host casts to the activation dtype when that is not fp32).
+    (one kernel; the host casts to the activation dtype when that is not fp32); the launcher only
+    splits when no narrower tile fills the GPU alone (``fill_or_split``), so most small-M calls
+    are one launch. The int4 formats read their codes as int32 words and multiply x by
+    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``).
 ``gemm_kernel`` (larger M)
     grouped tile order, the weight tile dequantised in registers and fed to ``tl.dot`` (tensor
     cores for fp16/bf16, exact IEEE fp32 dots for fp32), fp32 accumulator, per-channel scale and
@@ -163,6 +166,162 @@ def _int4_pair(q, s_ptr, z_ptr, rows, n_mask, k0, stride_sn, GROUP_SIZE: tl.cons
 
 
 @triton.jit
+def _nibble(wd, J: tl.constexpr, mant):
+    """``1 + q/16`` (fp32) of nibble ``J`` (bits ``4J..4J+3``) of int32 words: the code moved into
+    the top mantissa bits of 1.0 by one shift and one AND-OR (no byte extraction, no I2F).
+    ``mant`` = 0x780000, the mask of those bits, held in a register by the caller."""
+    if 4 * J < 19:
+        t = wd << (19 - 4 * J)
+    else:
+        t = wd >> (4 * J - 19)
+    return ((t & mant) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def int4_gemv_step(acc, zacc, x, w_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_sn, mant,
+                   GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """One K tile of the int4 GEMV without a per-weight dequantisation: with ``f = 1 + q/16``,
+    ``sum_k x (q - z) s = 16 s sum_k x f - (16 + z) s sum_k x`` per group, so the loop multiplies
+    x by ``f`` (one FMA per weight), scales each word's partial by ``16 s`` and accumulates the
+    zero term from the group sums of x (``zacc``, shared by every row of the tile). The codes are
+    read as int32 words (word ``w`` of a row = codes ``8w .. 8w+7``, nibble ``j`` = code ``8w + j``).
+    Rounding: fp32 products of ``x f`` (|f| < 2) and one rounding of ``(16 + z) s``; the partials
+    cancel against the zero term, so the fp32 error grows to ~2**-24 * 48 * sum |x| s (vs the
+    fp16 output's 2**-11 relative)."""
+    W: tl.constexpr = BLOCK_K // 8
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K  # columns per scale in the tile
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 8 + tl.arange(0, W)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4)
+    wd = tl.load(words + offs_w[None, :], mask=n_mask[:, None], other=0)
+    # x by nibble: k = 8w + j, j = 4a + 2b + c
+    xc0, xc1 = tl.split(tl.reshape(x, (BLOCK_M, W, 2, 2, 2)))
+    x00, x01 = tl.split(xc0)
+    x10, x11 = tl.split(xc1)
+    x0, x4 = tl.split(x00)
+    x2, x6 = tl.split(x01)
+    x1, x5 = tl.split(x10)
+    x3, x7 = tl.split(x11)
+    p = x0[:, None, :] * _nibble(wd, 0, mant)[None]
+    p += x1[:, None, :] * _nibble(wd, 1, mant)[None]
+    p += x2[:, None, :] * _nibble(wd, 2, mant)[None]
+    p += x3[:, None, :] * _nibble(wd, 3, mant)[None]
+    p += x4[:, None, :] * _nibble(wd, 4, mant)[None]
+    p += x5[:, None, :] * _nibble(wd, 5, mant)[None]
+    p += x6[:, None, :] * _nibble(wd, 6, mant)[None]
+    p += x7[:, None, :] * _nibble(wd, 7, mant)[None]
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 8)), (BLOCK_N, W))
+    acc += p * s16[None]
+    xg = tl.sum(tl.reshape(x, (BLOCK_M, NG, GS)), axis=2)
+    zacc += tl.sum(((16.0 + z) * s)[None, :, :] * xg[:, None, :], axis=2)
+    return acc, zacc
+
+
+@triton.jit
+def int4_gemv_row(acc, zacc, x, w_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_sn, mant,
+                  GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """:func:`int4_gemv_step` for one activation row (``x [BLOCK_K]``, ``acc [BLOCK_N, BLOCK_K/8]``,
+    ``zacc [BLOCK_N]``): 2-D tiles, so the products take the layout of the code words and only x
+    moves between layouts."""
+    W: tl.constexpr = BLOCK_K // 8
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 8 + tl.arange(0, W)
+    words = w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4)
+    wd = tl.load(words + offs_w[None, :], mask=n_mask[:, None], other=0)
+    xc0, xc1 = tl.split(tl.reshape(x, (W, 2, 2, 2)))
+    x00, x01 = tl.split(xc0)
+    x10, x11 = tl.split(xc1)
+    x0, x4 = tl.split(x00)
+    x2, x6 = tl.split(x01)
+    x1, x5 = tl.split(x10)
+    x3, x7 = tl.split(x11)
+    p = x0[None, :] * _nibble(wd, 0, mant)
+    p += x1[None, :] * _nibble(wd, 1, mant)
+    p += x2[None, :] * _nibble(wd, 2, mant)
+    p += x3[None, :] * _nibble(wd, 3, mant)
+    p += x4[None, :] * _nibble(wd, 4, mant)
+    p += x5[None, :] * _nibble(wd, 5, mant)
+    p += x6[None, :] * _nibble(wd, 6, mant)
+    p += x7[None, :] * _nibble(wd, 7, mant)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 8)), (BLOCK_N, W))
+    acc += p * s16
+    xg = tl.sum(tl.reshape(x, (NG, GS)), axis=1)
+    zacc += tl.sum(((16.0 + z) * s) * xg[None, :], axis=1)
+    return acc, zacc
+
+
+@triton.jit
+def _bit(m, B: tl.constexpr):
+    return (m & (1 << B)) != 0
+
+
+@triton.jit
+def _s24i4_group(p, a_sum, xa, xb, xc, xd, wd, mh, C: tl.constexpr, mant):
+    """Products of 2:4 group ``C`` (of 4) of each code word: its kept pair (nibbles ``2C``,
+    ``2C+1``) times the activations its metadata bits select (``i0`` in {0, 1, 2}, ``i1`` in
+    {1, 2, 3}: two bit tests and two selects each), and the sum of the selected activations."""
+    a0 = tl.where(_bit(mh, 4 * C + 1), xc[None, :], tl.where(_bit(mh, 4 * C), xb[None, :], xa[None, :]))
+    a1 = tl.where(_bit(mh, 4 * C + 3), tl.where(_bit(mh, 4 * C + 2), xd[None, :], xc[None, :]), xb[None, :])
+    p += a0 * _nibble(wd, 2 * C, mant)
+    p += a1 * _nibble(wd, 2 * C + 1, mant)
+    return p, a_sum + (a0 + a1)
+
+
+@triton.jit
+def s24i4_gemv_row(acc, x, w_ptr, meta_ptr, s_ptr, z_ptr, rows, n_mask, k0, stride_wn, stride_mn, stride_sn,
+                   mant, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile of the 2:4 + int4 GEMV for one activation row (``x [BLOCK_K]``, ``acc [BLOCK_N,
+    BLOCK_K/16]``): codes as int32 words (word ``w`` = the kept pairs of the 2:4 groups of columns
+    ``16w .. 16w+15``), their metadata as 16-bit halves (4 bits per group), ``f = 1 + q/16`` as in
+    :func:`int4_gemv_step`; per word the selected activations' sum ``A`` carries the zero:
+    ``sum a (q - z) s = 16 s sum a f - (16 + z) s A``."""
+    W: tl.constexpr = BLOCK_K // 16
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_w = k0 // 16 + tl.arange(0, W)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4) + offs_w[None, :],
+                 mask=n_mask[:, None], other=0)
+    mh = tl.load(meta_ptr.to(tl.pointer_type(tl.int16)) + rows[:, None] * (stride_mn // 2) + offs_w[None, :],
+                 mask=n_mask[:, None], other=0).to(tl.int32)
+    # x by column t = 16w + 8a + 4b + 2c + d of the word
+    e, o = tl.split(tl.reshape(x, (W, 2, 2, 2, 2)))          # d
+    e0, e1 = tl.split(e)                                      # c
+    o0, o1 = tl.split(o)
+    e00, e01 = tl.split(e0)                                   # b
+    e10, e11 = tl.split(e1)
+    o00, o01 = tl.split(o0)
+    o10, o11 = tl.split(o1)
+    x0, x8 = tl.split(e00)                                    # a
+    x4, x12 = tl.split(e01)
+    x2, x10 = tl.split(e10)
+    x6, x14 = tl.split(e11)
+    x1, x9 = tl.split(o00)
+    x5, x13 = tl.split(o01)
+    x3, x11 = tl.split(o10)
+    x7, x15 = tl.split(o11)
+    p = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    a = tl.zeros((BLOCK_N, W), dtype=tl.float32)
+    p, a = _s24i4_group(p, a, x0, x1, x2, x3, wd, mh, 0, mant)
+    p, a = _s24i4_group(p, a, x4, x5, x6, x7, wd, mh, 1, mant)
+    p, a = _s24i4_group(p, a, x8, x9, x10, x11, wd, mh, 2, mant)
+    p, a = _s24i4_group(p, a, x12, x13, x14, x15, wd, mh, 3, mant)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0).to(tl.float32)
+    s16 = tl.reshape(tl.broadcast_to((16.0 * s)[:, :, None], (BLOCK_N, NG, GS // 16)), (BLOCK_N, W))
+    c = tl.reshape(tl.broadcast_to(((16.0 + z) * s)[:, :, None], (BLOCK_N, NG, GS // 16)), (BLOCK_N, W))
+    return acc + (p * s16 - a * c)
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -304,15 +463,31 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
     x_rows = row_offsets(offs_m, stride_xm)
     m_mask = offs_m < M
     k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
-    if FORMAT == S24 or FORMAT == S24I4:
+    if FORMAT == S24I4 and BLOCK_M == 1:  # one partial per code word
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
+    elif FORMAT == S24 or FORMAT == S24I4:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
+    elif FORMAT == INT4 and BLOCK_M == 1:  # one partial per code word
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
+    elif FORMAT == INT4:
+        acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 8), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K), dtype=tl.float32)
+    # the int4 nibble mask as an opaque register (K > 0): as an immediate, ptxas re-materialises
+    # it with a MOV before most of the AND-ORs
+    mant = tl.where(K > 0, 0x780000, 0)
+    if FORMAT == INT4 and BLOCK_M == 1:
+        zacc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    else:
+        zacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
                     mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        if FORMAT == S24 or FORMAT == S24I4:
+        if FORMAT == S24I4 and BLOCK_M == 1:
+            acc = s24i4_gemv_row(acc, tl.reshape(x, (BLOCK_K,)), w_ptr, meta_ptr, s_ptr, z_ptr, offs_n.to(tl.int64),
+                                 n_mask, k0, stride_wn, stride_mn, stride_sn, mant, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        elif FORMAT == S24 or FORMAT == S24I4:
             v0, v1, i0, i1 = sparse_parts(FORMAT, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K,
                                           stride_wn, stride_mn, stride_sn, GROUP_SIZE, x_ptr.dtype.element_ty,
                                           tl.float32, BLOCK_N, BLOCK_K)
@@ -324,11 +499,25 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
             a0 = tl.where((i0 == 0)[None], x0[:, None, :], tl.where((i0 == 1)[None], x1[:, None, :], x2[:, None, :]))
             a1 = tl.where((i1 == 3)[None], x3[:, None, :], tl.where((i1 == 2)[None], x2[:, None, :], x1[:, None, :]))
             acc += v0[None] * a0 + v1[None] * a1
+        elif FORMAT == INT4 and BLOCK_M == 1:
+            acc, zacc = int4_gemv_row(acc, zacc, tl.reshape(x, (BLOCK_K,)), w_ptr, s_ptr, z_ptr,
+                                      offs_n.to(tl.int64), n_mask, k0, stride_wn, stride_sn, mant, GROUP_SIZE,
+                                      BLOCK_N, BLOCK_K)
+        elif FORMAT == INT4:
+            acc, zacc = int4_gemv_step(acc, zacc, x, w_ptr, s_ptr, z_ptr, offs_n.to(tl.int64), n_mask, k0,
+                                       stride_wn, stride_sn, mant, GROUP_SIZE, BLOCK_M, BLOCK_N, BLOCK_K)
         else:
             w = dense_tile(FORMAT, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                            GROUP_SIZE, tl.float32, BLOCK_N, BLOCK_K)
             acc += x[:, None, :] * w[None, :, :]
-    y = tl.sum(acc, axis=2)
+    if FORMAT == INT4 and BLOCK_M == 1:
+        y = (tl.sum(acc, axis=1) - zacc)[None, :]
+    elif FORMAT == S24I4 and BLOCK_M == 1:
+        y = tl.sum(acc, axis=1)[None, :]
+    else:
+        y = tl.sum(acc, axis=2)
+        if FORMAT == INT4:
+            y -= zacc
     epilogue(y, y_ptr, s_ptr, b_ptr, offs_m, offs_n, M, N, stride_ym, pid_s == 0,
              FORMAT == INT8 or FORMAT == FP8, HAS_BIAS, ATOMIC)
 
@@ -403,6 +592,13 @@ GEMV_BLOCK_MS = (1, 2, 4)
 #: narrow tiles for SMALL_M < M <= MEDIUM_M: BLOCK_M = 16/32/64 by M, split-K fills the GPU;
 #: 2:4 formats use 8 warps (their select tile is 4x the weight tile)
 GEMM_MEDIUM_BLOCK_MS = (16, 32, 64)
+#: largest M whose medium tile may be narrowed (BLOCK_N 64 -> 32) to fill the GPU without split-K:
+#: a narrow 2:4 tile spends more instructions per weight on its selects (static model, sm_90
+#: SASS: 2:4 + int4 is predicted slower narrow than split at every M, 2:4 fp16 above M = 16)
+MEDIUM_NARROW_M = {0: 64, 1: 64, 2: 64, 3: 16, 4: 0}
+#: the same for the input gradient's BLOCK_K (64 -> 32): the narrowed int4 bf16 tile at BLOCK_M = 32
+#: spills 8 bytes on sm_90 under triton 3.6
+DX_NARROW_M = {0: 64, 1: 64, 2: 16, 3: 16, 4: 0}
 #: large M, autotuned (fp16 / bf16): dense formats and 2:4 formats; BLOCK_K 32 serves int4 group 32
 GEMM_LARGE = {
     "dense": [cfg(64, 64, 64, 4, 4), cfg(128, 128, 64, 8, 3), cfg(128, 64, 32, 4, 4)],
@@ -425,19 +621,43 @@ def _bk_cap(fmt: int, group: Optional[int], cap: int) -> int:
     return min(cap, group) if fmt in GROUPED else cap
 
 
-def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None) -> triton.Config:
+def gemv_config(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None,
+                block_n: Optional[int] = None, k: Optional[int] = None) -> triton.Config:
     """The GEMV tile for ``BLOCK_M`` rows: BLOCK_K as wide as the group allows (2:4: 256 dense
-    columns = 64 kept pairs), BLOCK_N filling the register budget."""
-    bk = _bk_cap(fmt, group, 256)
-    acc_k = bk // 4 if fmt in SPARSE else bk
+    columns = 64 kept pairs), BLOCK_N filling the register budget (or ``block_n``, narrower)."""
+    if fmt == INT4 or (fmt == S24I4 and block_m == 1):  # whole groups, up to 512 columns, dividing K
+        bk = group
+        while bk < 512 and (k is None or k % (2 * bk) == 0):
+            bk *= 2
+    else:
+        bk = _bk_cap(fmt, group, 256)
+    acc_k = bk // 4 if fmt in SPARSE or fmt == INT4 else bk
+    if fmt == S24I4 and block_m == 1:
+        acc_k = bk // 8
     bn = max(16, min(128 if fmt not in SPARSE else 64, GEMV_ELEMS[family(fmt)] // (block_m * acc_k)))
+    if block_n is not None:
+        bn = max(16, min(bn, block_n))
     if interpreting() if interp is None else interp:
         bn = min(bn, 32)
     # dense codes: fewer warps when 8 would leave a thread under 16 bytes of codes (no 16-byte
     # vector load); 2:4 tiles keep 8 (their selects need the registers)
     code_bytes = bn * bk // (2 if fmt == INT4 else 1)
     warps = 4 if fmt not in SPARSE and block_m <= 2 and code_bytes < 16 * 32 * GEMV_WARPS else GEMV_WARPS
+    if fmt == INT4 and block_m == 1:
+        warps = 4  # the word GEMV: a thread holds 4 rows of its words, x staged once for all 4
     return triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=warps, num_stages=1)
+
+
+def gemv_configs(fmt: int, block_m: int, group: Optional[int], interp: Optional[bool] = None,
+                 k: Optional[int] = None) -> list:
+    """The budget-filling GEMV tile, then the same with BLOCK_N halved down to 16 (more CTAs for
+    narrow outputs: a grid that fills the GPU without split-K). ``k``: the reduction length (int4
+    tiles must divide it; None: the compiled ``AOT`` shape, 4096)."""
+    k = 4096 if k is None else k
+    out = [gemv_config(fmt, block_m, group, interp, k=k)]
+    while out[-1].kwargs["BLOCK_N"] > 16:
+        out.append(gemv_config(fmt, block_m, group, interp, block_n=out[-1].kwargs["BLOCK_N"] // 2, k=k))
+    return out
 
 
 def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Optional[bool] = None) -> triton.Config:
@@ -449,6 +669,15 @@ def medium_config(fmt: int, m: int, group: Optional[int], f32: bool, interp: Opt
     if fmt in SPARSE:  # the select tile is 4x the weight tile: more warps, fewer stages
         return cfg(bm, 64, _bk_cap(fmt, group, 64), 8 if bm >= 32 else 4, 2 if bm == 32 else 3)
     return cfg(bm, 64, _bk_cap(fmt, group, 64), 4, 3 if bm == 32 else 4)
+
+
+def narrowed(c: triton.Config, key: str, floor: int = 32) -> list:
+    """``[c]`` and, when ``c.kwargs[key] > floor``, ``c`` with that output width halved down to ``floor``."""
+    out = [c]
+    while out[-1].kwargs[key] > floor:
+        kw = dict(out[-1].kwargs, **{key: out[-1].kwargs[key] // 2})
+        out.append(triton.Config(kw, num_warps=c.num_warps, num_stages=c.num_stages))
+    return out
 
 
 def large_configs(table: dict, fmt: int, group: Optional[int]) -> list:
@@ -491,6 +720,23 @@ def choose_split(tiles: int, length: int, block: int, sms: int, min_iters: int =
     return split
 
 
+#: a grid of at least this fraction of one wave of CTAs runs without split-K: one launch writing
+#: the output directly beats split-K's zero-fill + atomics + cast (3 launches, ~4 us each)
+WAVE_FILL = 0.9
+
+
+def fill_or_split(configs: list, tiles_of: Callable, length: int, block_key: str, sms: int,
+                  fallback: Optional[triton.Config] = None) -> tuple:
+    """``(config, split)``: the widest of ``configs`` whose grid fills ``WAVE_FILL`` of the SMs
+    alone (split 1: one launch, no atomics), else ``fallback`` (default: the first) with
+    :func:`choose_split` of the reduction (``length``, tiles of ``block_key``)."""
+    for c in configs:
+        if tiles_of(c) >= WAVE_FILL * sms:
+            return c, 1
+    c = configs[0] if fallback is None else fallback
+    return c, choose_split(tiles_of(c), length, c.kwargs[block_key], sms)
+
+
 def f32_dot(dtype: torch.dtype) -> bool:
     """Exact fp32 dots: fp32 activations (no TF32, as F.linear), and bf16 under the interpreter,
     whose bf16 ``tl.dot`` is wrong (upcasting is exact: bf16 products fit in fp32)."""
@@ -506,25 +752,30 @@ class Plan:
     config: Optional[triton.Config]
     split: int
     block_m: int = 0       # gemv only
-    atomic: bool = False   # fp32 atomic_add into a zeroed buffer (GEMV with split > 1; every M <= MEDIUM_M tile)
+    atomic: bool = False   # fp32 atomic_add into a zeroed buffer (split > 1)
 
 
 def plan_forward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype: torch.dtype, sms: int,
                  interp: Optional[bool] = None) -> Plan:
     """The kernel, config and split the forward launcher runs (``interp=False``: the GPU's plan
-    even under the interpreter, for the AOT registry and the static model)."""
+    even under the interpreter, for the AOT registry and the static model). Small and medium M:
+    the widest tile whose grid fills the GPU without split-K, else split-K with atomics."""
     interp = interpreting() if interp is None else interp
     f32 = dtype == torch.float32 or (dtype == torch.bfloat16 and interp)
     if m <= SMALL_M:
         bm = triton.next_power_of_2(m)
-        c = gemv_config(fmt, bm, group, interp)
-        split = choose_split(triton.cdiv(n, c.kwargs["BLOCK_N"]), k, c.kwargs["BLOCK_K"], sms)
+        c, split = fill_or_split(gemv_configs(fmt, bm, group, interp, k), lambda c: triton.cdiv(n, c.kwargs["BLOCK_N"]),
+                                 k, "BLOCK_K", sms)
         return Plan("gemv", "small", c, split, bm, split > 1)
     if m <= MEDIUM_M or f32:
-        c = medium_config(fmt, m, group, f32, interp)
-        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])
-        split = choose_split(tiles, k, c.kwargs["BLOCK_K"], sms) if m <= MEDIUM_M else 1
-        return Plan("gemm", "medium", c, split, 0, m <= MEDIUM_M)
+        base = medium_config(fmt, m, group, f32, interp)
+        # narrowable formats run their base tile only split (with atomics): stored, two of those
+        # tiles spill a few bytes around the K loop on sm_90 (triton 3.9), the narrow tiles do not
+        narrow = m <= MEDIUM_NARROW_M[fmt] and not f32
+        cands = narrowed(base, "BLOCK_N")[1:] if narrow else [base]
+        tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(n, c.kwargs["BLOCK_N"])  # noqa: E731
+        c, split = fill_or_split(cands, tiles, k, "BLOCK_K", sms, base) if m <= MEDIUM_M else (base, 1)
+        return Plan("gemm", "medium", c, split, 0, split > 1)
     return Plan("gemm", "large", None, 1)
 
 
@@ -536,9 +787,10 @@ def plan_backward(fmt: int, m: int, n: int, k: int, group: Optional[int], dtype:
         c = medium_config(fmt, max(m, 16), group, f32, interp)
         c = cfg(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], _bk_cap(fmt, group, c.kwargs["BLOCK_K"]),
                 c.num_warps, c.num_stages)
-        tiles = triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])
-        split = choose_split(tiles, n, c.kwargs["BLOCK_N"], sms) if m <= MEDIUM_M else 1
-        return Plan("dx", "medium", c, split, 0, m <= MEDIUM_M)
+        cands = narrowed(c, "BLOCK_K")[1:] if m <= DX_NARROW_M[fmt] and not f32 else [c]
+        tiles = lambda c: triton.cdiv(m, c.kwargs["BLOCK_M"]) * triton.cdiv(k, c.kwargs["BLOCK_K"])  # noqa: E731
+        c, split = fill_or_split(cands, tiles, n, "BLOCK_N", sms, c) if m <= MEDIUM_M else (c, 1)
+        return Plan("dx", "medium", c, split, 0, split > 1)
     return Plan("dx", "large", None, 1)
 
 
@@ -579,6 +831,11 @@ def run_forward(fmt: int, x2: torch.Tensor, w, meta, s, z, bias, n: int, k: int,
     g = group or 1
     if p.kernel == "gemv":
         c = p.config
+        # the int4 GEMVs read codes as int32 words (2:4 + int4: metadata as 16-bit halves)
+        if fmt in GROUPED and w.data_ptr() % 4:
+            w = w.clone()
+        if fmt == S24I4 and meta.data_ptr() % 2:
+            meta = meta.clone()
         grid = (triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
         gemv_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, x2.stride(0), *strides, y.stride(0),
                           FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None, ATOMIC=p.atomic,

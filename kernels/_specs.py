@@ -110,11 +110,23 @@ def _tiled_variants(fmt: int, dt: torch.dtype, backward: bool) -> list:
         return [(sk.F32_TILE, True), (sk.F32_TILE, False)]
     out = []
     for bm in sk.GEMM_MEDIUM_BLOCK_MS:
-        p = (sk.plan_backward if backward else sk.plan_forward)(fmt, bm, 4096, 4096, group, dt, 132, interp=False)
-        out.append((p.config, True))
+        # the tile at a split-K shape (narrow grid) and at a wide one: the base tile, stored or
+        # with atomics, and its narrowed forms (always stored: they only run without split)
+        base = (sk.plan_backward if backward else sk.plan_forward)(fmt, bm, 1024, 1024, group, dt, 132, interp=False)
+        if bm <= (sk.DX_NARROW_M if backward else sk.MEDIUM_NARROW_M)[fmt]:
+            # the base tile only split, its narrowed forms only unsplit
+            narrowed = sk.narrowed(base.config, "BLOCK_K" if backward else "BLOCK_N")
+            out += [(base.config, True)] + [(c, False) for c in narrowed[1:]]
+        else:
+            out += [(base.config, True), (base.config, False)]
     table = sk.DX_LARGE if backward else sk.GEMM_LARGE
     out += [(c, False) for c in sk.large_configs(table, fmt, group)]
-    return out
+    seen, unique = set(), []
+    for c, atomic in out:  # a narrowed medium tile may equal a large one
+        if (config_label(c), atomic) not in seen:
+            seen.add((config_label(c), atomic))
+            unique.append((c, atomic))
+    return unique
 
 
 def skeleton_specs(fmt: int, dtypes=DTYPES, *, forward: bool = True, scale_fp32: bool = False) -> list:
@@ -129,8 +141,9 @@ def skeleton_specs(fmt: int, dtypes=DTYPES, *, forward: bool = True, scale_fp32:
         t_name = t + ("_s32" if scale_fp32 and fmt == 0 else "")
         if forward and fmt != 1:  # fp8 weights have no weight-only forward
             for bm in sk.GEMV_BLOCK_MS:
-                c = sk.gemv_config(fmt, bm, group, interp=False)
-                for atomic in (False, True):
+                configs = sk.gemv_configs(fmt, bm, group, interp=False)
+                # the budget-filling tile stored or with atomics; the narrower ones only run unsplit
+                for c, atomic in [(configs[0], True)] + [(c, False) for c in configs]:
                     out.append(spec(gemv_spec_name(fmt, t, c, bm, atomic), sk.gemv_kernel,
                                     {**wt, **_io_types(t, atomic, False)},
                                     {**consts, "HAS_BIAS": True, "ATOMIC": atomic, "BLOCK_M": bm}, c, False))

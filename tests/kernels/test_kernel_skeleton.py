@@ -68,9 +68,31 @@ def test_integer_codes_convert_exactly_without_i2f():
     assert torch.equal(outs[2].double(), (u & 0xF).double()) and torch.equal(outs[3].double(), u.double())
 
 
+@triton.jit
+def _nibble_kernel(w_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    wd = tl.load(w_ptr + offs)
+    mant = tl.where(N > 0, 0x780000, 0)
+    for j in tl.static_range(8):
+        tl.store(out_ptr + offs * 8 + j, sk._nibble(wd, j, mant))
+
+
+def test_word_nibbles_become_one_plus_q_over_16_exactly():
+    """Every nibble of random int32 words (sign bit included) as ``1 + q/16``, code ``8w + j`` at
+    nibble ``j``: the int4 GEMVs' conversion, against the bytes' own low/high nibbles."""
+    words = torch.randint(-2**31, 2**31 - 1, (64,), dtype=torch.int64).to(torch.int32)
+    words[:2] = torch.tensor([-1, 0], dtype=torch.int32)
+    out = torch.full((64 * 8,), float("nan"))
+    _nibble_kernel[(1,)](words, out, N=64)
+    b = words.view(torch.uint8).to(torch.int64)  # little-endian bytes: byte i holds codes 2i, 2i+1
+    codes = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)
+    assert torch.equal(out.double(), 1 + codes.double() / 16)
+
+
 @pytest.mark.parametrize("fmt", [sk.INT8.value, sk.INT4.value, sk.S24.value, sk.S24I4.value])
 def test_small_m_plans_cover_the_gpu(fmt):
-    """At 4096 x 4096 every M <= 64 launch has at least one CTA per SM of an H100 (132)."""
+    """At 4096 x 4096 every M <= 64 launch fills ``WAVE_FILL`` of an H100's 132 SMs, and does
+    so in one launch: no split-K (zero-fill + atomics + cast) where the grid fills the GPU alone."""
     group = 128 if fmt in sk.GROUPED else None
     for m in (1, 2, 4, 16, 64):
         for plan, cols in ((sk.plan_forward(fmt, m, 4096, 4096, group, torch.float16, 132, interp=False), "n"),
@@ -78,7 +100,12 @@ def test_small_m_plans_cover_the_gpu(fmt):
             c = plan.config.kwargs
             per = c["BLOCK_N"] if plan.kernel != "dx" else c["BLOCK_K"]
             rows = 1 if plan.kernel == "gemv" else triton.cdiv(m, c["BLOCK_M"])
-            assert rows * triton.cdiv(4096, per) * plan.split >= 132, (m, plan)
+            assert rows * triton.cdiv(4096, per) * plan.split >= sk.WAVE_FILL * 132, (m, plan)
+            if plan.kernel == "gemv" or m <= (sk.DX_NARROW_M if plan.kernel == "dx" else sk.MEDIUM_NARROW_M)[fmt]:
+                assert plan.split == 1 and not plan.atomic, (m, plan)
+        # a narrow output (N = 1024, K = 4096) cannot fill the GPU unsplit: split-K with atomics
+        p = sk.plan_forward(fmt, 1, 1024, 4096, group, torch.float16, 132, interp=False)
+        assert p.split > 1 and p.atomic, p
 
 
 def _all_spec_names():

@@ -109,6 +109,25 @@ def test_int4_groups(group):
         assert rel_err(fwd(x, *args), x.double() @ wd.T) < TOL[torch.float16]
 
 
+@pytest.mark.parametrize("k,group,dtype", [(1536, 128, torch.float32), (384, 64, torch.float16),
+                                            (640, 32, torch.bfloat16)])
+def test_int4_word_gemv_at_m1(k, group, dtype):
+    """M = 1 runs the word GEMV (tiles of whole groups dividing K: 512, 128 and 128 columns here),
+    also from codes whose storage starts off a 4-byte boundary, with bias and split-K."""
+    q, s, z = R.int4_pack(torch.randn(N_ODD, k).to(dtype), group)
+    wd = R.int4_unpack(q, s, z, group, torch.float64)
+    buf = torch.zeros(q.numel() + 1, dtype=torch.uint8)
+    q_odd = buf[1:].view(q.shape)
+    q_odd.copy_(q)
+    assert q_odd.is_contiguous() and q_odd.data_ptr() % 4
+    x = torch.randn(1, k).to(dtype)
+    b = torch.randn(N_ODD).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    ref = x.double() @ wd.T + b.double()
+    for codes, split in ((q, None), (q_odd, None), (q, 3)):
+        assert rel_err(L.int4_forward(x, codes, s, z, group, b, split_k=split), ref) < tol
+
+
 @pytest.mark.parametrize("fmt,k", [("int8", 1100), ("int4", 1024)])
 def test_split_k(fmt, k):
     args, fwd, wd, w = make(fmt, 19, k, torch.float32)
