@@ -163,9 +163,9 @@ def _evaluate_attacks(specs: list[str], eps: float) -> list:
             has_eps = "eps" in parse_options(spec, "attack", SpecError)[1]
         except SpecError as e:
             raise UsageError(f"--attacks: {e}") from None
-        sep = "" if has_eps else ("," if ":" in spec and not spec.rstrip().endswith((":", ",")) else
-                                  "" if ":" in spec else ":")
-        full.append(spec if has_eps else f"{spec}{sep}eps={eps!r}")
+        head = spec.strip().rstrip(",")
+        sep = ":" if ":" not in head else "" if head.endswith(":") else ","  # fgsm / pgd: / pgd:steps=3
+        full.append(head if has_eps else f"{head}{sep}eps={eps!r}")
     try:
         attacks = make_attacks(full)
     except SpecError as e:
