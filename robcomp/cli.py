@@ -1,4 +1,4 @@
-"""``robcomp`` command line: ``run`` (the main job: a study), ``report DIR``, ``env``, ``bench``.
+"""``robcomp`` command line: ``run`` (the main job: a study), ``evaluate MODEL``, ``report DIR``, ``env``, ``bench``.
 
 Bad input ends with one ``robcomp: error: ...`` line on stderr and exit code 2, before any file
 is written. Only argparse and the standard library are imported before a command runs, so
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,8 +19,11 @@ __all__ = ["main"]
 
 
 DESCRIPTION = ("robcomp: compress neural networks with real kernels and measure accuracy, adversarial "
-               "robustness and speed in one run. Commands: run (the main job: a study), report DIR, env, bench.")
+               "robustness and speed in one run. Commands: run (the main job: a study), evaluate MODEL, report DIR, env, "
+               "bench.")
 DEFAULT_OUT, QUICK_OUT = "robcomp-out", "robcomp-out-quick"
+#: ``robcomp evaluate``'s default attacks and radius: a study file's default (fgsm:eps=0.1, pgd:eps=0.1,steps=10)
+EVALUATE_ATTACKS, EVALUATE_EPS = ("fgsm", "pgd:steps=10"), "0.1"
 
 
 class UsageError(Exception):
@@ -134,6 +138,113 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _eps(text: str) -> float:
+    """``--eps``: a number or a fraction such as ``8/255``."""
+    import math
+    from fractions import Fraction
+
+    try:
+        eps = float(Fraction(text.strip()))
+    except (ValueError, ZeroDivisionError):
+        raise UsageError(f"--eps {text!r} is not a number or a fraction such as 8/255") from None
+    if not (eps > 0 and math.isfinite(eps)):
+        raise UsageError(f"--eps must be positive, got {text!r}")
+    return eps
+
+
+def _evaluate_attacks(specs: list[str], eps: float) -> list:
+    """The attacks as a study file names them; ``eps`` completes each spec that names none."""
+    from robcomp.options import parse_options
+    from robcomp.study.spec import SpecError, make_attacks
+
+    full = []
+    for spec in specs:
+        try:
+            has_eps = "eps" in parse_options(spec, "attack", SpecError)[1]
+        except SpecError as e:
+            raise UsageError(f"--attacks: {e}") from None
+        head = spec.strip().rstrip(",")
+        sep = ":" if ":" not in head else "" if head.endswith(":") else ","  # fgsm / pgd: / pgd:steps=3
+        full.append(head if has_eps else f"{head}{sep}eps={eps!r}")
+    try:
+        attacks = make_attacks(full)
+    except SpecError as e:
+        raise UsageError(f"--attacks: {e}") from None
+    names = [a.name for a in attacks]
+    if len(set(names)) != len(names):
+        raise UsageError(f"--attacks: two attacks have the same name: {names}")
+    return attacks
+
+
+def _check_writable(flag: str, path: str | None) -> None:
+    """``path`` can be written without creating anything now (its directory may not exist yet)."""
+    if path is None:
+        return
+    if not path.strip():
+        raise UsageError(f"{flag} is empty: name the file to write")
+    p = Path(path)
+    if p.is_dir():
+        raise UsageError(f"{flag} {path!r} is a directory: name a .json file")
+    ancestor = next(a for a in p.absolute().parents if a.exists())
+    if not (ancestor.is_dir() and os.access(ancestor, os.W_OK | os.X_OK)):
+        raise UsageError(f"{flag} {path!r}: cannot write there ({ancestor} is not a writable directory)")
+
+
+def _evaluate_device(text: str | None, torchrun: bool) -> str | None:
+    """Under torchrun ``cpu`` (gloo) or ``cuda`` (NCCL, cuda:LOCAL_RANK), default by CUDA; else any device."""
+    import torch
+
+    from robcomp.inputs import check_device
+
+    if text is None:
+        return None if torchrun else ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = check_device(text)
+    except ValueError as e:
+        raise UsageError(f"--device: {e}") from None
+    if torchrun and (device.type not in ("cpu", "cuda") or device.index is not None):
+        raise UsageError(f"--device {text!r}: under torchrun give cpu or cuda (each rank takes cuda:LOCAL_RANK)")
+    return text
+
+
+def _cmd_evaluate(args) -> int:
+    for flag, value in (("--batch-size", args.batch_size), ("--limit", args.limit)):
+        if value is not None and value < 1:
+            raise UsageError(f"{flag} must be a positive integer, got {value}")
+    attacks = _evaluate_attacks(args.attacks, _eps(args.eps))
+    _check_writable("--out", args.out)
+    _check_writable("--state", args.state)
+    from robcomp.evaluation.command import (check_model_takes, load_test_data, run_evaluation, summary_line,
+                                            torchrun_rank_world, under_torchrun)
+    from robcomp.serialize import load
+
+    device = _evaluate_device(args.device, under_torchrun())
+    try:
+        x, y = load_test_data(args.data, args.limit)
+    except ValueError as e:
+        raise UsageError(f"--data: {e}") from None
+    try:
+        model = load(args.model)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"MODEL: {e}") from None
+    try:
+        check_model_takes(model, x, y)
+    except ValueError as e:
+        raise UsageError(f"MODEL and --data {args.data!r}: {e}") from None
+    rank, world = torchrun_rank_world()
+    if -(-len(x) // args.batch_size) < world:
+        raise UsageError(f"{len(x)} examples make {-(-len(x) // args.batch_size)} batches of --batch-size "
+                         f"{args.batch_size} for {world} ranks: every rank needs one (a smaller --batch-size)")
+    try:
+        record = run_evaluation(model, (x, y), attacks=attacks, batch_size=args.batch_size, device=device,
+                                out=args.out, state=args.state)
+    except ValueError as e:  # e.g. --state holds another evaluation's state
+        raise UsageError(str(e).replace("state_path", "--state", 1)) from None
+    if rank == 0:
+        print(summary_line(record, args.out))
+    return 0
+
+
 def _cmd_report(args) -> int:
     import shutil
 
@@ -245,6 +356,26 @@ def _parser() -> argparse.ArgumentParser:
                                                      "study's threads)")
     run.add_argument("--task-gpus", type=float, help="with --executor ray: GPUs per point task (default 0)")
     run.set_defaults(func=_cmd_run)
+    ev = sub.add_parser("evaluate", help="evaluate a model saved with robcomp.save on a test set under attacks; "
+                                         "started by torchrun, sharded over its ranks")
+    ev.add_argument("model", metavar="MODEL", help="a .safetensors file written by robcomp.save")
+    ev.add_argument("--data", default="digits", help="digits (the embedded test split, default), cifar10:ROOT or "
+                                                     "mnist:ROOT (the test split of local files)")
+    ev.add_argument("--attacks", nargs="+", metavar="ATTACK", default=list(EVALUATE_ATTACKS),
+                    help="attacks as in a study file, NAME:key=value,...: fgsm, pgd:steps=10, apgd:loss=dlr, "
+                         "square:n_queries=500, preset:name=standard, ... (default: fgsm pgd:steps=10)")
+    ev.add_argument("--eps", default=EVALUATE_EPS, help="radius of every attack that names no eps= (a number or a "
+                                                        "fraction such as 8/255; default 0.1)")
+    ev.add_argument("--batch-size", type=int, default=256, help="examples per batch (default 256); under "
+                                                                "torchrun rank r takes batches b %% world_size == r")
+    ev.add_argument("--limit", type=int, metavar="N", help="evaluate the first N examples only")
+    ev.add_argument("--out", metavar="RECORD.json", help="write the evaluation record there (atomically; under "
+                                                         "torchrun rank 0 alone)")
+    ev.add_argument("--state", metavar="PATH", help="resume file, written after every batch (under torchrun one "
+                                                    "per rank: state.json -> state.rank1-of-2.json)")
+    ev.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cuda when available); under torchrun cpu "
+                                     "(gloo) or cuda (NCCL, each rank on cuda:LOCAL_RANK)")
+    ev.set_defaults(func=_cmd_evaluate)
     rep = sub.add_parser("report", help="re-render report.md, report.html and plots/ from DIR/results.jsonl")
     rep.add_argument("directory", metavar="DIR")
     rep.add_argument("--bench", nargs="+", metavar="FILE.json",
