@@ -130,7 +130,8 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
     width = NB.block_width(m)
     out = np.empty((n, -(-m // width) * width), np.float32)
     NB.kernel(f"{name}_fwdb{width}", par)(_blocked(x2, width), *weights, out)
-    return torch.from_numpy(out)[:, :m].t()
+    # a fresh [M, N] tensor, never a view: compiled graphs replay outputs with the fake's strides
+    return torch.from_numpy(out)[:, :m].t().contiguous()
 
 
 def _s24i4_fwd1_ok(weights) -> bool:
