@@ -98,4 +98,4 @@ def triton_status() -> str:
     if torch.cuda.is_available():
         return f"GPU kernels on {torch.cuda.get_device_name()} (triton {triton.__version__})"
     return (f"no GPU: kernels run only in the CPU interpreter (TRITON_INTERPRET=1, slow; "
-            f"triton {triton.__version__}); the default CPU backend is the torch reference")
+            f"triton {triton.__version__}); on CPU backend=\"auto\" runs robcomp's CPU kernels (kernels/cpu.py)")
