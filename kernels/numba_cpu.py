@@ -39,6 +39,20 @@ try:
 except Exception:  # pragma: no cover - numba is a declared dependency
     numba = None
 
+
+def _launch_numba_threads() -> None:
+    """Start numba's thread pool now, keeping torch's thread count: the first parallel kernel
+    (even one loaded from numba's disk cache) starts it, and its OpenMP layer then resets the
+    process's OpenMP thread count to numba's, which torch reads (``torch.get_num_threads()``)."""
+    threads = torch.get_num_threads()
+    numba.np.ufunc.parallel._launch_threads()
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+if numba is not None:
+    _launch_numba_threads()
+
 __all__ = ["available", "int4_pack", "int4_gemv", "int8_gemv", "kernel"]
 
 _FM = {"reassoc", "contract"}

@@ -238,7 +238,7 @@ def test_files_naming_the_flat_layout_modules_still_load(tmp_path, model_factory
         h["__metadata__"]["robcomp.manifest"] = text
         h["__metadata__"]["robcomp.manifest.sha256"] = hashlib.sha256(text.encode()).hexdigest()
     _rewrite_header(path, as_flat_layout)
-    assert "robcomp.layers.linear.Sparse24Linear" in json.dumps(read_manifest(path))
+    assert "robcomp.nn.Sparse24Linear" in json.dumps(read_manifest(path))
     loaded = robcomp.load(path, model_factory)
     _same(model, loaded)
     assert type(loaded.body[0]).__module__ == "robcomp.layers.linear"

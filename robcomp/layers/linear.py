@@ -63,6 +63,13 @@ def layer_paths(model: nn.Module) -> dict[str, dict[str, str]]:
             if isinstance(m, CompressedLinear) and m.paths_run}
 
 
+def _group_incompatibility(linear: nn.Linear, recipe) -> str | None:
+    """Why a grouped format (scales per ``group_size`` input columns) cannot take ``linear``."""
+    if linear.in_features % recipe.group_size:
+        return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
+    return None
+
+
 class CompressedLinear(nn.Module, abc.ABC):
     """Base class of the compressed layers: shape bookkeeping, bias, backend dispatch."""
 
@@ -482,9 +489,7 @@ class Int4WeightOnlyLinear(CompressedLinear):
 
     @classmethod
     def incompatibility(cls, linear, recipe):
-        if linear.in_features % recipe.group_size:
-            return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
-        return None
+        return _group_incompatibility(linear, recipe)
 
     @staticmethod
     def pack(weight, recipe):
@@ -528,14 +533,29 @@ class Int4WeightOnlyLinear(CompressedLinear):
 
 
 
-class Int8DynamicLinear(CompressedLinear):
-    """W8A8: int8 weight (per channel, float32 scale) and int8 activations quantised per token at
-    run time; int8 x int8 -> int32 dot. The input gradient is the straight-through estimator:
-    ``dX = dY @ dequant(W)``, the activation rounding counted as the identity (``gradient``)."""
+class _DynamicActivationLinear(CompressedLinear):
+    """A weight with a float32 scale per channel whose activations are quantised per token at run
+    time; the input gradient is the straight-through estimator ``dX = dY @ dequant(W)``, the
+    activation rounding counted as the identity (``gradient``)."""
 
-    recipe_type = Int8Dynamic
     gradient: ClassVar[str] = "straight-through"
     fp32_buffers = ("scale",)
+
+    def _vendor_matmul(self, x, quantize_rows, matmul):
+        """``matmul(xq, qweight.T, xs, scale)`` on the reference's per-token codes ``xq, xs =
+        quantize_rows(x)``, run by a vendor kernel (``torch._int_mm``, ``torch._scaled_mm``); STE."""
+        def fn(xd):
+            xq, xs = quantize_rows(xd.reshape(-1, self.in_features))
+            y = matmul(xq, self.qweight.t(), xs, self.scale, xd.dtype)
+            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
+        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+
+
+class Int8DynamicLinear(_DynamicActivationLinear):
+    """W8A8: int8 weight (per channel, float32 scale) and int8 activations quantised per token at
+    run time; int8 x int8 -> int32 dot; straight-through input gradient."""
+
+    recipe_type = Int8Dynamic
 
     @staticmethod
     def pack(weight, recipe):
@@ -573,28 +593,20 @@ class Int8DynamicLinear(CompressedLinear):
 
     def forward_int_mm(self, x):
         """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""
-        q, s = self.qweight, self.scale.float()
-
-        def fn(xd):
-            x2 = xd.reshape(-1, self.in_features)
-            xq, xs = ref.quantize_rows_int8(x2)
-            y = torch._int_mm(xq, q.t()).to(torch.float32) * xs[:, None] * s[None, :]
-            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
-        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+        return self._vendor_matmul(x, ref.quantize_rows_int8, lambda xq, wt, xs, s, _dtype:
+                                   torch._int_mm(xq, wt).to(torch.float32) * xs[:, None] * s[None, :])
 
     def dequantize(self):
         return ref.int8_dynamic_unpack(self.qweight, self.scale.float())
 
 
-class FP8DynamicLinear(CompressedLinear):
+class FP8DynamicLinear(_DynamicActivationLinear):
     """FP8 (e4m3) weight per channel and e4m3 activations per token. ``backend="triton"`` needs a
     CUDA GPU with compute capability >= 8.9 and raises ``ValueError`` elsewhere; ``backend="torch"``
     emulates e4m3 with ``torch.float8_e4m3fn`` casts (CPU included). The codes are stored as raw
     ``uint8`` bits (``qweight_bits``) so that ``model.half()`` cannot convert them. STE gradient."""
 
     recipe_type = FP8Dynamic
-    gradient: ClassVar[str] = "straight-through"
-    fp32_buffers = ("scale",)
 
     @staticmethod
     def pack(weight, recipe):
@@ -624,15 +636,9 @@ class FP8DynamicLinear(CompressedLinear):
     def forward_scaled_mm(self, x):
         """``torch._scaled_mm`` (FP8 tensor cores, row-wise scales) on the reference's per-token
         e4m3 activations; STE gradient."""
-        q, s = self.qweight, self.scale.float()
-
-        def fn(xd):
-            x2 = xd.reshape(-1, self.in_features)
-            xq, xs = ref.quantize_rows_fp8(x2)
-            y = torch._scaled_mm(xq, q.t(), scale_a=xs[:, None].contiguous(), scale_b=s[None, :].contiguous(),
-                                 out_dtype=torch.bfloat16 if xd.dtype == torch.float32 else xd.dtype)
-            return y.to(xd.dtype).reshape(*xd.shape[:-1], self.out_features)
-        return ref._StraightThrough.apply(x, self.dequantize(), self.bias, fn)
+        return self._vendor_matmul(x, ref.quantize_rows_fp8, lambda xq, wt, xs, s, dtype: torch._scaled_mm(
+            xq, wt, scale_a=xs[:, None].contiguous(), scale_b=s[None, :].contiguous(),
+            out_dtype=torch.bfloat16 if dtype == torch.float32 else dtype))
 
     def dequantize(self):
         return ref.fp8_dynamic_unpack(self.qweight, self.scale.float())
@@ -646,9 +652,7 @@ class Sparse24Int4Linear(CompressedLinear):
 
     @classmethod
     def incompatibility(cls, linear, recipe):
-        if linear.in_features % recipe.group_size:
-            return f"group_size={recipe.group_size} does not divide in_features={linear.in_features}"
-        return None
+        return _group_incompatibility(linear, recipe)
 
     @staticmethod
     def pack(weight, recipe):

@@ -302,3 +302,4 @@ def test_native_outputs_are_contiguous_tensors_of_their_own(cls, recipe, n, k, _
             y = layer.run_path("native", x)
             assert y.shape == (m, n) and y.is_contiguous(), y.stride()
             assert y.untyped_storage().nbytes() == y.numel() * y.element_size(), "output is a view of a larger buffer"
+
