@@ -259,3 +259,13 @@ def test_layer_shares_add_up_to_at_most_the_whole_pass():
     assert len(shares) == 3 and all(s > 0 for s in shares)
     assert sum(shares) <= 1.0  # layers and total from the same pass
     assert t["total_ms"] > 0 and t["unhooked_ms"] > 0
+
+
+def test_run_study_is_reachable_from_the_study_package():
+    """The README's Python entry ``robcomp.study.run_study`` is the runner's, resolved lazily."""
+    import robcomp.study
+    from robcomp.study.runner import run_study
+
+    assert robcomp.study.run_study is run_study
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        robcomp.study.nope
