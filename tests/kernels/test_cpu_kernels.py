@@ -290,16 +290,17 @@ def test_inplace_op_after_a_cpu_layer_keeps_gradients(m):
                                                           (Sparse24Int4Linear, Sparse24Int4(group_size=32), 128, 64,
                                                            False, False)],
                          ids=lambda v: getattr(v, "__name__", None))
-def test_native_outputs_are_contiguous_tensors_of_their_own(cls, recipe, n, k, _bias, _dyn, m):
-    """A native output is a contiguous [M, N] tensor owning its storage, never a strided view of a
-    padded buffer: compiled graphs (aot_eager, inductor) replay outputs with the fake's strides, so
-    a view read back that way returns another layer's memory (NaN logits in a compiled BERT)."""
+def test_cpu_outputs_are_contiguous_tensors_of_their_own(cls, recipe, n, k, _bias, _dyn, m):
+    """Every CPU path's output is a contiguous [M, N] tensor owning its storage, never a strided
+    view of a padded buffer: compiled graphs (aot_eager, inductor) replay outputs with the fake's
+    strides, so a view read back that way returns another layer's memory (NaN logits in a compiled
+    BERT)."""
     for bias in (False, True):  # a bias add keeps its operand's strides
         layer = _layer(cls, recipe, n, k, bias=bias)
-        if "native" not in layer.paths(torch.device("cpu"), torch.float32):
-            pytest.skip(f"{cls.__name__} has no native path at this shape")
-        for x in (torch.randn(m, k), torch.randn(m, k, requires_grad=True)):
-            y = layer.run_path("native", x)
-            assert y.shape == (m, n) and y.is_contiguous(), y.stride()
-            assert y.untyped_storage().nbytes() == y.numel() * y.element_size(), "output is a view of a larger buffer"
+        paths = layer.paths(torch.device("cpu"), torch.float32)
+        for path in paths:
+            for x in (torch.randn(m, k), torch.randn(m, k, requires_grad=True)):
+                y = layer.run_path(path, x)
+                assert y.shape == (m, n) and y.is_contiguous(), (path, y.stride())
+                assert y.untyped_storage().nbytes() == y.numel() * y.element_size(), f"{path}: a view of a larger buffer"
 
