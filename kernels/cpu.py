@@ -19,9 +19,9 @@ int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (stra
                    numba int8 GEMV (``int8_dynamic_linear_gemv``,
                    exact int32 too: ``_int_mm`` reorders the
                    weight on every call)
-fp8 dynamic        per-token e4m3; codes decoded by a 256-entry    as int8 (straight-through)
-                   table (numba at M=1, else BLAS on the decoded
-                   codes), float32 accumulation
+fp8 dynamic        per-token e4m3; codes decoded by bit           numba at M=1, else BLAS on
+                   arithmetic (numba GEMV at M=1, else BLAS on    the decoded weight
+                   the decoded weight), float32 accumulation      (straight-through)
 2:4                numba on kept values + metadata, float32:      numba, from the packed
                    M=1 lane-expanded GEMV, M>1 blocked kernels     weight (M=1 and blocked)
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
@@ -35,6 +35,10 @@ Frobenius error; the float32 paths to 1e-5.
 Derived weights (the tinygemm copy of an int4 weight with ``zp = (8 - z) * s`` scales/zeros, bf16
 scales for int8) are built once per layer by :func:`derived` and counted in the layer's bytes.
 The tinygemm conversion is exact: robcomp's ``(q - z) * s`` equals tinygemm's ``(q - 8) * s + zp``.
+
+Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf16_tiles.py``):
+the weight decoded tile by tile into bf16 for oneDNN's bf16 GEMM, ~3x the float32 GEMM's speed on
+CPUs with bf16 dot products.
 
 Under ``torch.compile`` the numba kernels run through ``torch.library`` custom ops
 (``robcomp::cpu_*``) with fake implementations; in eager mode they are called directly to keep
@@ -150,8 +154,11 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
     weight once); for M > 1 the 2:4 formats' blocked kernels, the others BLAS on the weight
     unpacked by numba into float32."""
-    # the 2:4 formats take the blocked kernel at M = 1 too (width 4, zero-padded): it measured
-    # ~1.5x faster than the lane-plane *_bwd1 kernels at 4096x4096
+    if g2.shape[0] == 1 and name in ("sp24", "s24i4") and k % 8 == 0:
+        # dX by meta byte, half and lane (dxq[h, t, j] = dX[8 j + 4 h + t]), as the forward's x
+        dxq = np.zeros((2, 4, k // 8), np.float32)
+        NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxq)
+        return torch.from_numpy(dxq).permute(2, 0, 1).reshape(1, k)
     if g2.shape[0] == 1 and name not in ("sp24", "s24i4"):
         if name == "int4":  # even / odd k in two planes
             dx2 = np.zeros((2, k // 2), np.float32)
@@ -198,6 +205,21 @@ def _lut8_fwd(x2, codes, lut):
 
 def _lut8_bwd(g2, codes, lut):
     return _run_bwd("lut8", g2, codes.shape[1], _np(codes), _np(lut))
+
+
+def _fp8_fwd(x2, codes, scale):
+    """``x2 @ (e4m3(codes) * scale).T``: the bit-decoding GEMV at M = 1, else BLAS on the weight
+    decoded once per call (float32, scale folded in)."""
+    if x2.shape[0] == 1:
+        return _run_fwd("fp8", x2, codes.shape[0], _np(codes)) * scale[None, :]
+    return x2 @ _unpack_f32("fp8", tuple(codes.shape), _np(codes), _np(scale)).t()
+
+
+def _fp8_bwd(g2, codes):
+    """``dY @ e4m3(codes)`` (the caller folds the per-channel scale into dY)."""
+    if g2.shape[0] == 1:  # the kernel's decoded values are 2**-120 of the codes' (see numba_cpu)
+        return _run_bwd("fp8", g2 * 2.0 ** 120, codes.shape[1], _np(codes))
+    return g2 @ _unpack_f32("fp8", tuple(codes.shape), _np(codes), np.ones(codes.shape[0], np.float32))
 
 
 def _int8_bwd(g2, qweight):
@@ -265,6 +287,14 @@ def _lut8_bwd_op(g2: torch.Tensor, codes: torch.Tensor, lut: torch.Tensor) -> to
     return _lut8_bwd(g2, codes, lut)
 
 
+def _fp8_fwd_op(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _fp8_fwd(x2, codes, scale)
+
+
+def _fp8_bwd_op(g2: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    return _fp8_bwd(g2, codes)
+
+
 def _int8_bwd_op(g2: torch.Tensor, qweight: torch.Tensor) -> torch.Tensor:
     return _int8_bwd(g2, qweight)
 
@@ -298,6 +328,8 @@ s24i4_fwd = _op("s24i4_fwd", _s24i4_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 s24i4_bwd = _op("s24i4_bwd", _s24i4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 4))
 lut8_fwd = _op("lut8_fwd", _lut8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
 lut8_bwd = _op("lut8_bwd", _lut8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
+fp8_fwd = _op("fp8_fwd", _fp8_fwd_op, _fake_fwd(lambda w: w.shape[0]))
+fp8_bwd = _op("fp8_bwd", _fp8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int4_bwd = _op("int4_bwd", _int4_bwd_op, _fake_bwd(lambda w: w.shape[1] * 2))
 int8_bwd = _op("int8_bwd", _int8_bwd_op, _fake_bwd(lambda w: w.shape[1]))
 int8_gemv_f32 = _op("int8_gemv_f32", _int8_gemv_f32_op, _fake_fwd(lambda w: w.shape[0]))
@@ -364,6 +396,15 @@ def derived_int8(scale: torch.Tensor) -> dict[str, torch.Tensor]:
     return {"scale_bf16": scale.detach().to(torch.bfloat16).contiguous()}
 
 
+def _tiles_for_grad(g2: torch.Tensor) -> bool:
+    """The weight-only formats' dX for M > 1 runs in bf16 tiles (their activation precision) where
+    bf16 GEMMs are fast; eager only (the tile decoders are not traced by torch.compile)."""
+    if g2.shape[0] == 1 or torch.compiler.is_compiling():
+        return False
+    from robcomp.kernels import bf16_tiles
+    return bf16_tiles.fast_bf16()
+
+
 def int8_weight_linear(x, qweight, scale, bias, d):
     """W8A16 forward with ``_weight_int8pack_mm`` (bf16 activations); dX from the int8 codes."""
     _check(x, qweight.shape[1])
@@ -376,6 +417,9 @@ def int8_weight_linear(x, qweight, scale, bias, d):
         return torch._weight_int8pack_mm(x2.to(torch.bfloat16).contiguous(), qweight, d["scale_bf16"])
 
     def bwd(g2):
+        if _tiles_for_grad(g2):
+            from robcomp.kernels import bf16_tiles
+            return bf16_tiles.int8_input_grad(g2 * s32, qweight)
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
@@ -427,6 +471,9 @@ def int4_linear(x, qweight, scales, zeros, group_size, bias, d):
                                                  d["scales_zeros"])
 
     def bwd(g2):
+        if _tiles_for_grad(g2):
+            from robcomp.kernels import bf16_tiles
+            return bf16_tiles.int4_input_grad(g2, qweight, scales, zeros, group_size)
         return int4_bwd(g2, qweight, scales, zeros, group_size)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
@@ -463,17 +510,27 @@ def int8_dynamic_linear_gemv(x, qweight, scale, bias):
     return _Linear.apply(x, bias, fwd, bwd, n)
 
 
-def fp8_dynamic_linear(x, qweight, scale, bias):
-    """FP8 e4m3: per-token e4m3 (reference rounding), table-decoded codes, float32 accumulation; STE dX."""
+def fp8_dynamic_linear(x, qweight, scale, bias, nan_codes: bool = True):
+    """FP8 e4m3: per-token e4m3 (reference rounding), float32 accumulation; STE dX. The weight's
+    codes are decoded by bit arithmetic (numba GEMV at M = 1, else BLAS on the decoded weight);
+    ``nan_codes`` (the weight holds NaN codes, see ``bf16_tiles.fp8_has_nan``) selects the
+    256-entry-table decoders instead, which map them to NaN."""
     _check(x, qweight.shape[1])
     codes, s32 = qweight.view(torch.uint8), scale.float()
+    if nan_codes:
+        def fwd(x2):
+            xq, xs = ref.quantize_rows_fp8(x2)
+            return lut8_fwd(xq.to(torch.float32), codes, lut_fp8()) * xs[:, None] * s32[None, :]
 
-    def fwd(x2):
-        xq, xs = ref.quantize_rows_fp8(x2)
-        return lut8_fwd(xq.to(torch.float32), codes, lut_fp8()) * xs[:, None] * s32[None, :]
+        def bwd(g2):
+            return lut8_bwd(g2 * s32, codes, lut_fp8())
+    else:
+        def fwd(x2):
+            xq, xs = ref.quantize_rows_fp8(x2)
+            return fp8_fwd(xq.to(torch.float32), codes, s32) * xs[:, None]
 
-    def bwd(g2):
-        return lut8_bwd(g2 * s32, codes, lut_fp8())
+        def bwd(g2):
+            return fp8_bwd(g2 * s32, codes)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
 

@@ -180,8 +180,11 @@ class CompressedLinear(nn.Module, abc.ABC):
         path = self.tuned_paths.get((x.device.type, x.dtype, m_bucket(m)))
         if path is None:
             path = self.default_path(x.device, x.dtype, m)
-        if torch.compiler.is_compiling() and not self.ready_for(path, x.device):
-            return "reference"  # no derived weight may be built while tracing
+        if torch.compiler.is_compiling():
+            if path == "bf16_tiles":  # its tile decoders are not traced: the first static path instead
+                path = self.paths(x.device, x.dtype)[0]
+            if not self.ready_for(path, x.device):
+                return "reference"  # no derived weight may be built while tracing
         return path
 
     @property
@@ -214,9 +217,11 @@ class CompressedLinear(nn.Module, abc.ABC):
         return True
 
     def default_path(self, device: torch.device, dtype: torch.dtype, m: int) -> str:
-        """Static choice without a tuned entry: the first of :meth:`paths` (on CPU the native
-        kernel where one exists for ``dtype``, on CUDA the Triton kernel)."""
-        return self.paths(device, dtype)[0]
+        """Static choice without a tuned entry: on CPU "bf16_tiles" from the format's
+        :attr:`bf16_tiles_from_m` rows (CPUs with fast bf16), else the first of :meth:`paths` (on
+        CPU the native kernel where one exists for ``dtype``, on CUDA the Triton kernel)."""
+        paths = self.paths(device, dtype)
+        return self._cpu_default(paths, m) or paths[0]
 
     def ready_for(self, path: str, device: torch.device) -> bool:
         """Whether ``path`` can run without building a derived weight first."""
@@ -258,6 +263,29 @@ class CompressedLinear(nn.Module, abc.ABC):
     def forward_cpu(self, x: torch.Tensor) -> torch.Tensor:
         """Forward through robcomp's CPU kernels (``robcomp.kernels.cpu``)."""
         raise ValueError(f"{type(self).__name__} has no CPU kernel")
+
+    #: the smallest M from which ``default_path`` takes "bf16_tiles" on a CPU with fast bf16
+    #: (per format, from the CPU benchmark in bench/RESULTS.md); None: never by default
+    bf16_tiles_from_m: ClassVar[int | None] = None
+
+    def forward_bf16_tiles(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight decoded tile by tile into bf16 for oneDNN's bf16 GEMM (``kernels/bf16_tiles.py``)."""
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'bf16_tiles' runs robcomp's CPU kernels; the input is on {x.device}")
+        from robcomp.kernels import bf16_tiles
+
+        return self.run_bf16_tiles(bf16_tiles, x)
+
+    def run_bf16_tiles(self, tiles, x: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"{type(self).__name__} has no 'bf16_tiles' path")
+
+    def _cpu_default(self, paths: tuple[str, ...], m: int) -> str | None:
+        """"bf16_tiles" where this format's threshold and the CPU's bf16 speed say so, else None."""
+        if self.bf16_tiles_from_m is None or m < self.bf16_tiles_from_m or "bf16_tiles" not in paths:
+            return None
+        from robcomp.kernels import bf16_tiles
+
+        return "bf16_tiles" if bf16_tiles.fast_bf16() else None
 
     def dense_weight(self, x: torch.Tensor) -> torch.Tensor:
         """The dense weight the "dense" path multiplies with, unpacked for this call."""
@@ -385,13 +413,22 @@ class Sparse24Linear(CompressedLinear):
         w = self.derived(f"semi_structured_{x.dtype}", lambda: to_sparse_semi_structured(self.dequantize().to(x.dtype)))
         return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
 
+    cpu_paths = ("native", "dense", "bf16_tiles")
+    bf16_tiles_from_m = 64
+
     def default_path(self, device, dtype, m):
         # CPU: the numba kernels (half the bytes, blocked over rows) win up to a few dozen rows; far
-        # above, BLAS on the unpacked weight (bench/RESULTS.md, CPU section)
+        # above, a GEMM on the unpacked weight (bf16 tiles where bf16 is fast; bench/RESULTS.md)
         paths = self.paths(device, dtype)
+        tiles = self._cpu_default(paths, m)
+        if tiles:
+            return tiles
         if torch.device(device).type == "cpu" and m > 128 and "dense" in paths:
             return "dense"
         return paths[0]
+
+    def run_bf16_tiles(self, tiles, x):
+        return tiles.sparse24_linear(x, self.values, self.meta, self.bias)
 
     def dense_weight(self, x):
         if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):
@@ -431,7 +468,8 @@ class Int8WeightOnlyLinear(CompressedLinear):
         return lowbit.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
     # "numba_fp32": numba GEMV with fp32 activations, the fastest at M <= 2 (kernels/cpu.py)
-    cpu_paths = ("native", "dense", "numba_fp32")
+    cpu_paths = ("native", "dense", "numba_fp32", "bf16_tiles")
+    bf16_tiles_from_m = 4
 
     def can_run(self, path, device):
         # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
@@ -441,7 +479,10 @@ class Int8WeightOnlyLinear(CompressedLinear):
         paths = self.paths(device, dtype)
         if m <= 2 and "numba_fp32" in paths:
             return "numba_fp32"
-        return paths[0]
+        return self._cpu_default(paths, m) or paths[0]
+
+    def run_bf16_tiles(self, tiles, x):
+        return tiles.int8_weight_linear(x, self.qweight, self.scale, self.bias)
 
     def forward_numba_fp32(self, x):
         from robcomp.kernels import cpu
@@ -504,9 +545,15 @@ class Int4WeightOnlyLinear(CompressedLinear):
 
         return lowbit.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
+    cpu_paths = ("native", "dense", "bf16_tiles")
+    bf16_tiles_from_m = 64
+
     def can_run(self, path, device):
         # tinygemm's CPU kernel takes N divisible by 16 and groups of 32..256
         return path != "native" or (self.out_features % 16 == 0 and self.group_size in (32, 64, 128, 256))
+
+    def run_bf16_tiles(self, tiles, x):
+        return tiles.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias)
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
@@ -625,13 +672,27 @@ class FP8DynamicLinear(_DynamicActivationLinear):
 
         return lowbit.fp8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
-    cpu_paths = ("native",)
+    cpu_paths = ("native", "bf16_tiles")
     cuda_paths = ("triton", "scaled_mm")
+    bf16_tiles_from_m = 2
+
+    def _nan_codes(self) -> bool:
+        from robcomp.kernels import bf16_tiles
+
+        return self.derived("fp8_nan_codes", lambda: bf16_tiles.fp8_has_nan(self.qweight_bits))
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
 
-        return cpu.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+        return cpu.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias, nan_codes=self._nan_codes())
+
+    def run_bf16_tiles(self, tiles, x):
+        if self._nan_codes():  # the tile decoder does not map NaN codes
+            return self.forward_cpu(x)
+        return tiles.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def ready_for(self, path, device):
+        return path not in ("native", "bf16_tiles") or self.has_derived("fp8_nan_codes")
 
     def forward_scaled_mm(self, x):
         """``torch._scaled_mm`` (FP8 tensor cores, row-wise scales) on the reference's per-token
@@ -673,7 +734,13 @@ class Sparse24Int4Linear(CompressedLinear):
 
         return cpu.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
 
+    cpu_paths = ("native", "dense", "bf16_tiles")
+    bf16_tiles_from_m = 64
     default_path = Sparse24Linear.default_path
+
+    def run_bf16_tiles(self, tiles, x):
+        return tiles.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size,
+                                          self.bias)
 
     def dense_weight(self, x):
         if x.device.type == "cpu" and "native" in self.paths(x.device, x.dtype):

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from robcomp.kernels import bf16_tiles as T
 from robcomp.kernels import cpu as C
 from robcomp.kernels import numba_cpu as NB
 from robcomp.kernels import reference as R
@@ -75,7 +76,7 @@ def test_every_cpu_path_matches_the_stored_format(case, m, poisoned_buffers):
         assert y.dtype == torch.float32 and y.shape == (1, m, n)
         (gx,) = torch.autograd.grad(y, xr, dy, retain_graph=True)
         y.backward(dy)
-        low = bf16 and path in ("native", "dense")
+        low = path == "bf16_tiles" or (bf16 and path in ("native", "dense"))
         tol = BF16_TOL if low else F32_TOL
         assert _rel(y, y_exp) < tol, (path, _rel(y, y_exp))
         assert _rel(gx, gx_exp) < tol, (path, _rel(gx, gx_exp))
@@ -101,6 +102,7 @@ class _PoisonedNumpy:
 @pytest.fixture
 def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(C, "np", _PoisonedNumpy())
+    monkeypatch.setattr(T, "np", _PoisonedNumpy())
 
 
 @pytest.mark.parametrize("m", sorted({1, 2, 5, 33} | {w + d for w in NB.BLOCK_WIDTHS for d in (-1, 1)}))
@@ -139,12 +141,20 @@ def test_int8_gemv_paths_match_float64(m, poisoned_buffers):
     assert _rel(C.int8_weight_linear_fp32(x, q2, s, None), x.double() @ w.T) > F32_TOL
 
 
-def test_small_batches_default_to_the_fp32_and_int8_gemv_paths():
+@pytest.mark.parametrize("fast_bf16", [True, False])
+def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
+    monkeypatch.setattr(T, "fast_bf16", lambda: fast_bf16)
     i8 = _layer(Int8WeightOnlyLinear, Int8WeightOnly(), 32, 64)
     dyn = _layer(Int8DynamicLinear, Int8Dynamic(), 32, 64)
+    fp8 = _layer(FP8DynamicLinear, FP8Dynamic(), 32, 64)
+    sp = _layer(Sparse24Linear, Sparse24(), 32, 64)
     cpu = torch.device("cpu")
-    assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == "native"
+    tiles = "bf16_tiles" if fast_bf16 else "native"
+    assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == tiles
     assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
+    assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
+    assert sp.default_path(cpu, torch.float32, 16) == "native"
+    assert sp.default_path(cpu, torch.float32, 256) == ("bf16_tiles" if fast_bf16 else "dense")
 
 
 def test_bf16_error_bound_fails_when_the_int4_conversion_is_wrong():
@@ -304,3 +314,58 @@ def test_cpu_outputs_are_contiguous_tensors_of_their_own(cls, recipe, n, k, _bia
                 assert y.shape == (m, n) and y.is_contiguous(), (path, y.stride())
                 assert y.untyped_storage().nbytes() == y.numel() * y.element_size(), f"{path}: a view of a larger buffer"
 
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] is not Int8DynamicLinear], ids=lambda c: f"{c[1].label()}-{c[3]}")
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_bf16_tiles_with_a_partial_last_tile(case, m, monkeypatch, poisoned_buffers):
+    """Several tiles of 16 rows and a last one of 4 (N = 52): every row decoded, none left over."""
+    cls, recipe, _, k, _, _ = case
+    n = N_ODD
+    monkeypatch.setattr(T, "TILE_BYTES", 16 * 2 * k)
+    assert T.tile_rows(n, k) == 16 and n % 16 == 4
+    layer = _layer(cls, recipe, n, k)
+    x, dy = torch.randn(m, k), torch.randn(m, n)
+    y_exp, gx_exp, _ = _expected(layer, x, dy)
+    xr = x.clone().requires_grad_()
+    y = layer.run_path("bf16_tiles", xr)
+    y.backward(dy)
+    assert 1e-5 < _rel(y, y_exp) < BF16_TOL and _rel(xr.grad, gx_exp) < BF16_TOL
+
+
+def test_fp8_bit_decoders_are_exact_for_every_code():
+    """The bit-arithmetic e4m3 decoders (numba GEMV/unpack, bf16 tiles) against torch's float8
+    conversion, all 254 non-NaN codes, subnormals and both zeros included."""
+    codes = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    codes = codes[(codes & 0x7F) != 0x7F].reshape(2, 127).repeat(1, 2)[:, :248].contiguous()
+    exact = codes.view(torch.float8_e4m3fn).to(torch.float32)
+    scale = torch.rand(2) + 0.5
+    w = C.dense_weight("fp8", codes.view(torch.float8_e4m3fn), scale)  # numba unpack, scale folded in
+    assert torch.equal(w, exact * scale[:, None])
+    x = torch.randn(1, 248, dtype=torch.float64)
+    y = C._fp8_fwd(x.float(), codes, torch.ones(2))
+    assert _rel(y, x @ exact.double().T) < F32_TOL
+    tiles = T._Tiles("fp8", 2, 248, (codes.numpy(),), np.uint16)
+    ((_, _, tile),) = list(tiles)
+    assert torch.equal(tile.float(), exact) and T.fp8_has_nan(codes) is False
+
+
+def test_fp8_nan_codes_propagate_on_every_cpu_path():
+    layer = _layer(FP8DynamicLinear, FP8Dynamic(), 32, 64)
+    layer.qweight_bits[3, 5] = 0x7F  # a NaN code in output feature 3
+    x = torch.randn(4, 64)
+    for path in layer.paths(torch.device("cpu"), torch.float32):
+        y = layer.run_path(path, x)
+        assert torch.isnan(y[:, 3]).all() and torch.isfinite(y[:, :3]).all(), path
+
+
+@pytest.mark.parametrize("cls,recipe,k", [(Sparse24Linear, Sparse24(), 196), (Sparse24Linear, Sparse24(), 200),
+                                          (Sparse24Int4Linear, Sparse24Int4(group_size=32), 224)])
+def test_batch1_2to4_input_gradient(cls, recipe, k, poisoned_buffers):
+    """M = 1 dX: the lane kernels where K % 8 == 0, the blocked kernel otherwise."""
+    layer = _layer(cls, recipe, N_ODD, k)
+    x, dy = torch.randn(1, k), torch.randn(1, N_ODD)
+    _, gx_exp, _ = _expected(layer, x, dy)
+    xr = x.clone().requires_grad_()
+    layer.run_path("native", xr).backward(dy)
+    assert _rel(xr.grad, gx_exp) < F32_TOL

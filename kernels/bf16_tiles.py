@@ -1,0 +1,166 @@
+"""The ``bf16_tiles`` CPU path: the packed weight decoded tile by tile into bf16 and multiplied by
+oneDNN's bf16 GEMM, so the dense weight never exists in full and never leaves the cache.
+
+On CPUs with bf16 dot products (AVX512-BF16, AMX) a bf16 GEMM runs ~3x faster than the float32
+one, and a tile of ``TILE_BYTES`` decoded by numba is still in L2 when the GEMM reads it: memory
+traffic is the packed bytes, compute is the bf16 GEMM plus a vectorised decode (~1 ms per 16 M
+weights on one core). Which path wins is measured per shape by ``robcomp.tune``; on CPUs without
+fast bf16 this path loses and is not picked.
+
+Precision (the weight-only formats' CPU convention, ``kernels/cpu.py``): activations and dY are
+rounded to bf16, products accumulate in float32, each tile's output is rounded to bf16.
+
+* int8 and fp8 codes are exact in bf16 (8 significant bits); their per-channel (and fp8's
+  per-token) scales are applied to the float32 output, so the only roundings are the
+  activations' and the output's;
+* int4, 2:4 and 2:4+int4 tiles hold the dequantised value ``(q - z) * s`` (or the kept 2:4
+  value) rounded to nearest even bf16, expanded with zeros for the 2:4 formats.
+
+The input gradient ``dX = dY W`` walks the same row tiles, ``dX += dY[:, tile] @ W[tile]``, in
+float32 across tiles.
+"""
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import torch
+
+from robcomp.kernels import cpu as CPU
+from robcomp.kernels import numba_tiles as NT
+from robcomp.kernels import reference as ref
+
+__all__ = ["TILE_BYTES", "tile_rows", "fast_bf16", "fp8_has_nan", "int8_weight_linear", "int4_linear", "fp8_dynamic_linear",
+           "sparse24_linear", "sparse24_int4_linear", "int8_input_grad", "int4_input_grad"]
+
+#: bytes of one decoded bf16 tile: about half of a Zen 4 / Sapphire Rapids core's L2
+TILE_BYTES = 1 << 20
+
+@functools.lru_cache(maxsize=None)
+def fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively here (AVX512-BF16 / AMX): where it does not, the
+    layers do not take this path by default (``robcomp.tune`` still measures it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def fp8_has_nan(codes: torch.Tensor) -> bool:
+    """Whether e4m3 ``codes`` (uint8 bits) hold a NaN (0x7F / 0xFF), which the fast decoders do not map."""
+    return bool(((codes & 0x7F) == 0x7F).any())
+
+
+def tile_rows(n: int, k: int) -> int:
+    """Rows of W per decoded tile: ``TILE_BYTES`` of bf16, a multiple of 16, at most ``n``."""
+    return min(n, max(16, (TILE_BYTES // (2 * k)) // 16 * 16))
+
+
+class _Tiles:
+    """Decodes rows ``[r0, r1)`` of one packed weight into a reused bf16 buffer."""
+
+    def __init__(self, kind: str, n: int, k: int, weights: tuple, view: type):
+        self.kind, self.n, self.k, self.weights = kind, n, k, weights
+        self.rows = tile_rows(n, k)
+        self.buf = np.empty((self.rows, k), np.uint16)
+        self.out = self.buf.view(view)
+        self.tile = torch.from_numpy(self.buf).view(torch.bfloat16)
+        self.fn = NT.decoder(kind, CPU._parallel())
+
+    def __iter__(self):
+        for r0 in range(0, self.n, self.rows):
+            r1 = min(self.n, r0 + self.rows)
+            self.fn(*self.weights, r0, r1, self.out)
+            yield r0, r1, self.tile[: r1 - r0]
+
+
+def _matmul(x2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
+    """``x2 [M, K] @ W.T`` in bf16 tiles -> ``[M, N]`` float32."""
+    xb = x2.to(torch.bfloat16).contiguous()
+    return torch.cat([torch.mm(xb, tile.t()) for _, _, tile in tiles], dim=1).to(torch.float32)
+
+
+def _matmul_t(g2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
+    """``g2 [M, N] @ W`` in bf16 tiles, float32 across tiles -> ``[M, K]`` float32."""
+    gb = g2.to(torch.bfloat16)
+    dx = torch.zeros(g2.shape[0], tiles.k, dtype=torch.float32)
+    for r0, r1, tile in tiles:
+        dx += torch.mm(gb[:, r0:r1], tile)
+    return dx
+
+
+def _run(x, bias, n, k, make_tiles, out_scale=None, grad_scale=None):
+    """``y = (x W.T) * out_scale + bias`` with ``dX = (dY * grad_scale) W`` (``W`` as decoded)."""
+    CPU._check(x, k)
+
+    def fwd(x2):
+        y = _matmul(x2, make_tiles())
+        return y if out_scale is None else y * out_scale(x2)
+
+    def bwd(g2):
+        return _matmul_t(g2 if grad_scale is None else g2 * grad_scale, make_tiles())
+    return CPU._Linear.apply(x, bias, fwd, bwd, n)
+
+
+def _np(t):
+    return CPU._np(t)
+
+
+def int8_input_grad(g2, qweight):
+    """``g2 @ q`` (int8 codes; the caller folds the per-channel scale into ``g2``) in bf16 tiles."""
+    n, k = qweight.shape
+    return _matmul_t(g2, _Tiles("int8", n, k, (_np(qweight),), np.uint16))
+
+
+def int4_input_grad(g2, qweight, scales, zeros, group_size):
+    """``g2 @ ((q - z) * s)`` in bf16 tiles."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = (_np(qweight), _np(scales.float()), _np(zeros.float()), group_size)
+    return _matmul_t(g2, _Tiles("int4", n, k, w, np.uint32))
+
+
+def int8_weight_linear(x, qweight, scale, bias):
+    """W8A16: exact int8 codes in bf16 tiles, per-channel scale on the float32 output."""
+    n, k = qweight.shape
+    s = scale.float()
+    return _run(x, bias, n, k, lambda: _Tiles("int8", n, k, (_np(qweight),), np.uint16),
+                out_scale=lambda x2: s, grad_scale=s)
+
+
+def fp8_dynamic_linear(x, qweight, scale, bias):
+    """FP8: per-token e4m3 activations (reference rounding, exact in bf16), exact e4m3 weight
+    tiles, both scales on the float32 output; straight-through dX ``(dY * s) W``."""
+    n, k = qweight.shape
+    s = scale.float()
+    codes = _np(qweight.view(torch.uint8))
+    make = lambda: _Tiles("fp8", n, k, (codes,), np.uint16)  # noqa: E731
+    CPU._check(x, k)
+
+    def fwd(x2):
+        xq, xs = ref.quantize_rows_fp8(x2)
+        return _matmul(xq.to(torch.bfloat16), make()) * xs[:, None] * s[None, :]
+
+    def bwd(g2):
+        return _matmul_t(g2 * s, make())
+    return CPU._Linear.apply(x, bias, fwd, bwd, n)
+
+
+def int4_linear(x, qweight, scales, zeros, group_size, bias):
+    """W4A16: ``(q - z) * s`` tiles rounded to bf16."""
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    w = (_np(qweight), _np(scales.float()), _np(zeros.float()), group_size)
+    return _run(x, bias, n, k, lambda: _Tiles("int4", n, k, w, np.uint32))
+
+
+def sparse24_linear(x, values, meta, bias):
+    """2:4: kept values rounded to bf16, expanded with zeros."""
+    n, k = values.shape[0], values.shape[1] * 2
+    w = (_np(values.float()), _np(meta))
+    return _run(x, bias, n, k, lambda: _Tiles("sp24", n, k, w, np.uint64))
+
+
+def sparse24_int4_linear(x, qvalues, scales, zeros, meta, group_size, bias):
+    """2:4 + int4: ``(q - z) * s`` kept values rounded to bf16, expanded with zeros."""
+    n, k = qvalues.shape[0], qvalues.shape[1] * 4
+    w = (_np(qvalues), _np(scales.float()), _np(zeros.float()), _np(meta), group_size // 2)
+    return _run(x, bias, n, k, lambda: _Tiles("s24i4", n, k, w, np.uint64))
