@@ -7,23 +7,23 @@ Which kernel runs, and in what precision (float32 models; bf16 inputs run native
 format             forward                                        input gradient dX = dY W
 =================  =============================================  ===========================
 int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from the codes (M=1),
-                   int8 codes (K % 16 == 0); activations cast     else BLAS on the weight
-                   to **bf16**, output cast back to x's dtype;    unpacked by numba, float32
-                   M <= 2: ``int8_weight_linear_fp32``, a numba
+                   int8 codes (K % 16 == 0); activations cast     else bf16 tiles where bf16
+                   to **bf16**, output cast back to x's dtype;    is fast, else BLAS on the
+                   M <= 2: ``int8_weight_linear_fp32``, a numba   weight unpacked by numba
                    GEMV with **float32** activations
 int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
-int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 (straight-through,
-                   (exact int32), float32 rescale; M = 1: a        ``dY @ dequant(W)``)
-                   numba int8 GEMV (``int8_dynamic_linear_gemv``,
-                   exact int32 too: ``_int_mm`` reorders the
+int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  numba at M=1, else BLAS on
+                   (exact int32), float32 rescale; M = 1: a        the unpacked weight
+                   numba int8 GEMV (``int8_dynamic_linear_gemv``,  (straight-through,
+                   exact int32 too: ``_int_mm`` reorders the       ``dY @ dequant(W)``)
                    weight on every call)
 fp8 dynamic        per-token e4m3; codes decoded by bit           numba at M=1, else BLAS on
                    arithmetic (numba GEMV at M=1, else BLAS on    the decoded weight
                    the decoded weight), float32 accumulation      (straight-through)
 2:4                numba on kept values + metadata, float32:      numba, from the packed
-                   M=1 lane-expanded GEMV, M>1 blocked kernels     weight (M=1 and blocked)
+                   M=1 x-selecting GEMV, M>1 blocked kernels       weight (M=1 and blocked)
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
 
@@ -36,9 +36,9 @@ Derived weights (the tinygemm copy of an int4 weight with ``zp = (8 - z) * s`` s
 scales for int8) are built once per layer by :func:`derived` and counted in the layer's bytes.
 The tinygemm conversion is exact: robcomp's ``(q - z) * s`` equals tinygemm's ``(q - 8) * s + zp``.
 
-Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf16_tiles.py``):
-the weight decoded tile by tile into bf16 for oneDNN's bf16 GEMM, ~3x the float32 GEMM's speed on
-CPUs with bf16 dot products.
+Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf16_tiles.py``;
+2:4 only when its values are stored in bf16): the weight decoded tile by tile into bf16 for
+oneDNN's bf16 GEMM, ~3x the float32 GEMM's speed on CPUs with bf16 dot products.
 
 Under ``torch.compile`` the numba kernels run through ``torch.library`` custom ops
 (``robcomp::cpu_*``) with fake implementations; in eager mode they are called directly to keep

@@ -4,7 +4,9 @@ A compressed layer can run several paths that compute the same format (see
 ``CompressedLinear.paths``):
 
 * CPU: ``"native"`` (robcomp's CPU kernels, ``kernels/cpu.py``), ``"dense"`` (the weight unpacked
-  per call, then ``F.linear``), ``"reference"`` (``kernels/reference.py``);
+  per call, then ``F.linear``), ``"bf16_tiles"`` (decoded tile by tile into bf16 for oneDNN's
+  bf16 GEMM, ``kernels/bf16_tiles.py``), ``"numba_fp32"`` / ``"numba_int8"`` (the int8 GEMVs),
+  ``"reference"`` (``kernels/reference.py``);
 * CUDA: ``"triton"`` (the Triton kernels), ``"dense"`` (dequantised per call into cuBLAS),
   ``"semi_structured"`` (2:4, ``torch.sparse.to_sparse_semi_structured``), ``"int_mm"`` (W8A8,
   ``torch._int_mm``), ``"scaled_mm"`` (FP8, ``torch._scaled_mm``), ``"reference"``.

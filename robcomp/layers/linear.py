@@ -416,6 +416,11 @@ class Sparse24Linear(CompressedLinear):
     cpu_paths = ("native", "dense", "bf16_tiles")
     bf16_tiles_from_m = 64
 
+    def can_run(self, path, device):
+        # bf16 tiles round the kept values: only offered where they are stored in bf16 already,
+        # so a float32 2:4 layer keeps its float32 precision on every path
+        return path != "bf16_tiles" or self.values.dtype == torch.bfloat16
+
     def default_path(self, device, dtype, m):
         # CPU: the numba kernels (half the bytes, blocked over rows) win up to a few dozen rows; far
         # above, a GEMM on the unpacked weight (bf16 tiles where bf16 is fast; bench/RESULTS.md)

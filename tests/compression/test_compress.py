@@ -23,8 +23,9 @@ LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ 
 # activations quantised at run time: bound the relative error norm ||y - y_ref|| / ||y_ref||. Measured
 # worst over 12 input seeds x mlp/cnn/vit: int8 0.014, fp8 (e4m3, 3 mantissa bits) 0.036.
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.06}
-# the weight-only formats' CPU kernels run bf16 activations (robcomp.kernels.cpu): relative 1e-2
-BF16_ON_CPU = ("int8_weight_only", "int4_weight_only")
+# the quantised-weight formats' CPU paths run bf16 activations (robcomp.kernels.cpu, bf16_tiles):
+# relative 1e-2
+BF16_ON_CPU = ("int8_weight_only", "int4_weight_only", "sparse24_int4")
 
 
 class ConvNet(nn.Module):
@@ -110,7 +111,9 @@ def test_composed_list(name):
     assert [r["name"] for r in s.recipes] == ["channel_prune", "sparse24_int4"]
     assert {r.action for r in s.layers} >= {"pruned", "compressed"}
     with torch.no_grad():
-        assert torch.allclose(model(X), _dense_reference(model)(X), atol=1e-4)
+        y, y_ref = model(X), _dense_reference(model)(X)
+    # 2:4+int4 runs bf16 activations on CPU from 64 rows (BF16_ON_CPU)
+    assert torch.allclose(y, y_ref, atol=1e-2 * y_ref.abs().max().item(), rtol=0)
     _check_bytes(model)
 
 

@@ -154,7 +154,10 @@ def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
     assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
     assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
     assert sp.default_path(cpu, torch.float32, 16) == "native"
-    assert sp.default_path(cpu, torch.float32, 256) == ("bf16_tiles" if fast_bf16 else "dense")
+    # float32 2:4 keeps float32 on every path; stored in bf16 it takes the tiles
+    assert "bf16_tiles" not in sp.paths(cpu, torch.float32) and sp.default_path(cpu, torch.float32, 256) == "dense"
+    sp16 = _layer(Sparse24Linear, Sparse24(), 32, 64).to(torch.bfloat16)
+    assert sp16.default_path(cpu, torch.bfloat16, 256) == ("bf16_tiles" if fast_bf16 else "dense")
 
 
 def test_bf16_error_bound_fails_when_the_int4_conversion_is_wrong():
@@ -319,12 +322,16 @@ def test_cpu_outputs_are_contiguous_tensors_of_their_own(cls, recipe, n, k, _bia
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] is not Int8DynamicLinear], ids=lambda c: f"{c[1].label()}-{c[3]}")
 @pytest.mark.parametrize("m", [1, 3, 17])
 def test_bf16_tiles_with_a_partial_last_tile(case, m, monkeypatch, poisoned_buffers):
-    """Several tiles of 16 rows and a last one of 4 (N = 52): every row decoded, none left over."""
+    """Several tiles of 16 rows and a last one of 4 (N = 52): every row decoded, none left over
+    (2:4 in bf16 storage, where it offers the path)."""
     cls, recipe, _, k, _, _ = case
     n = N_ODD
     monkeypatch.setattr(T, "TILE_BYTES", 16 * 2 * k)
     assert T.tile_rows(n, k) == 16 and n % 16 == 4
     layer = _layer(cls, recipe, n, k)
+    if cls is Sparse24Linear:
+        layer.values.data = layer.values.data.bfloat16()
+        assert "bf16_tiles" in layer.paths(torch.device("cpu"), torch.float32)
     x, dy = torch.randn(m, k), torch.randn(m, n)
     y_exp, gx_exp, _ = _expected(layer, x, dy)
     xr = x.clone().requires_grad_()

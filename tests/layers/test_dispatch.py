@@ -91,8 +91,8 @@ def test_tune_records_the_fastest_path_per_shape_and_forward_uses_it(tmp_path):
     cache = dispatch.DispatchCache(tmp_path / "dispatch.json")
     x = torch.randn(4, 64)
     # injected timings: (layer, M, path) -> ms
-    timings = {("0", 1): {"native": 3.0, "dense": 2.0, "bf16_tiles": 4.0, "reference": 1.0},
-               ("0", 4): {"native": 1.0, "dense": 2.0, "bf16_tiles": 1.5, "reference": 3.0},
+    timings = {("0", 1): {"native": 3.0, "dense": 2.0, "reference": 1.0},
+               ("0", 4): {"native": 1.0, "dense": 2.0, "reference": 3.0},
                ("2", 1): {"native": 1.0, "reference": 5.0},
                ("2", 4): {"native": 9.0, "reference": 5.0}}
     names = {id(m): n for n, m in model.named_modules()}
@@ -110,7 +110,7 @@ def test_tune_records_the_fastest_path_per_shape_and_forward_uses_it(tmp_path):
     assert table["0"]["float32|M4"]["choice"] == "native"
     assert table["2"]["float32|M1"]["choice"] == "native"
     assert table["2"]["float32|M4"]["choice"] == "reference"
-    assert table["0"]["float32|M1"]["candidates"] == ["native", "dense", "bf16_tiles", "reference"]
+    assert table["0"]["float32|M1"]["candidates"] == ["native", "dense", "reference"]
     assert table["0"]["float32|M1"]["timings_ms"] == timings[("0", 1)]
     json.dumps(table)  # serialisable
     n_calls = len(calls)
