@@ -31,10 +31,14 @@ from robcomp.kernels import numba_tiles as NT
 from robcomp.kernels import reference as ref
 
 __all__ = ["TILE_BYTES", "tile_rows", "fast_bf16", "fp8_has_nan", "int8_weight_linear", "int4_linear", "fp8_dynamic_linear",
-           "sparse24_linear", "sparse24_int4_linear", "int8_input_grad", "int4_input_grad"]
+           "sparse24_linear", "sparse24_int4_linear", "int8_input_grad", "int4_input_grad",
+           "sparse24_input_grad_f32"]
 
 #: bytes of one decoded bf16 tile: about half of a Zen 4 / Sapphire Rapids core's L2
 TILE_BYTES = 1 << 20
+#: bytes of one float32 tile of the 2:4 input gradient: taller tiles (in L3) keep the BLAS
+#: reduction over N long enough (1 MB ones measured 1.4x slower at M = 256)
+F32_DX_TILE_BYTES = 8 << 20
 
 @functools.lru_cache(maxsize=None)
 def fast_bf16() -> bool:
@@ -51,20 +55,23 @@ def fp8_has_nan(codes: torch.Tensor) -> bool:
     return bool(((codes & 0x7F) == 0x7F).any())
 
 
-def tile_rows(n: int, k: int) -> int:
-    """Rows of W per decoded tile: ``TILE_BYTES`` of bf16, a multiple of 16, at most ``n``."""
-    return min(n, max(16, (TILE_BYTES // (2 * k)) // 16 * 16))
+def tile_rows(n: int, k: int, tile_bytes: int | None = None) -> int:
+    """Rows of W per decoded tile: ``tile_bytes`` (default :data:`TILE_BYTES`) of bf16, a
+    multiple of 16, at most ``n``."""
+    return min(n, max(16, ((tile_bytes or TILE_BYTES) // (2 * k)) // 16 * 16))
 
 
 class _Tiles:
     """Decodes rows ``[r0, r1)`` of one packed weight into a reused bf16 buffer."""
 
-    def __init__(self, kind: str, n: int, k: int, weights: tuple, view: type):
+    def __init__(self, kind: str, n: int, k: int, weights: tuple, view: type, dtype=torch.bfloat16,
+                 tile_bytes: int | None = None):
         self.kind, self.n, self.k, self.weights = kind, n, k, weights
-        self.rows = tile_rows(n, k)
-        self.buf = np.empty((self.rows, k), np.uint16)
+        bits = np.uint16 if dtype == torch.bfloat16 else np.uint32
+        self.rows = tile_rows(n, k * np.dtype(bits).itemsize // 2, tile_bytes)
+        self.buf = np.empty((self.rows, k), bits)
         self.out = self.buf.view(view)
-        self.tile = torch.from_numpy(self.buf).view(torch.bfloat16)
+        self.tile = torch.from_numpy(self.buf).view(dtype)
         self.fn = NT.decoder(kind, CPU._parallel())
 
     def __iter__(self):
@@ -81,8 +88,8 @@ def _matmul(x2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
 
 
 def _matmul_t(g2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
-    """``g2 [M, N] @ W`` in bf16 tiles, float32 across tiles -> ``[M, K]`` float32."""
-    gb = g2.to(torch.bfloat16)
+    """``g2 [M, N] @ W`` in tiles (bf16, or float32 ones), float32 across tiles -> ``[M, K]`` float32."""
+    gb = g2.to(tiles.tile.dtype)
     dx = torch.zeros(g2.shape[0], tiles.k, dtype=torch.float32)
     for r0, r1, tile in tiles:
         dx += torch.mm(gb[:, r0:r1], tile)
@@ -117,6 +124,14 @@ def int4_input_grad(g2, qweight, scales, zeros, group_size):
     n, k = qweight.shape[0], qweight.shape[1] * 2
     w = (_np(qweight), _np(scales.float()), _np(zeros.float()), group_size)
     return _matmul_t(g2, _Tiles("int4", n, k, w, np.uint32))
+
+
+def sparse24_input_grad_f32(g2, values, meta):
+    """``g2 @ W`` of a 2:4 weight in exact float32 tiles (BLAS per tile): the 2:4 dX at large M,
+    where it beats the blocked numba kernel, without leaving float32."""
+    n, k = values.shape[0], values.shape[1] * 2
+    w = (_np(values.float()).view(np.uint32), _np(meta))
+    return _matmul_t(g2, _Tiles("sp24_f32", n, k, w, np.uint64, dtype=torch.float32, tile_bytes=F32_DX_TILE_BYTES))
 
 
 def int8_weight_linear(x, qweight, scale, bias):

@@ -181,7 +181,15 @@ def _sp24_fwd(x2, values, meta):
     return _run_fwd("sp24", x2, values.shape[0], _np(values.float()), _np(meta))
 
 
+#: from this many rows of dY the 2:4 dX runs BLAS on exact float32 tiles of the weight
+#: (``bf16_tiles.sparse24_input_grad_f32``) instead of the blocked kernel: 1.4x faster at M = 256
+SP24_DX_TILES_FROM_M = 128
+
+
 def _sp24_bwd(g2, values, meta):
+    if g2.shape[0] >= SP24_DX_TILES_FROM_M and values.shape[1] % 4 == 0:
+        from robcomp.kernels import bf16_tiles
+        return bf16_tiles.sparse24_input_grad_f32(g2, values, meta)
     return _run_bwd("sp24", g2, values.shape[1] * 2, _np(values.float()), _np(meta))
 
 
@@ -347,8 +355,9 @@ class _Linear2d(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, bias, fwd, bwd):
-        ctx.bwd, ctx.x_dtype = bwd, x2.dtype
-        ctx.bias_dtype = None if bias is None else bias.dtype
+        if ctx is not None:  # None: called directly, no gradient recorded (_Linear.apply)
+            ctx.bwd, ctx.x_dtype = bwd, x2.dtype
+            ctx.bias_dtype = None if bias is None else bias.dtype
         y = fwd(x2)
         if bias is not None:
             y = y + bias.to(y.dtype)
@@ -368,11 +377,18 @@ class _Linear2d(torch.autograd.Function):
 
 
 class _Linear:
-    """Flattens the leading dimensions outside the autograd Function (views are legal there)."""
+    """Flattens the leading dimensions outside the autograd Function (views are legal there);
+    without a gradient to record (inference, ``no_grad``) skips the Function, whose entry costs
+    more than a small layer's kernel (bench/test_cpu.py, per-call overhead)."""
 
     @staticmethod
     def apply(x, bias, fwd, bwd, n):
-        return _Linear2d.apply(_flat(x), bias, fwd, bwd).reshape(*x.shape[:-1], n)
+        x2 = _flat(x)
+        if torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)):
+            y = _Linear2d.apply(x2, bias, fwd, bwd)
+        else:
+            y = _Linear2d.forward(None, x2, bias, fwd, bwd)
+        return y.reshape(*x.shape[:-1], n)
 
 
 def _check(x: torch.Tensor, k: int) -> None:
@@ -397,8 +413,9 @@ def derived_int8(scale: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def _tiles_for_grad(g2: torch.Tensor) -> bool:
-    """The weight-only formats' dX for M > 1 runs in bf16 tiles (their activation precision) where
-    bf16 GEMMs are fast; eager only (the tile decoders are not traced by torch.compile)."""
+    """The int8/int4 formats' dX for M > 1 runs in bf16 tiles where bf16 GEMMs are fast (the
+    weight-only formats' activation precision; int8 dynamic's straight-through estimate); eager
+    only (the tile decoders are not traced by torch.compile)."""
     if g2.shape[0] == 1 or torch.compiler.is_compiling():
         return False
     from robcomp.kernels import bf16_tiles
@@ -489,6 +506,9 @@ def int8_dynamic_linear(x, qweight, scale, bias):
         return acc.to(torch.float32) * xs[:, None] * s32[None, :]
 
     def bwd(g2):
+        if _tiles_for_grad(g2):
+            from robcomp.kernels import bf16_tiles
+            return bf16_tiles.int8_input_grad(g2 * s32, qweight)
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
 
@@ -506,6 +526,9 @@ def int8_dynamic_linear_gemv(x, qweight, scale, bias):
         return int8_gemv_i32(xq, qweight).to(torch.float32) * xs[:, None] * s32[None, :]
 
     def bwd(g2):
+        if _tiles_for_grad(g2):
+            from robcomp.kernels import bf16_tiles
+            return bf16_tiles.int8_input_grad(g2 * s32, qweight)
         return int8_bwd(g2 * s32, qweight)
     return _Linear.apply(x, bias, fwd, bwd, n)
 

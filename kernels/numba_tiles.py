@@ -3,6 +3,7 @@ bits), for the ``bf16_tiles`` path (``kernels/bf16_tiles.py``); row-parallel (``
 for multi-threaded runs.
 
 * int8 and fp8 codes are written exactly (both fit bf16's 8 significant bits);
+* ``sp24_f32`` writes an exact float32 tile of a 2:4 weight (the 2:4 input gradient at large M);
 * int4, 2:4 and 2:4+int4 write ``(q - z) * s`` / the kept value rounded to nearest even, the 2:4
   formats expanded with zeros (a group's four bf16 lanes packed in one ``uint64`` store).
 """
@@ -81,6 +82,27 @@ def _sp24_tile(values, meta, r0, r1, out64):
             dst[2 * j + 1] = _expand_j(mb >> np.uint32(4), np.uint64(_rne_j(v[4 * j + 2])),
                                        np.uint64(_rne_j(v[4 * j + 3])))
 
+def _sp24_tile_f32(values_u32, meta, r0, r1, out2):
+    # float32 tile (exact): a group's four lanes as two uint64 of float32 bits, per meta byte
+    for r in prange(r0, r1):
+        v, m, dst = values_u32[r], meta[r], out2[r - r0]
+        for j in range(m.shape[0]):
+            mb = np.uint32(m[j])
+            for h in range(2):
+                nib = (mb >> np.uint32(4 * h)) & np.uint32(15)
+                i0 = nib & np.uint32(3)
+                i1 = nib >> np.uint32(2)
+                b0 = np.uint64(v[4 * j + 2 * h])
+                b1 = np.uint64(v[4 * j + 2 * h + 1])
+                z = np.uint64(0)
+                w0 = b0 if i0 == 0 else z
+                w1 = b1 if i1 == 1 else (b0 if i0 == 1 else z)
+                w2 = b1 if i1 == 2 else (b0 if i0 == 2 else z)
+                w3 = b1 if i1 == 3 else z
+                dst[4 * j + 2 * h] = w0 | (w1 << np.uint64(32))
+                dst[4 * j + 2 * h + 1] = w2 | (w3 << np.uint64(32))
+
+
 def _s24i4_tile(qv, scales, zeros, meta, half_group, r0, r1, out64):
     # per scale group (half_group kept values = half_group / 2 groups = half_group / 4 meta bytes)
     gps = half_group // 2
@@ -106,7 +128,8 @@ def _s24i4_tile(qv, scales, zeros, meta, half_group, r0, r1, out64):
 if njit is not None:
     _rne_j = njit(inline="always", cache=True)(_rne)
     _expand_j = njit(inline="always", cache=True)(_expand)
-_BODIES = {"int8": _int8_tile, "fp8": _fp8_tile, "int4": _int4_tile, "sp24": _sp24_tile, "s24i4": _s24i4_tile}
+_BODIES = {"int8": _int8_tile, "fp8": _fp8_tile, "int4": _int4_tile, "sp24": _sp24_tile, "s24i4": _s24i4_tile,
+           "sp24_f32": _sp24_tile_f32}
 _COMPILED: dict = {}
 #: the weight formats with a tile decoder
 KINDS = tuple(_BODIES)
