@@ -474,7 +474,7 @@ class Int8WeightOnlyLinear(CompressedLinear):
 
     # "numba_fp32": numba GEMV with fp32 activations, the fastest at M <= 2 (kernels/cpu.py)
     cpu_paths = ("native", "dense", "numba_fp32", "bf16_tiles")
-    bf16_tiles_from_m = 4
+    bf16_tiles_from_m = 16
 
     def can_run(self, path, device):
         # torch 2.13's _weight_int8pack_mm reads out of bounds (segfaults) for K % 16 != 0 at M > 1
@@ -740,7 +740,7 @@ class Sparse24Int4Linear(CompressedLinear):
         return cpu.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
 
     cpu_paths = ("native", "dense", "bf16_tiles")
-    bf16_tiles_from_m = 64
+    bf16_tiles_from_m = 4
     default_path = Sparse24Linear.default_path
 
     def run_bf16_tiles(self, tiles, x):
