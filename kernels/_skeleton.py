@@ -14,7 +14,12 @@ of the other formats compile away:
     (one kernel; the host casts to the activation dtype when that is not fp32); the launcher only
     splits when no narrower tile fills the GPU alone (``fill_or_split``), so most small-M calls
     are one launch. The int4 formats read their codes as int32 words and multiply x by
-    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``).
+    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``);
+    2:4 + int4 with fp16 activations at M = 1 instead works on packed half2 registers
+    (``s24i4_gemv_h2``, ``_packed``): a byte permute selects each kept pair's two activations by
+    its metadata, the kept pair becomes exact fp16 ``(q - z) * s`` (magic numbers, one FMA, one
+    multiply), and the products accumulate in fp16 lanes per code word before fp32 (about 3
+    instructions per dense weight per thread instead of 6.4).
 ``gemm_kernel`` (larger M)
     grouped tile order, the weight tile dequantised in registers and fed to ``tl.dot`` (tensor
     cores for fp16/bf16, exact IEEE fp32 dots for fp32), fp32 accumulator, per-channel scale and
