@@ -14,7 +14,12 @@ of the other formats compile away:
     (one kernel; the host casts to the activation dtype when that is not fp32); the launcher only
     splits when no narrower tile fills the GPU alone (``fill_or_split``), so most small-M calls
     are one launch. The int4 formats read their codes as int32 words and multiply x by
-    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``).
+    ``1 + q/16`` without a per-weight dequantisation (``int4_gemv_step``, ``s24i4_gemv_row``);
+    2:4 + int4 with fp16 activations at M = 1 instead works on packed half2 registers
+    (``s24i4_gemv_h2``, ``_packed``): a byte permute selects each kept pair's two activations by
+    its metadata, the kept pair becomes exact fp16 ``(q - z) * s`` (magic numbers, one FMA, one
+    multiply), and the products accumulate in fp16 lanes per code word before fp32 (about 3
+    instructions per dense weight per thread instead of 6.4).
 ``gemm_kernel`` (larger M)
     grouped tile order, the weight tile dequantised in registers and fed to ``tl.dot`` (tensor
     cores for fp16/bf16, exact IEEE fp32 dots for fp32), fp32 accumulator, per-channel scale and
@@ -50,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _packed as _pk
 from ._common import interpreting, tuning_configs
 
 # ---------------------------------------------------------------------------- formats (constexpr)
@@ -322,6 +328,92 @@ def s24i4_gemv_row(acc, x, w_ptr, meta_ptr, s_ptr, z_ptr, rows, n_mask, k0, stri
 
 
 @triton.jit
+def _by_group(t, W2: tl.constexpr):
+    """The 8 columns ``[W2, 8]`` of ``t [W2 * 8]`` (column ``g`` = elements ``8j + g``), as 8 tensors ``[W2]``."""
+    e, o = tl.split(tl.reshape(t, (W2, 2, 2, 2)))   # bit 0 of g
+    e0, e1 = tl.split(e)                             # bit 1
+    o0, o1 = tl.split(o)
+    g0, g4 = tl.split(e0)                            # bit 2
+    g2, g6 = tl.split(e1)
+    g1, g5 = tl.split(o0)
+    g3, g7 = tl.split(o1)
+    return g0, g1, g2, g3, g4, g5, g6, g7
+
+
+@triton.jit
+def _s24i4_h2_group(acc, wh, C: tl.constexpr, fa, fb, B: tl.constexpr, x01, x23, nib, nrm, zb, sc):
+    """One 2:4 group (byte ``C`` of the code words ``wh``) of the fp16 GEMV: its kept pair as half2
+    ``(k0 - z, k1 - z) * s`` (the byte replicated to both lanes by PRMT; ``(t & 0x00F0000F) |
+    0x6400_6400`` = ``(1024 + k0, 1024 + 16 k1)``; one FMA by ``(1, 1/16)`` minus ``(1024 + z, 64 + z)``,
+    exact; one multiply by ``s``, rounded as the reference rounds its weights to fp16), times the
+    activations its metadata picks (PRMT of the group's four fp16 x by the selector whose bytes are
+    bytes ``B`` of ``fa``, ``fb``), added to the half2 accumulator. ``nib`` = 0x00F0000F held in a
+    register (as an immediate, ptxas re-materialises it before each LOP3)."""
+    t = _pk.prmt(wh, wh, tl.full(wh.shape, C * 0x0101, tl.int32))
+    v = _pk.hmul2(_pk.hfma2((t & nib) | 0x64006400, nrm, zb), sc)
+    sel = _pk.prmt(fa, fb, tl.full(fa.shape, B | ((B + 4) << 4), tl.int32))
+    xs = _pk.prmt(x01[None, :], x23[None, :], sel)
+    return _pk.hfma2(xs, v, acc)
+
+
+@triton.jit
+def s24i4_gemv_h2(acc, x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, rows, n_mask, k0, K, stride_wn, stride_mn,
+                  stride_sn, GROUP_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One K tile of the fp16 2:4 + int4 GEMV (``acc [BLOCK_N, BLOCK_K/32]`` fp32) in packed half2
+    registers (:mod:`._packed`): per metadata word (int32: the 8 2:4 groups of 32 columns, two code
+    words) the selected activations times the dequantised kept pairs accumulate in fp16 lanes
+    (8 products each, as the fp16 weights the reference computes with) and are added to ``acc`` in
+    fp32. Selectors: lane 0 takes fp16 ``x[i0]``, lane 1 ``x[i1]`` out of the group's ``(x0, x1),
+    (x2, x3)``, i.e. bytes ``2i, 2i + 1``: selector byte ``0x10 + 0x22 i`` = byte ``i`` of
+    0x76543210, looked up by one PRMT for 4 groups at a time from ``meta & 0x33333333`` (nibble
+    ``g``: ``i0`` of group ``g``) and ``(meta >> 2) & 0x33333333`` (``i1``)."""
+    W2: tl.constexpr = BLOCK_K // 32
+    GS: tl.constexpr = GROUP_SIZE if GROUP_SIZE < BLOCK_K else BLOCK_K
+    NG: tl.constexpr = BLOCK_K // GS
+    offs_x = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+    x32 = tl.load(x_ptr.to(tl.pointer_type(tl.int32)) + offs_x, mask=offs_x < K // 2, other=0)
+    x01, x23 = tl.split(tl.reshape(x32, (W2, 8, 2)))  # per group: fp16 (x0, x1) and (x2, x3)
+    xa0, xa1, xa2, xa3, xa4, xa5, xa6, xa7 = _by_group(x01, W2)
+    xb0, xb1, xb2, xb3, xb4, xb5, xb6, xb7 = _by_group(x23, W2)
+    offs_w = k0 // 16 + tl.arange(0, 2 * W2)
+    wd = tl.load(w_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_wn // 4) + offs_w[None, :],
+                 mask=n_mask[:, None], other=0)
+    w0, w1 = tl.split(tl.reshape(wd, (BLOCK_N, W2, 2)))
+    offs_m = k0 // 32 + tl.arange(0, W2)
+    mw = tl.load(meta_ptr.to(tl.pointer_type(tl.int32)) + rows[:, None] * (stride_mn // 4) + offs_m[None, :],
+                 mask=n_mask[:, None], other=0)
+    lut = tl.where(K > 0, 0x76543210, 0)  # opaque registers, as ``nib``
+    nib = tl.where(K > 0, 0x00F0000F, 0)
+    i0 = mw & 0x33333333
+    i1 = (mw >> 2) & 0x33333333
+    fa_lo = _pk.prmt(lut, lut, i0)         # byte g: lane-0 selector byte of group g (0..3)
+    fb_lo = _pk.prmt(lut, lut, i1)
+    fa_hi = _pk.prmt(lut, lut, i0 >> 16)   # groups 4..7
+    fb_hi = _pk.prmt(lut, lut, i1 >> 16)
+    offs_g = k0 // GROUP_SIZE + tl.arange(0, NG)
+    s = tl.load(s_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0)
+    z = tl.load(z_ptr + rows[:, None] * stride_sn + offs_g[None, :], mask=n_mask[:, None], other=0.0)
+    # negated both ways: (q - z) s = ((1024 + z) - c) (-s), with c = 1024 + q (lane 1: 64 + z, c / 16)
+    sc = _pk.half2_of(-s, -s)
+    zb = _pk.half2_of(z + 1024.0, z + 64.0)
+    sc = tl.reshape(tl.broadcast_to(sc[:, :, None], (BLOCK_N, NG, GS // 32)), (BLOCK_N, W2))
+    zb = tl.reshape(tl.broadcast_to(zb[:, :, None], (BLOCK_N, NG, GS // 32)), (BLOCK_N, W2))
+    nrm = tl.full((BLOCK_N, W2), 0xAC00BC00 - 2**32, tl.int32)  # fp16 (-1, -1/16)
+    h = tl.zeros((BLOCK_N, W2), dtype=tl.int32)
+    h = _s24i4_h2_group(h, w0, 0, fa_lo, fb_lo, 0, xa0, xb0, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w0, 1, fa_lo, fb_lo, 1, xa1, xb1, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w0, 2, fa_lo, fb_lo, 2, xa2, xb2, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w0, 3, fa_lo, fb_lo, 3, xa3, xb3, nib, nrm, zb, sc)
+    acc += _pk.lane_sum(h)
+    h = tl.zeros((BLOCK_N, W2), dtype=tl.int32)
+    h = _s24i4_h2_group(h, w1, 0, fa_hi, fb_hi, 0, xa4, xb4, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w1, 1, fa_hi, fb_hi, 1, xa5, xb5, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w1, 2, fa_hi, fb_hi, 2, xa6, xb6, nib, nrm, zb, sc)
+    h = _s24i4_h2_group(h, w1, 3, fa_hi, fb_hi, 3, xa7, xb7, nib, nrm, zb, sc)
+    return acc + _pk.lane_sum(h)
+
+
+@triton.jit
 def dense_tile(FORMAT: tl.constexpr, w_ptr, s_ptr, z_ptr, offs_n, n_mask, k0, K, stride_wn, stride_sn,
                GROUP_SIZE: tl.constexpr, DQ: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``[BLOCK_N, BLOCK_K]`` DQ tile of columns ``k0..`` of an int8 / fp8 (raw codes, the scale is
@@ -463,7 +555,10 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
     x_rows = row_offsets(offs_m, stride_xm)
     m_mask = offs_m < M
     k_lo, k_hi = split_range(pid_s, SPLIT, K, BLOCK_K)
-    if FORMAT == S24I4 and BLOCK_M == 1:  # one partial per code word
+    H2: tl.constexpr = FORMAT == S24I4 and BLOCK_M == 1 and x_ptr.dtype.element_ty == tl.float16
+    if H2:  # one partial per metadata word
+        acc = tl.zeros((BLOCK_N, BLOCK_K // 32), dtype=tl.float32)
+    elif FORMAT == S24I4 and BLOCK_M == 1:  # one partial per code word
         acc = tl.zeros((BLOCK_N, BLOCK_K // 16), dtype=tl.float32)
     elif FORMAT == S24 or FORMAT == S24I4:
         acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 4), dtype=tl.float32)
@@ -482,9 +577,13 @@ def gemv_kernel(x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, b_ptr, y_ptr, M, N, K, SPL
         zacc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
-                    mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
-        if FORMAT == S24I4 and BLOCK_M == 1:
+        if not H2:
+            x = tl.load(x_ptr + x_rows[:, None] + offs_k[None, :],
+                        mask=m_mask[:, None] & (offs_k < K)[None, :], other=0.0).to(tl.float32)
+        if H2:
+            acc = s24i4_gemv_h2(acc, x_ptr, w_ptr, meta_ptr, s_ptr, z_ptr, offs_n.to(tl.int64), n_mask, k0, K,
+                                stride_wn, stride_mn, stride_sn, GROUP_SIZE, BLOCK_N, BLOCK_K)
+        elif FORMAT == S24I4 and BLOCK_M == 1:
             acc = s24i4_gemv_row(acc, tl.reshape(x, (BLOCK_K,)), w_ptr, meta_ptr, s_ptr, z_ptr, offs_n.to(tl.int64),
                                  n_mask, k0, stride_wn, stride_mn, stride_sn, mant, GROUP_SIZE, BLOCK_N, BLOCK_K)
         elif FORMAT == S24 or FORMAT == S24I4:
@@ -831,11 +930,14 @@ def run_forward(fmt: int, x2: torch.Tensor, w, meta, s, z, bias, n: int, k: int,
     g = group or 1
     if p.kernel == "gemv":
         c = p.config
-        # the int4 GEMVs read codes as int32 words (2:4 + int4: metadata as 16-bit halves)
+        # the int4 GEMVs read codes as int32 words (2:4 + int4: metadata as 16-bit halves, or as
+        # int32 words and fp16 x as int32 pairs at M = 1)
         if fmt in GROUPED and w.data_ptr() % 4:
             w = w.clone()
-        if fmt == S24I4 and meta.data_ptr() % 2:
+        if fmt == S24I4 and meta.data_ptr() % 4:
             meta = meta.clone()
+        if fmt == S24I4 and p.block_m == 1 and x2.dtype == torch.float16 and x2.data_ptr() % 4:
+            x2 = x2.clone()
         grid = (triton.cdiv(n, c.kwargs["BLOCK_N"]), p.split)
         gemv_kernel[grid](x2, w, meta, s, z, b, y, m, n, k, p.split, x2.stride(0), *strides, y.stride(0),
                           FORMAT=fmt, GROUP_SIZE=g, HAS_BIAS=bias is not None, ATOMIC=p.atomic,

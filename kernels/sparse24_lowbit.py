@@ -13,7 +13,11 @@ scale/zero per ``group_size`` dense columns:
 Bytes per dense weight: 1/4 (codes) + 1/16 (metadata) + 4/group_size (scale, zero): 5.3x fewer than
 fp16 at group 128. The kernels are the shared skeleton's (``_skeleton``, ``FORMAT = S24I4``): for
 ``M <= SMALL_M`` a compressed-domain GEMV (each dequantised kept value selects its activation among
-the 4 of its group; fp32 partials reduced once after the K loop; split-K with fp32 atomics); for
+the 4 of its group; fp32 partials reduced once after the K loop; split-K with fp32 atomics; fp16
+at M = 1 in packed half2 registers: metadata-driven byte permutes select the activations, the
+kept pairs are dequantised to the reference's fp16 weights and each code word's 8 products sum in
+fp16 before fp32, which roughly doubles the rounding error of fp32 partials, still within fp16
+output precision, and overflows only where 8 products of one code word sum past the fp16 range); for
 larger M the tile is expanded to dense in registers (a rank-3 select) and fed to ``tl.dot`` (there
 is no sparse tensor-core instruction in Triton). The speed comes from reading 5.3x fewer weight
 bytes (memory-bound M).

@@ -171,12 +171,10 @@ def gate_rows():
     return S.gated_rows([S.predict(c, "h100", analyses) for c in cases])
 
 
-# Known unmet targets of the GPU-kernel issue (bench/STATIC.md): the 2:4 + int4 GEMV spends ~6.4
-# instructions per dense weight per thread (per kept value: a shift and an AND-OR for its code,
-# two metadata bit tests and two selects of its activation, the FMA and the sum of the selected
-# activations that carries the zero point); memory-bound needs < ~4. strict: the day it reaches
-# the bound this xfail fails, and the mark must go.
-UNMET = {"2:4 + int4": "2:4 + int4 GEMV predicted issue-bound (3.7 us issue vs 2.4 us memory on H100)"}
+# Known unmet targets (bench/STATIC.md), each a strict xfail: the day one reaches the bound its
+# xfail fails, and the entry must go. None today: the 2:4 + int4 GEMV, once issue-bound (~6.4
+# instructions per dense weight per thread), runs fp16 in packed half2 registers (~3).
+UNMET: dict = {}
 
 
 @pytest.mark.parametrize("label", [pytest.param(label, marks=pytest.mark.xfail(strict=True, reason=UNMET[label]))

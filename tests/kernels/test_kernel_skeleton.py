@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from robcomp.kernels import _packed as pk
 from robcomp.kernels import _skeleton as sk
 from robcomp.kernels import lowbit as L
 from robcomp.kernels import reference as R
@@ -87,6 +88,52 @@ def test_word_nibbles_become_one_plus_q_over_16_exactly():
     b = words.view(torch.uint8).to(torch.int64)  # little-endian bytes: byte i holds codes 2i, 2i+1
     codes = torch.stack([b & 0xF, b >> 4], dim=1).reshape(-1)
     assert torch.equal(out.double(), 1 + codes.double() / 16)
+
+
+@triton.jit
+def _prmt_kernel(a_ptr, b_ptr, c_ptr, out_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(out_ptr + offs, pk.prmt(tl.load(a_ptr + offs), tl.load(b_ptr + offs), tl.load(c_ptr + offs)))
+
+
+@triton.jit
+def _half2_kernel(a_ptr, b_ptr, c_ptr, fma_ptr, mul_ptr, sum_ptr, N: tl.constexpr):
+    offs = tl.arange(0, N)
+    a = tl.load(a_ptr + offs)
+    b = tl.load(b_ptr + offs)
+    tl.store(fma_ptr + offs, pk.hfma2(a, b, tl.load(c_ptr + offs)))
+    tl.store(mul_ptr + offs, pk.hmul2(a, b))
+    tl.store(sum_ptr + offs, pk.lane_sum(a))
+
+
+def _prmt_ref(a: int, b: int, sel: int) -> int:
+    """PTX prmt.b32, default mode, from its definition (bytes of {b, a}, sign replication)."""
+    src = (a & 0xFFFFFFFF).to_bytes(4, "little") + (b & 0xFFFFFFFF).to_bytes(4, "little")
+    out = 0
+    for i in range(4):
+        s = (sel >> (4 * i)) & 0xF
+        byte = src[s & 7]
+        if s & 8:
+            byte = 0xFF if byte & 0x80 else 0
+        out |= byte << (8 * i)
+    return out - (1 << 32) if out >= 1 << 31 else out
+
+
+def test_packed_primitives_follow_their_ptx_definitions():
+    """The interpreter's forms of the packed-register helpers (on the GPU: one PTX instruction
+    each): byte permute of random words and selectors (sign mode included); half2 FMA, multiply
+    and lane sum of fp16 lanes (low half = lane 0), one rounding to fp16."""
+    n = 256
+    words = torch.randint(-2**31, 2**31 - 1, (3, n), dtype=torch.int64).to(torch.int32)
+    halves = (torch.randn(3, 2 * n) * 8).half().view(torch.int32)
+    outs = [torch.zeros(n, dtype=torch.int32) for _ in range(3)] + [torch.zeros(n)]
+    _prmt_kernel[(1,)](*words, outs[0], N=n)
+    assert outs[0].tolist() == [_prmt_ref(a, b, c) for a, b, c in zip(*(w.tolist() for w in words))]
+    _half2_kernel[(1,)](*halves, *outs[1:], N=n)
+    a, b, c = (h.view(torch.float16).double() for h in halves)
+    assert torch.equal(outs[1].view(torch.float16), (a * b + c).half())
+    assert torch.equal(outs[2].view(torch.float16), (a * b).half())
+    assert torch.equal(outs[3].double(), a.reshape(n, 2).sum(1))
 
 
 @pytest.mark.parametrize("fmt", [sk.INT8.value, sk.INT4.value, sk.S24.value, sk.S24I4.value])

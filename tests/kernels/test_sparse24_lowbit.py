@@ -57,22 +57,31 @@ def test_forward_dtypes(dtype, m, group):
     assert rel_err(S.sparse24_int4_forward(x, *args), x.double() @ wd.T) < TOL[dtype]
 
 
-@pytest.mark.parametrize("k,group,dtype", [(1536, 128, torch.float32), (384, 32, torch.bfloat16)])
+def _off_by(t, nbytes):
+    """A copy of ``t`` whose storage starts ``nbytes`` past an aligned allocation."""
+    buf = torch.zeros(t.numel() * t.element_size() + nbytes, dtype=torch.uint8)
+    out = buf[nbytes:].view(t.dtype).view(t.shape)
+    return out.copy_(t)
+
+
+@pytest.mark.parametrize("k,group,dtype", [(1536, 128, torch.float32), (384, 32, torch.bfloat16),
+                                           (1536, 128, torch.float16), (384, 32, torch.float16)])
 def test_word_gemv_at_m1(k, group, dtype):
-    """M = 1 runs the word GEMV (tiles of whole groups dividing K: 512 and 128 columns here), also
-    from codes and metadata whose storage starts off a 4- / 2-byte boundary, with split-K."""
+    """M = 1 runs the word GEMV (tiles of whole groups dividing K: 512 and 128 columns here; fp16:
+    the packed-half2 one), also from codes, metadata and (fp16) activations whose storage starts
+    off a 4-byte boundary, with split-K."""
     w, (q, s, z, meta, g), wd = packed(N_ODD, k, group, dtype)
-    odd = []
-    for t in (q, meta):
-        buf = torch.zeros(t.numel() + 1, dtype=torch.uint8)
-        odd.append(buf[1:].view(t.shape))
-        odd[-1].copy_(t)
-    assert odd[0].data_ptr() % 4 and odd[1].data_ptr() % 2
+    odd = [_off_by(q, 1), _off_by(meta, 2)]
+    assert odd[0].data_ptr() % 4 and odd[1].data_ptr() % 4
     x = torch.randn(1, k).to(dtype)
     tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
     ref = x.double() @ wd.T
     for codes, mb, split in ((q, meta, None), (odd[0], odd[1], None), (q, meta, 3)):
         assert rel_err(S.sparse24_int4_forward(x, codes, s, z, mb, g, split_k=split), ref) < tol
+    if dtype == torch.float16:
+        xo = _off_by(x, 2)
+        assert xo.data_ptr() % 4
+        assert rel_err(S.sparse24_int4_forward(xo, q, s, z, meta, g), ref) < tol
 
 
 def test_split_k_and_poison(monkeypatch):
