@@ -40,14 +40,20 @@ TILE_BYTES = 1 << 20
 #: reduction over N long enough (1 MB ones measured 1.4x slower at M = 256)
 F32_DX_TILE_BYTES = 8 << 20
 
-@functools.lru_cache(maxsize=None)
-def fast_bf16() -> bool:
-    """Whether oneDNN runs bf16 GEMMs natively here (AVX512-BF16 / AMX): where it does not, the
-    layers do not take this path by default (``robcomp.tune`` still measures it)."""
+def _probe_bf16() -> bool:
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+_FAST_BF16 = _probe_bf16()  # probed once: torch.compile cannot trace the probe, it reads this bool
+
+
+def fast_bf16() -> bool:
+    """Whether oneDNN runs bf16 GEMMs natively here (AVX512-BF16 / AMX): where it does not, the
+    layers do not take this path by default (``robcomp.tune`` still measures it)."""
+    return _FAST_BF16
 
 
 def fp8_has_nan(codes: torch.Tensor) -> bool:
@@ -61,13 +67,21 @@ def tile_rows(n: int, k: int, tile_bytes: int | None = None) -> int:
     return min(n, max(16, ((tile_bytes or TILE_BYTES) // (2 * k)) // 16 * 16))
 
 
-class _Tiles:
-    """Decodes rows ``[r0, r1)`` of one packed weight into a reused bf16 buffer."""
+#: per decoder kind: (view of the tile buffer the decoder writes, tile dtype, tile bytes or None)
+_KINDS = {"int8": (np.uint16, torch.bfloat16), "fp8": (np.uint16, torch.bfloat16), "int4": (np.uint32, torch.bfloat16),
+          "sp24": (np.uint64, torch.bfloat16), "s24i4": (np.uint64, torch.bfloat16),
+          "sp24_f32": (np.uint64, torch.float32)}
 
-    def __init__(self, kind: str, n: int, k: int, weights: tuple, view: type, dtype=torch.bfloat16,
-                 tile_bytes: int | None = None):
+
+class _Tiles:
+    """Decodes rows ``[r0, r1)`` of one packed weight (numpy arrays, then the int parameter where
+    the kind has one) into a reused tile buffer."""
+
+    def __init__(self, kind: str, n: int, k: int, weights: tuple):
+        view, dtype = _KINDS[kind]
         self.kind, self.n, self.k, self.weights = kind, n, k, weights
         bits = np.uint16 if dtype == torch.bfloat16 else np.uint32
+        tile_bytes = F32_DX_TILE_BYTES if dtype == torch.float32 else TILE_BYTES
         self.rows = tile_rows(n, k * np.dtype(bits).itemsize // 2, tile_bytes)
         self.buf = np.empty((self.rows, k), bits)
         self.out = self.buf.view(view)
@@ -81,65 +95,68 @@ class _Tiles:
             yield r0, r1, self.tile[: r1 - r0]
 
 
-def _matmul(x2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
-    """``x2 [M, K] @ W.T`` in bf16 tiles -> ``[M, N]`` float32."""
-    xb = x2.to(torch.bfloat16).contiguous()
-    return torch.cat([torch.mm(xb, tile.t()) for _, _, tile in tiles], dim=1).to(torch.float32)
-
-
-def _matmul_t(g2: torch.Tensor, tiles: _Tiles) -> torch.Tensor:
-    """``g2 [M, N] @ W`` in tiles (bf16, or float32 ones), float32 across tiles -> ``[M, K]`` float32."""
-    gb = g2.to(tiles.tile.dtype)
-    dx = torch.zeros(g2.shape[0], tiles.k, dtype=torch.float32)
+def _tiles_mm_impl(a: torch.Tensor, kind: str, weights: list[torch.Tensor], extra: int, n: int, k: int,
+                   transpose: bool) -> torch.Tensor:
+    """``a @ W.T`` (``a [M, K]``) or, with ``transpose``, ``a @ W`` (``a [M, N]``), float32 out."""
+    arrays = [CPU._np(w) for w in weights]
+    if kind == "sp24_f32":
+        arrays[0] = arrays[0].view(np.uint32)  # the float32 kept values as bits
+    tiles = _Tiles(kind, n, k, tuple(arrays) + ((extra,) if extra >= 0 else ()))
+    if not transpose:
+        xb = a.to(torch.bfloat16).contiguous()
+        return torch.cat([torch.mm(xb, tile.t()) for _, _, tile in tiles], dim=1).to(torch.float32)
+    ab = a.to(tiles.tile.dtype)
+    out = torch.zeros(a.shape[0], k, dtype=torch.float32)
     for r0, r1, tile in tiles:
-        dx += torch.mm(gb[:, r0:r1], tile)
-    return dx
+        out += torch.mm(ab[:, r0:r1], tile)  # float32 across tiles
+    return out
 
 
-def _run(x, bias, n, k, make_tiles, out_scale=None, grad_scale=None):
+# a torch.library op, so that torch.compile traces this path (fake: the output's shape)
+_tiles_mm_op = torch.library.custom_op("robcomp::cpu_bf16_tiles_mm", mutates_args=())(_tiles_mm_impl)
+_tiles_mm_op.register_fake(lambda a, kind, weights, extra, n, k, transpose:
+                           a.new_empty((a.shape[0], k if transpose else n), dtype=torch.float32))
+
+
+def _mm(a, kind, weights, extra, n, k, transpose=False):
+    fn = _tiles_mm_op if torch.compiler.is_compiling() else _tiles_mm_impl
+    return fn(a, kind, list(weights), extra, n, k, transpose)
+
+
+def _run(x, bias, kind, weights, extra, n, k, out_scale=None, grad_scale=None):
     """``y = (x W.T) * out_scale + bias`` with ``dX = (dY * grad_scale) W`` (``W`` as decoded)."""
     CPU._check(x, k)
 
     def fwd(x2):
-        y = _matmul(x2, make_tiles())
-        return y if out_scale is None else y * out_scale(x2)
+        y = _mm(x2, kind, weights, extra, n, k)
+        return y if out_scale is None else y * out_scale
 
     def bwd(g2):
-        return _matmul_t(g2 if grad_scale is None else g2 * grad_scale, make_tiles())
+        return _mm(g2 if grad_scale is None else g2 * grad_scale, kind, weights, extra, n, k, transpose=True)
     return CPU._Linear.apply(x, bias, fwd, bwd, n)
-
-
-def _np(t):
-    return CPU._np(t)
 
 
 def int8_input_grad(g2, qweight):
     """``g2 @ q`` (int8 codes; the caller folds the per-channel scale into ``g2``) in bf16 tiles."""
-    n, k = qweight.shape
-    return _matmul_t(g2, _Tiles("int8", n, k, (_np(qweight),), np.uint16))
+    return _mm(g2, "int8", (qweight,), -1, *qweight.shape, transpose=True)
 
 
 def int4_input_grad(g2, qweight, scales, zeros, group_size):
     """``g2 @ ((q - z) * s)`` in bf16 tiles."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    w = (_np(qweight), _np(scales.float()), _np(zeros.float()), group_size)
-    return _matmul_t(g2, _Tiles("int4", n, k, w, np.uint32))
+    return _mm(g2, "int4", (qweight, scales.float(), zeros.float()), group_size, qweight.shape[0],
+               qweight.shape[1] * 2, transpose=True)
 
 
 def sparse24_input_grad_f32(g2, values, meta):
     """``g2 @ W`` of a 2:4 weight in exact float32 tiles (BLAS per tile): the 2:4 dX at large M,
     where it beats the blocked numba kernel, without leaving float32."""
-    n, k = values.shape[0], values.shape[1] * 2
-    w = (_np(values.float()).view(np.uint32), _np(meta))
-    return _matmul_t(g2, _Tiles("sp24_f32", n, k, w, np.uint64, dtype=torch.float32, tile_bytes=F32_DX_TILE_BYTES))
+    return _mm(g2, "sp24_f32", (values.float(), meta), -1, values.shape[0], values.shape[1] * 2, transpose=True)
 
 
 def int8_weight_linear(x, qweight, scale, bias):
     """W8A16: exact int8 codes in bf16 tiles, per-channel scale on the float32 output."""
-    n, k = qweight.shape
     s = scale.float()
-    return _run(x, bias, n, k, lambda: _Tiles("int8", n, k, (_np(qweight),), np.uint16),
-                out_scale=lambda x2: s, grad_scale=s)
+    return _run(x, bias, "int8", (qweight,), -1, *qweight.shape, out_scale=s, grad_scale=s)
 
 
 def fp8_dynamic_linear(x, qweight, scale, bias):
@@ -147,35 +164,30 @@ def fp8_dynamic_linear(x, qweight, scale, bias):
     tiles, both scales on the float32 output; straight-through dX ``(dY * s) W``."""
     n, k = qweight.shape
     s = scale.float()
-    codes = _np(qweight.view(torch.uint8))
-    make = lambda: _Tiles("fp8", n, k, (codes,), np.uint16)  # noqa: E731
+    codes = qweight.view(torch.uint8)
     CPU._check(x, k)
 
     def fwd(x2):
         xq, xs = ref.quantize_rows_fp8(x2)
-        return _matmul(xq.to(torch.bfloat16), make()) * xs[:, None] * s[None, :]
+        return _mm(xq.to(torch.bfloat16), "fp8", (codes,), -1, n, k) * xs[:, None] * s[None, :]
 
     def bwd(g2):
-        return _matmul_t(g2 * s, make())
+        return _mm(g2 * s, "fp8", (codes,), -1, n, k, transpose=True)
     return CPU._Linear.apply(x, bias, fwd, bwd, n)
 
 
 def int4_linear(x, qweight, scales, zeros, group_size, bias):
     """W4A16: ``(q - z) * s`` tiles rounded to bf16."""
-    n, k = qweight.shape[0], qweight.shape[1] * 2
-    w = (_np(qweight), _np(scales.float()), _np(zeros.float()), group_size)
-    return _run(x, bias, n, k, lambda: _Tiles("int4", n, k, w, np.uint32))
+    return _run(x, bias, "int4", (qweight, scales.float(), zeros.float()), group_size, qweight.shape[0],
+                qweight.shape[1] * 2)
 
 
 def sparse24_linear(x, values, meta, bias):
     """2:4: kept values rounded to bf16, expanded with zeros."""
-    n, k = values.shape[0], values.shape[1] * 2
-    w = (_np(values.float()), _np(meta))
-    return _run(x, bias, n, k, lambda: _Tiles("sp24", n, k, w, np.uint64))
+    return _run(x, bias, "sp24", (values.float(), meta), -1, values.shape[0], values.shape[1] * 2)
 
 
 def sparse24_int4_linear(x, qvalues, scales, zeros, meta, group_size, bias):
     """2:4 + int4: ``(q - z) * s`` kept values rounded to bf16, expanded with zeros."""
-    n, k = qvalues.shape[0], qvalues.shape[1] * 4
-    w = (_np(qvalues), _np(scales.float()), _np(zeros.float()), _np(meta), group_size // 2)
-    return _run(x, bias, n, k, lambda: _Tiles("s24i4", n, k, w, np.uint64))
+    return _run(x, bias, "s24i4", (qvalues, scales.float(), zeros.float(), meta), group_size // 2,
+                qvalues.shape[0], qvalues.shape[1] * 4)

@@ -41,7 +41,7 @@ Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf1
 oneDNN's bf16 GEMM, ~3x the float32 GEMM's speed on CPUs with bf16 dot products.
 
 Under ``torch.compile`` the numba kernels run through ``torch.library`` custom ops
-(``robcomp::cpu_*``) with fake implementations; in eager mode they are called directly to keep
+(``robcomp::cpu_*``, the bf16 tiles ``robcomp::cpu_bf16_tiles_mm``) with fake implementations; in eager mode they are called directly to keep
 the per-call overhead small.
 """
 from __future__ import annotations
@@ -414,9 +414,8 @@ def derived_int8(scale: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _tiles_for_grad(g2: torch.Tensor) -> bool:
     """The int8/int4 formats' dX for M > 1 runs in bf16 tiles where bf16 GEMMs are fast (the
-    weight-only formats' activation precision; int8 dynamic's straight-through estimate); eager
-    only (the tile decoders are not traced by torch.compile)."""
-    if g2.shape[0] == 1 or torch.compiler.is_compiling():
+    weight-only formats' activation precision; int8 dynamic's straight-through estimate)."""
+    if g2.shape[0] == 1:
         return False
     from robcomp.kernels import bf16_tiles
     return bf16_tiles.fast_bf16()

@@ -180,11 +180,8 @@ class CompressedLinear(nn.Module, abc.ABC):
         path = self.tuned_paths.get((x.device.type, x.dtype, m_bucket(m)))
         if path is None:
             path = self.default_path(x.device, x.dtype, m)
-        if torch.compiler.is_compiling():
-            if path == "bf16_tiles":  # its tile decoders are not traced: the first static path instead
-                path = self.paths(x.device, x.dtype)[0]
-            if not self.ready_for(path, x.device):
-                return "reference"  # no derived weight may be built while tracing
+        if torch.compiler.is_compiling() and not self.ready_for(path, x.device):
+            return "reference"  # no derived weight may be built while tracing
         return path
 
     @property

@@ -28,8 +28,9 @@ LAYER_RECIPES = [cls(group_size=32) if "group_size" in cls.__dataclass_fields__ 
 MIN_SQNR = {"int8_weight_only": 30.0, "int8_dynamic": 26.0, "fp8_dynamic": 16.0, "int4_weight_only": 13.0}
 # activations quantised at run time: relative error against the dequantised dense model (worst
 # measured: int8 0.018, fp8 0.060)
-# weight-only formats whose CPU kernels take bf16 activations (robcomp.kernels.cpu)
-BF16_ON_CPU = ("int8_weight_only", "int4_weight_only")
+# quantised-weight formats whose CPU paths take bf16 activations (robcomp.kernels.cpu, bf16_tiles:
+# 2:4+int4 from 4 rows)
+BF16_ON_CPU = ("int8_weight_only", "int4_weight_only", "sparse24_int4")
 DYNAMIC = {"int8_dynamic": 0.03, "fp8_dynamic": 0.08}
 
 

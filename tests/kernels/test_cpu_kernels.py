@@ -354,7 +354,7 @@ def test_fp8_bit_decoders_are_exact_for_every_code():
     x = torch.randn(1, 248, dtype=torch.float64)
     y = C._fp8_fwd(x.float(), codes, torch.ones(2))
     assert _rel(y, x @ exact.double().T) < F32_TOL
-    tiles = T._Tiles("fp8", 2, 248, (codes.numpy(),), np.uint16)
+    tiles = T._Tiles("fp8", 2, 248, (codes.numpy(),))
     ((_, _, tile),) = list(tiles)
     assert torch.equal(tile.float(), exact) and T.fp8_has_nan(codes) is False
 
