@@ -14,16 +14,18 @@ int8 weight-only   ``torch._weight_int8pack_mm`` on the stored     numba from th
 int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from the nibbles
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
-int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  numba at M=1, else BLAS on
-                   (exact int32), float32 rescale; M = 1: a        the unpacked weight
-                   numba int8 GEMV (``int8_dynamic_linear_gemv``,  (straight-through,
-                   exact int32 too: ``_int_mm`` reorders the       ``dY @ dequant(W)``)
+int8 dynamic       per-token int8 quantisation, ``torch._int_mm``  as int8 weight-only
+                   (exact int32), float32 rescale; M = 1: a        (straight-through,
+                   numba int8 GEMV (``int8_dynamic_linear_gemv``,  ``dY @ dequant(W)``)
+                   exact int32 too: ``_int_mm`` reorders the
                    weight on every call)
 fp8 dynamic        per-token e4m3; codes decoded by bit           numba at M=1, else BLAS on
                    arithmetic (numba GEMV at M=1, else BLAS on    the decoded weight
                    the decoded weight), float32 accumulation      (straight-through)
 2:4                numba on kept values + metadata, float32:      numba, from the packed
-                   M=1 x-selecting GEMV, M>1 blocked kernels       weight (M=1 and blocked)
+                   M=1 x-selecting GEMV, M>1 blocked kernels       weight (M=1 and blocked);
+                                                                  from 128 rows BLAS on exact
+                                                                  float32 tiles
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
 
@@ -41,8 +43,8 @@ Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf1
 oneDNN's bf16 GEMM, ~3x the float32 GEMM's speed on CPUs with bf16 dot products.
 
 Under ``torch.compile`` the numba kernels run through ``torch.library`` custom ops
-(``robcomp::cpu_*``, the bf16 tiles ``robcomp::cpu_bf16_tiles_mm``) with fake implementations; in eager mode they are called directly to keep
-the per-call overhead small.
+(``robcomp::cpu_*``, the bf16 tiles ``robcomp::cpu_bf16_tiles_mm``) with fake implementations;
+in eager mode they are called directly to keep the per-call overhead small.
 """
 from __future__ import annotations
 
@@ -152,8 +154,8 @@ def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
 
 def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
-    weight once); for M > 1 the 2:4 formats' blocked kernels, the others BLAS on the weight
-    unpacked by numba into float32."""
+    weight once; the 2:4 lane kernels where K % 8 == 0); for M > 1 the 2:4 formats' blocked
+    kernels, the others BLAS on the weight unpacked by numba into float32."""
     if g2.shape[0] == 1 and name in ("sp24", "s24i4") and k % 8 == 0:
         # dX by meta byte, half and lane (dxq[h, t, j] = dX[8 j + 4 h + t]), as the forward's x
         dxq = np.zeros((2, 4, k // 8), np.float32)
