@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from robcomp.kernels import numba_cpu as NB
+
 try:
     from numba import njit, prange
 except Exception:  # pragma: no cover - numba is a declared dependency
@@ -19,12 +21,6 @@ except Exception:  # pragma: no cover - numba is a declared dependency
 __all__ = ["decoder", "KINDS"]
 
 _FM = {"reassoc", "contract"}
-
-
-def _rne(v):
-    # float32 -> bf16 bits, round to nearest even (finite inputs)
-    b = np.float32(v).view(np.uint32)
-    return (b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
 
 
 # Loops index row (and scale-group) slices from 0: LLVM vectorises those; an inner
@@ -36,16 +32,16 @@ def _int8_tile(q, r0, r1, out):
         for j in range(src.shape[0]):
             dst[j] = np.uint16(np.float32(src[j]).view(np.uint32) >> np.uint32(16))
 
+
 def _fp8_tile(codes, r0, r1, out):
-    # e4m3 bits placed in a float32 (exponent field + 120 = fp32 bias - e4m3 bias) and scaled
-    # by 2**120 give the exact value, subnormals included. The NaN codes (0x7F, 0xFF) would
-    # decode as 480: callers check ``fp8_has_nan`` once per weight (a select here halves the speed)
+    # exact e4m3 values (numba_cpu's bit decoding, times its 2**120), subnormals included. The NaN
+    # codes (0x7F, 0xFF) would decode as 480: callers check ``fp8_has_nan`` once per weight (a
+    # select here halves the speed)
     for r in prange(r0, r1):
         for j in range(codes.shape[1]):
-            c = np.uint32(codes[r, j])
-            bits = ((c & np.uint32(0x7F)) << np.uint32(20)) | ((c & np.uint32(0x80)) << np.uint32(24))
-            v = np.float32(np.uint32(bits).view(np.float32) * np.float32(2.0 ** 120))
+            v = np.float32(NB._fp8_value_j(codes[r, j]) * np.float32(2.0 ** 120))
             out[r - r0, j] = np.uint16(v.view(np.uint32) >> np.uint32(16))
+
 
 def _int4_tile(qw, scales, zeros, group, r0, r1, out32):
     # one byte (k = 2b low nibble, 2b + 1 high) -> one uint32 of two bf16
@@ -125,8 +121,8 @@ def _s24i4_tile(qv, scales, zeros, meta, half_group, r0, r1, out64):
                                            np.uint64(_rne_j(np.float32(c1 >> np.uint32(4)) * s - zs)))
 
 
+_rne_j = NB._bf16_bits_j  # float32 -> bf16 bits, round to nearest even
 if njit is not None:
-    _rne_j = njit(inline="always", cache=True)(_rne)
     _expand_j = njit(inline="always", cache=True)(_expand)
 _BODIES = {"int8": _int8_tile, "fp8": _fp8_tile, "int4": _int4_tile, "sp24": _sp24_tile, "s24i4": _s24i4_tile,
            "sp24_f32": _sp24_tile_f32}
