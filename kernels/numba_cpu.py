@@ -187,8 +187,9 @@ def _int8_bwd1(g, q, dx):
             dx[j] += np.float32(q[r, j]) * gr
 
 
-def _int8_quantize_rows(x, q, scale):
-    # reference.quantize_rows_int8: s = max(|x|, 1e-12) / 127, q = round half away (x / s)
+def _int8_quantize_rows(x, q, scale, offset):
+    # reference.quantize_rows_int8: s = max(|x|, 1e-12) / 127, q = round half away (x / s);
+    # stored as q + offset (0 into int8, 128 into uint8 for oneDNN's u8 x s8 GEMM)
     m, k = x.shape
     for i in range(m):
         amax = np.float32(0.0)
@@ -201,7 +202,7 @@ def _int8_quantize_rows(x, q, scale):
         for j in range(k):
             v = x[i, j] / s
             r = np.floor(v + np.float32(0.5)) if v >= 0 else np.ceil(v - np.float32(0.5))
-            q[i, j] = np.int8(min(max(r, np.float32(-127.0)), np.float32(127.0)))
+            q[i, j] = np.int32(min(max(r, np.float32(-127.0)), np.float32(127.0))) + offset
 
 
 def _lut8_fwd1(x, codes, lut, out):

@@ -312,6 +312,13 @@ class CompressedLinear(nn.Module, abc.ABC):
             return bool(cache) and name in cache
         return bool(cache) and cache.get("stamp") == self._stamp() and name in cache
 
+    def __getstate__(self):
+        """Copies and pickles leave the derived weights out; they are rebuilt on use (oneDNN's
+        prepacked weight is an opaque tensor that can be neither copied nor pickled)."""
+        state = self.__dict__.copy()
+        state.pop("_derived", None)
+        return state
+
     def derived_bytes(self) -> int:
         """Bytes of the derived weights this layer holds now."""
         cache = self.__dict__.get("_derived") or {}
@@ -620,14 +627,35 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     # "dense" would drop the activation rounding, so it is no path of this format
-    # "numba_int8": the same int8 x int8 -> int32 product by a numba GEMV, the default at M = 1
-    cpu_paths = ("native", "numba_int8")
+    # "onednn": the same int8 x int8 -> int32 product by oneDNN's u8 x s8 GEMM on a prepacked
+    #   copy (counted in the layer's bytes); the default from M = 2 where it is exact (VNNI)
+    # "native": torch._int_mm; "numba_int8": a numba GEMV, the default at M = 1 (it streams the
+    #   weight from memory faster than oneDNN's GEMV, bench/RESULTS.md)
+    cpu_paths = ("onednn", "native", "numba_int8")
     cuda_paths = ("triton", "int_mm")
+
+    def can_run(self, path, device):
+        if path != "onednn":
+            return True
+        from robcomp.kernels import cpu
+
+        return cpu.onednn_int8()
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
 
         return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
+
+    def forward_onednn(self, x):
+        from robcomp.kernels import cpu
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'onednn' runs oneDNN's CPU int8 GEMM; the input is on {x.device}")
+        d = self.derived("cpu_onednn_int8", lambda: cpu.derived_int8_onednn(self.qweight))
+        return cpu.int8_dynamic_linear_onednn(x, self.qweight, self.scale, self.bias, d)
+
+    def ready_for(self, path, device):
+        return path != "onednn" or self.has_derived("cpu_onednn_int8")
 
     def default_path(self, device, dtype, m):
         paths = self.paths(device, dtype)

@@ -1,6 +1,9 @@
 """robcomp's CPU paths (kernels/cpu.py, kernels/numba_cpu.py) against a float64 computation from
 the stored format (kernels/reference.py): forward, input gradient, bias gradient, every path of
 every layer, odd shapes, M from 1, fresh random inputs; bytes accounting of derived weights."""
+import copy
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -153,7 +156,8 @@ def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
     cpu = torch.device("cpu")
     tiles = "bf16_tiles" if fast_bf16 else "native"
     assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == tiles
-    assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
+    int8_gemm = "onednn" if C.onednn_int8() else "native"
+    assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == int8_gemm
     assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
     assert sp.default_path(cpu, torch.float32, 16) == "native"
     # float32 2:4 keeps float32 on every path; stored in bf16 it takes the tiles
@@ -216,6 +220,37 @@ def test_derived_weights_are_counted_in_bytes():
     assert layer.derived_bytes() == 0
 
 
+def test_onednn_int8_copy_is_counted_in_bytes():
+    if not C.onednn_int8():
+        pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
+    layer = _layer(Int8DynamicLinear, Int8Dynamic(), 48, 96)
+    stored = tensor_bytes(layer)
+    layer(torch.randn(3, 96))
+    assert layer.last_path == "onednn"
+    assert layer.derived_bytes() == 48 * 96 + 48 * 8  # the prepacked codes and int64 zero points
+    assert tensor_bytes(layer) == stored + layer.derived_bytes()
+    # the opaque prepacked tensor stays behind in copies and pickles; they rebuild it on use
+    x = torch.randn(2, 96)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.derived_bytes() == 0
+        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
+        assert clone.last_path == "onednn" and clone.derived_bytes() == layer.derived_bytes()
+
+
+def test_onednn_int8_probe_rejects_a_saturating_gemm(monkeypatch):
+    """Without VNNI a u8 x s8 GEMM sums the unsigned bytes' products in int16 pairs, with
+    saturation, and removes the zero point after (128 * column sums); the probe must see it."""
+    def saturating(xu, d, s32):
+        w = torch.full((16, 64), 127, dtype=torch.int32)
+        w[1::2] = -127
+        pairs = (xu.to(torch.int32).reshape(xu.shape[0], 1, -1, 2) * w.reshape(1, 16, -1, 2)).sum(-1)
+        acc = pairs.clamp(-32768, 32767).sum(-1) - 128 * w.sum(1)
+        return acc.to(torch.float32) * s32
+
+    monkeypatch.setattr(C, "_onednn_mm", saturating)
+    assert C.onednn_int8.__wrapped__() is False
+
+
 def test_backend_cpu_and_errors():
     layer = _layer(Int8DynamicLinear, Int8Dynamic(), 16, 32)
     layer.backend = "cpu"
@@ -276,6 +311,21 @@ def test_torch_compile_traces_the_cpu_paths():
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_torch_compile_traces_the_onednn_int8_path():
+    if not C.onednn_int8():
+        pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8DynamicLinear.from_linear(nn.Linear(64, 32)), nn.ReLU())
+    x = torch.randn(5, 64, requires_grad=True)
+    expected = model(x)
+    assert model[0].last_path == "onednn"
+    y = torch.compile(model, fullgraph=True)(x)  # inductor: robcomp's op wraps oneDNN's
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
+
+
 def test_int8_row_quantiser_matches_the_reference_bit_for_bit():
     x = torch.randn(7, 131) * torch.logspace(-3, 3, 7)[:, None]
     x[0, :4] = torch.tensor([127.0, 63.5, -0.5 * 127 / 127, 0.0])  # exact ties round away from zero
@@ -283,6 +333,9 @@ def test_int8_row_quantiser_matches_the_reference_bit_for_bit():
     q, s = C.quantize_int8_rows(x)
     q_ref, s_ref = R.quantize_rows_int8(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+    qu, su = C.quantize_uint8_rows(x)  # oneDNN's input: the same codes shifted by 128
+    assert qu.dtype == torch.uint8 and torch.equal(qu.to(torch.int16) - 128, q_ref.to(torch.int16))
+    assert torch.equal(su, s_ref)
     x[2, 5] = float("nan")
     _, s_nan = C.quantize_int8_rows(x)
     assert torch.isnan(s_nan[2]) and torch.isfinite(s_nan[3:]).all()
