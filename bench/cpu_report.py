@@ -2,7 +2,7 @@
 
     python -m bench.cpu_report bench/results/cpu-<date>-<machine>.json
 
-Prints the issue's target table (4096x4096, 1 thread, forward), then per shape / threads /
+Prints the target table (4096x4096, 1 thread, forward), then per shape / threads /
 direction the dispatched path of every format as a ratio against dense fp32 ``F.linear`` (> 1 is
 faster) and against the best peer, with the path each ran.
 """
@@ -14,7 +14,7 @@ from collections import defaultdict
 
 FORMATS = ["int8_weight_only", "int4_weight_only_g128", "int8_dynamic", "fp8_dynamic", "sparse24",
            "sparse24_int4_g128"]
-#: issue 12's targets: format -> {M: minimum ratio vs dense fp32}, at 4096x4096
+#: the CPU speed targets: format -> {M: minimum ratio vs dense fp32}, at 4096x4096
 TARGETS = {"int8_weight_only": {1: 2.0, 16: 2.0, 256: 0.95}, "int4_weight_only_g128": {1: 2.5, 16: 2.0, 256: 0.95},
            "int8_dynamic": {1: 1.5, 16: 1.5, 256: 1.0}, "sparse24": {1: 1.3, 16: 1.2, 256: 0.95},
            "sparse24_int4_g128": {1: 2.5, 16: 1.5, 256: 0.95}}
@@ -41,7 +41,7 @@ def targets(rows) -> str:
             ratio = r["speedup_vs_dense_fp32"]
             met = "yes" if ratio >= target else f"no ({ratio / target:.2f} of target)"
             lines.append(f"| {fmt} | {m} | >= {target}x | {ratio:.2f}x ({r['path']}) | {met} |")
-    for m in TARGETS["int8_dynamic"]:  # the issue's peer target: >= 1.0x of quantize_dynamic
+    for m in TARGETS["int8_dynamic"]:  # the peer target: >= 1.0x of quantize_dynamic
         r = idx.get((4096, 4096, 1, "forward", m, "int8_dynamic:dispatched"))
         if r is not None and "speedup_vs_quantize_dynamic" in r:
             ratio = r["speedup_vs_quantize_dynamic"]

@@ -1,7 +1,7 @@
-"""The GPU suite's only contact points with code other branches own, one small function each, so
+"""The GPU suite's only contact points with the rest of the library, one small function each, so
 that a renamed function or attribute is a one-line fix here:
 
-* ``robcomp.tune(model, example_inputs)``: the explicit, recorded dispatch step (issue 11) run on
+* ``robcomp.tune(model, example_inputs)``: the explicit, recorded dispatch step, run on
   a layer or model before its dispatched path is timed; :func:`tune`.
 * ``layer.last_path``: which implementation a compressed layer's last forward ran; :func:`path_taken`.
 * ``perf_cases(m, n, k, dtype, sm_count) -> list[dict]`` of each kernel module (keys ``op``,

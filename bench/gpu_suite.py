@@ -11,7 +11,7 @@ it did not reach is listed under ``skipped``.
 2. ``correctness`` (hard cap: a case still running at the cap is interrupted): every format's custom
    op, forward and input gradient, fp16 and bf16, against kernels/reference.py in float64 on fresh
    random inputs with poisoned outputs, and the dispatched layer's forward (after ``robcomp.tune``);
-3. ``kernels`` (fp16, the issue's shapes): per M, dense cuBLAS ``F.linear`` and ``dY @ W``, each
+3. ``kernels`` (fp16, the target shapes): per M, dense cuBLAS ``F.linear`` and ``dY @ W``, each
    format's raw Triton launcher (forward and input gradient), the dispatched layer (``rc.compress``
    with the default backend, ``robcomp.tune`` at that input first; the path it took from
    ``layer.last_path``), and the peers of bench/gpu_baselines.py (semi-structured sparse,
@@ -25,7 +25,7 @@ it did not reach is listed under ``skipped``.
    beside the measured raw kernels ("static model unavailable" when the module is absent);
 6. ``e2e``: TinyViT at ViT-B/16 shapes and a 4096-wide MLP, batch 1/16/256, dense vs each recipe
    (tuned, with the paths the layers took);
-7. ``extra``: whatever time is left: bf16 on the issue's shapes, then the built-in models' shapes.
+7. ``extra``: whatever time is left: bf16 on the target shapes, then the built-in models' shapes.
 
 Targets (bench/gpu_targets.py) are judged on the fp16 issue shapes: a target is unmet when any of
 its cases errored or its format failed a correctness check, incomplete when cases were skipped.
@@ -66,7 +66,7 @@ import gpu_targets  # noqa: E402
 import harness as H  # noqa: E402
 from gpu_budget import Budget  # noqa: E402
 
-MAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N), the issue's
+MAIN_SHAPES = [(4096, 4096), (4096, 14336), (14336, 4096), (8192, 28672)]  # (K, N), the target shapes
 MS = [1, 4, 16, 64, 256, 1024, 4096]
 CHECK_SHAPES, CHECK_MS = [(4096, 4096), (1024, 1000)], [1, 3, 16, 40, 256]  # odd sizes test the masks
 STATIC_MS = [1, 16, 64, 4096]
@@ -590,7 +590,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float16,bfloat16", help="the first is the targets' dtype")
     p.add_argument("--phases", default=",".join(PHASES), help="phases to run (setup always runs)")
     p.add_argument("--shapes", default="main,models", help="extra phase's shape sets: main (issue), models (built-in)")
-    p.add_argument("--ms", default=None, help="comma-separated M values (default: the issue's)")
+    p.add_argument("--ms", default=None, help="comma-separated M values (default: the target set)")
     p.add_argument("--warmup-ms", type=float, default=10.0)
     p.add_argument("--rep-ms", type=float, default=25.0)
     p.add_argument("--tune-rep-ms", type=float, default=10.0,

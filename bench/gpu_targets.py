@@ -1,5 +1,4 @@
-"""The kernel issue's speed targets (issue 11; issue 16 adds "never below 0.98x at any M after
-dispatch") and how the GPU suite decides whether each is met.
+"""The GPU kernels' speed targets (including "never below 0.98x at any M after dispatch") and how the GPU suite decides whether each is met.
 
 A *case* is one planned timing: ``{"format", "kind", "op", "dtype", "M", "K", "N", "status",
 "speedup", "path"}`` with ``kind`` one of ``"raw"`` (the Triton launcher), ``"layer"`` (the
@@ -17,7 +16,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 
-#: ratio vs dense fp16 cuBLAS in the same run, on the issue's shapes
+#: ratio vs dense fp16 cuBLAS in the same run, on the target shapes
 TARGETS = {
     "sparse24": {"M<=16": 1.5, "M=64": 1.2, "M>=2048": 0.98},
     "int8_weight": {"M<=16": 1.8, "M=64": 1.4, "M>=2048": 0.98},

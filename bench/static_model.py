@@ -64,7 +64,7 @@ DEVICES = {"h100": {"name": "H100 SXM", "bandwidth": 3.0e12, "sms": 132},
 ISSUE_RATE = 0.93e12
 #: dense fp16 tensor-core FLOP/s (cuBLAS, measured on H100); int8 / fp8 MMAs run twice as fast
 TENSOR_FLOPS = 790e12
-#: GPU time of one kernel launch in a stream (the issue's 3-5 us; eager PyTorch)
+#: GPU time of one kernel launch in a stream (3-5 us; eager PyTorch)
 LAUNCH_S = 4e-6
 MS = (1, 16, 64, 4096)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N)

@@ -6,7 +6,7 @@ GPU: Triton 2:4 forward vs dense fp16 ``F.linear`` (cuBLAS) and vs PyTorch semi-
 (``dX = dY · W``) vs dense ``dY @ W`` and the Sparse24 layer with its dispatch vs dense. Each
 record has ms, achieved GB/s, TFLOP/s, roofline % and the speedup over dense measured in the same
 run; the session writes them to ``bench/results/sparse24-<device>-<date>.json``.
-Targets (H100, issue 3): M <= 16 forward >= 1.5x dense; the layer >= 0.98x dense at every M;
+Targets (H100): M <= 16 forward >= 1.5x dense; the layer >= 0.98x dense at every M;
 input gradient at M <= 16 >= 1.4x dense.
 
 CPU: a tiny shape set, the Triton kernels in the interpreter against the torch reference, so that

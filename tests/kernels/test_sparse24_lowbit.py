@@ -28,7 +28,7 @@ def test_round_trip(group):
     mask = R.sparse24_mask(w)
     assert torch.equal(dense != 0, mask & (dense != 0))  # nothing outside the 2:4 pattern
     values, meta = R.sparse24_pack(w)
-    assert torch.equal(meta, m)  # the 2:4 selection is the sparse issue's, unchanged
+    assert torch.equal(meta, m)  # the 2:4 selection is sparse24_pack's, unchanged
     vq = R.int4_unpack(q, s, z, group // 2)
     assert torch.equal(dense, R.sparse24_unpack(vq, m, 256))
     ss = s.repeat_interleave(group // 2, 1)
