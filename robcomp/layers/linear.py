@@ -628,11 +628,16 @@ class Int8DynamicLinear(_DynamicActivationLinear):
 
     # "dense" would drop the activation rounding, so it is no path of this format
     # "onednn": the same int8 x int8 -> int32 product by oneDNN's u8 x s8 GEMM on a prepacked
-    #   copy (counted in the layer's bytes); the default from M = 2 where it is exact (VNNI)
-    # "native": torch._int_mm; "numba_int8": a numba GEMV, the default at M = 1 (it streams the
-    #   weight from memory faster than oneDNN's GEMV, bench/RESULTS.md)
+    #   copy (counted in the layer's bytes), where it is exact (VNNI); "native": torch._int_mm;
+    # "numba_int8": a numba GEMV, one row of x per pass over the weight
     cpu_paths = ("onednn", "native", "numba_int8")
     cuda_paths = ("triton", "int_mm")
+    #: rows up to which the numba GEMV is the default: oneDNN streams a cold weight slowly at
+    #: small M (4096x4096: 1.7 ms at M = 1 and 3.2 ms at M = 4, the GEMV 0.75 / 2.3 ms)
+    gemv_up_to_m: ClassVar[int] = 4
+    #: weights (N x K) from which oneDNN is the default above that: below, the weight is cache
+    #: resident and oneDNN's fixed cost per call (~0.1-0.3 ms) loses to torch._int_mm
+    onednn_from_weights: ClassVar[int] = 1 << 22
 
     def can_run(self, path, device):
         if path != "onednn":
@@ -658,8 +663,15 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         return path != "onednn" or self.has_derived("cpu_onednn_int8")
 
     def default_path(self, device, dtype, m):
+        """The numba GEMV up to :attr:`gemv_up_to_m` rows, then oneDNN for large weights, else
+        ``torch._int_mm`` (bench/RESULTS.md, CPU section; ``robcomp.tune`` measures instead)."""
         paths = self.paths(device, dtype)
-        return "numba_int8" if m == 1 and "numba_int8" in paths else paths[0]
+        if device.type != "cpu":
+            return paths[0]
+        if m <= self.gemv_up_to_m and "numba_int8" in paths:
+            return "numba_int8"
+        large = self.in_features * self.out_features >= self.onednn_from_weights
+        return "onednn" if large and "onednn" in paths else next(p for p in paths if p != "onednn")
 
     def forward_numba_int8(self, x):
         from robcomp.kernels import cpu

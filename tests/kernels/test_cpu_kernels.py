@@ -156,8 +156,9 @@ def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
     cpu = torch.device("cpu")
     tiles = "bf16_tiles" if fast_bf16 else "native"
     assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == tiles
-    int8_gemm = "onednn" if C.onednn_int8() else "native"
-    assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == int8_gemm
+    assert dyn.default_path(cpu, torch.float32, 4) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
+    big = _layer(Int8DynamicLinear, Int8Dynamic(), 2048, 2048, bias=False)  # 4 MB of codes: beyond L2
+    assert big.default_path(cpu, torch.float32, 16) == ("onednn" if C.onednn_int8() else "native")
     assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
     assert sp.default_path(cpu, torch.float32, 16) == "native"
     # float32 2:4 keeps float32 on every path; stored in bf16 it takes the tiles
@@ -225,16 +226,15 @@ def test_onednn_int8_copy_is_counted_in_bytes():
         pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
     layer = _layer(Int8DynamicLinear, Int8Dynamic(), 48, 96)
     stored = tensor_bytes(layer)
-    layer(torch.randn(3, 96))
-    assert layer.last_path == "onednn"
+    layer.run_path("onednn", torch.randn(3, 96))
     assert layer.derived_bytes() == 48 * 96 + 48 * 8  # the prepacked codes and int64 zero points
     assert tensor_bytes(layer) == stored + layer.derived_bytes()
     # the opaque prepacked tensor stays behind in copies and pickles; they rebuild it on use
     x = torch.randn(2, 96)
     for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
         assert clone.derived_bytes() == 0
-        torch.testing.assert_close(clone(x), layer(x), rtol=0, atol=0)
-        assert clone.last_path == "onednn" and clone.derived_bytes() == layer.derived_bytes()
+        torch.testing.assert_close(clone.run_path("onednn", x), layer.run_path("onednn", x), rtol=0, atol=0)
+        assert clone.derived_bytes() == layer.derived_bytes()
 
 
 def test_onednn_int8_probe_rejects_a_saturating_gemm(monkeypatch):
@@ -316,6 +316,7 @@ def test_torch_compile_traces_the_onednn_int8_path():
         pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
     torch.manual_seed(0)
     model = nn.Sequential(Int8DynamicLinear.from_linear(nn.Linear(64, 32)), nn.ReLU())
+    model[0].onednn_from_weights = 0  # the default for this small layer would be torch._int_mm
     x = torch.randn(5, 64, requires_grad=True)
     expected = model(x)
     assert model[0].last_path == "onednn"
