@@ -382,7 +382,8 @@ def test_bf16_tiles_with_a_partial_last_tile(case, m, monkeypatch, poisoned_buff
     (2:4 in bf16 storage, where it offers the path)."""
     cls, recipe, _, k, _, _ = case
     n = N_ODD
-    monkeypatch.setattr(T, "TILE_BYTES", 16 * 2 * k)
+    for name in ("TILE_BYTES", "MID_M_TILE_BYTES", "DX_TILE_BYTES"):  # forward (every M) and dX tiles
+        monkeypatch.setattr(T, name, 16 * 2 * k)
     assert T.tile_rows(n, k) == 16 and n % 16 == 4
     layer = _layer(cls, recipe, n, k)
     if cls is Sparse24Linear:
