@@ -106,6 +106,12 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return (t if t.is_contiguous() else t.contiguous()).numpy()
 
 
+def _by_meta_byte(x1: torch.Tensor) -> np.ndarray:
+    """``xq[h, t, j] = x[8 j + 4 h + t]`` of a 1-D x, the 2:4 batch-1 kernels' layout (by meta
+    byte, half and lane); numpy's reshape and copy cost a fifth of torch's on a 256-wide row."""
+    return np.ascontiguousarray(_np(x1).reshape(-1, 2, 4).transpose(1, 2, 0))
+
+
 def _blocked(t2: torch.Tensor, width: int) -> np.ndarray:
     """``[M, D] -> [ceil(M / width), D, width]`` float32 (zero-padded rows): the M > 1 kernels'
     block layout, ``tb[b, d, j] = t2[b * width + j, d]``."""
@@ -124,17 +130,17 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
         qv, scales, zeros, meta, hg = weights
         out = np.empty(n, np.float32)
         # x by half and lane of each meta byte's 8 columns: xq[h, t, j] = x[8 j + 4 h + t]
-        xq = _np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0))
+        xq = _by_meta_byte(x2[0])
         NB.kernel("s24i4_fwd1", par, hg)(xq, qv.view(np.uint16), scales, zeros, meta, out)
-        return torch.from_numpy(out).reshape(1, n)
+        return torch.from_numpy(out.reshape(1, n))  # no view: the caller need not copy it
     if m == 1 and name == "sp24" and x2.shape[1] % 8 == 0:
         out = np.empty(n, np.float32)
-        NB.kernel("sp24_fwd1", par)(_np(x2[0].reshape(-1, 2, 4).permute(1, 2, 0)), *weights, out)
-        return torch.from_numpy(out).reshape(1, n)
+        NB.kernel("sp24_fwd1", par)(_by_meta_byte(x2[0]), *weights, out)
+        return torch.from_numpy(out.reshape(1, n))  # no view: the caller need not copy it
     if m == 1 and name not in ("sp24", "s24i4"):
         out = np.empty(n, np.float32)
         NB.kernel(name + "_fwd1", par)(_np(x2[0]), *weights, out)
-        return torch.from_numpy(out).reshape(1, n)
+        return torch.from_numpy(out.reshape(1, n))  # no view: the caller need not copy it
     width = NB.block_width(m)
     out = np.empty((n, -(-m // width) * width), np.float32)
     NB.kernel(f"{name}_fwdb{width}", par)(_blocked(x2, width), *weights, out)
@@ -162,7 +168,7 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
         # dX by meta byte, half and lane (dxq[h, t, j] = dX[8 j + 4 h + t]), as the forward's x
         dxq = np.zeros((2, 4, k // 8), np.float32)
         NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dxq)
-        return torch.from_numpy(dxq).permute(2, 0, 1).reshape(1, k)
+        return torch.from_numpy(np.ascontiguousarray(dxq.transpose(2, 0, 1)).reshape(1, k))
     if g2.shape[0] == 1 and name not in ("sp24", "s24i4"):
         if name == "int4":  # even / odd k in two planes
             dx2 = np.zeros((2, k // 2), np.float32)

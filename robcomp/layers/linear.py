@@ -23,6 +23,7 @@ counted in :func:`tensor_bytes` and ``compressed_bytes()``: no hidden memory.
 from __future__ import annotations
 
 import abc
+import functools
 from typing import ClassVar
 
 import torch
@@ -148,13 +149,14 @@ class CompressedLinear(nn.Module, abc.ABC):
         {"last_path", "_paths_run", "_tuned_paths", "_paths_memo", "_derived", "_bnb_cache"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_float_input(x, f"{type(self).__name__}.forward")
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # the message only on failure
+            check_float_input(x, f"{type(self).__name__}.forward")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
         path = self.select_path(x)
         if not torch.compiler.is_compiling():
             self.__dict__["last_path"] = path  # plain attribute (nn.Module.__setattr__ is slow)
-            self.paths_run[f"{str(x.dtype).replace('torch.', '')}|M{m_bucket(x.numel() // max(x.shape[-1], 1))}"] = path
+            self.paths_run[_run_key(x.dtype, x.numel() // max(x.shape[-1], 1))] = path
         return self.run_path(path, x)
 
     @property
@@ -191,12 +193,12 @@ class CompressedLinear(nn.Module, abc.ABC):
 
     def paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
         """The paths this layer can run on ``device`` for ``dtype`` activations (tune's candidates)."""
-        device = torch.device(device)
         memo = self.__dict__.setdefault("_paths_memo", {})  # shapes and installs do not change
-        key = (device.type, dtype)
-        if key not in memo:
-            memo[key] = self._paths(device, dtype)
-        return memo[key]
+        key = (device.type if isinstance(device, torch.device) else torch.device(device).type, dtype)
+        out = memo.get(key)
+        if out is None:
+            out = memo[key] = self._paths(torch.device(device), dtype)
+        return out
 
     def _paths(self, device: torch.device, dtype: torch.dtype) -> tuple[str, ...]:
         if device.type == "cpu":
@@ -365,6 +367,12 @@ class CompressedLinear(nn.Module, abc.ABC):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, recipe={self.recipe.label()}, backend={self.backend}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _run_key(dtype: torch.dtype, m: int) -> str:
+    """``paths_run``'s key, e.g. ``"float32|M16"`` (cached: formatting it cost more than a small kernel)."""
+    return f"{str(dtype).replace('torch.', '')}|M{m_bucket(m)}"
 
 
 def _storage_bytes(t: torch.Tensor) -> int:
