@@ -221,9 +221,12 @@ def test_derived_weights_are_counted_in_bytes():
     assert layer.derived_bytes() == 0
 
 
+ONEDNN = pytest.mark.skipif(not C.onednn_int8(), reason="oneDNN's u8 x s8 GEMM is not exact on this CPU "
+                            "(no VNNI dot products): the 'onednn' path is not offered")
+
+
+@ONEDNN
 def test_onednn_int8_copy_is_counted_in_bytes():
-    if not C.onednn_int8():
-        pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
     layer = _layer(Int8DynamicLinear, Int8Dynamic(), 48, 96)
     stored = tensor_bytes(layer)
     layer.run_path("onednn", torch.randn(3, 96))
@@ -311,9 +314,8 @@ def test_torch_compile_traces_the_cpu_paths():
     torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
+@ONEDNN
 def test_torch_compile_traces_the_onednn_int8_path():
-    if not C.onednn_int8():
-        pytest.skip("oneDNN's u8 x s8 GEMM is not exact on this CPU (no VNNI): the path is not offered")
     torch.manual_seed(0)
     model = nn.Sequential(Int8DynamicLinear.from_linear(nn.Linear(64, 32)), nn.ReLU())
     model[0].onednn_from_weights = 0  # the default for this small layer would be torch._int_mm
