@@ -15,11 +15,13 @@ int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
 int8 dynamic       per-token int8 quantisation, exact int32 dot,   as int8 weight-only
-                   float32 rescale, by oneDNN's u8 x s8 GEMM on    (straight-through,
-                   a prepacked copy (``int8_dynamic_linear_onednn``,  ``dY @ dequant(W)``)
-                   VNNI CPUs); else ``torch._int_mm``, and at
-                   M = 1 a numba int8 GEMV (``_int_mm`` reorders
-                   the weight on every call)
+                   float32 rescale: up to M = 4 a numba int8 GEMV  (straight-through,
+                   (``int8_dynamic_linear_gemv``); above, oneDNN's ``dY @ dequant(W)``)
+                   u8 x s8 GEMM on a prepacked copy for large
+                   weights on VNNI CPUs
+                   (``int8_dynamic_linear_onednn``), else
+                   ``torch._int_mm`` (it reorders the weight on
+                   every call)
 fp8 dynamic        per-token e4m3; codes decoded by bit           numba at M=1, else BLAS on
                    arithmetic (numba GEMV at M=1, else BLAS on    the decoded weight
                    the decoded weight), float32 accumulation      (straight-through)
@@ -36,7 +38,8 @@ products accumulated in float32, output rounded to bf16): tests hold them to 1e-
 Frobenius error; the float32 paths to 1e-5.
 
 Derived weights (the tinygemm copy of an int4 weight with ``zp = (8 - z) * s`` scales/zeros, bf16
-scales for int8, oneDNN's prepacked int8 codes for int8 dynamic) are built once per layer by :func:`derived` and counted in the layer's bytes.
+scales for int8, oneDNN's prepacked int8 codes for int8 dynamic) are built once per layer by
+:func:`derived` and counted in the layer's bytes.
 The tinygemm conversion is exact: robcomp's ``(q - z) * s`` equals tinygemm's ``(q - 8) * s + zp``.
 
 Every format except int8 dynamic also has the ``bf16_tiles`` path (``kernels/bf16_tiles.py``;
@@ -581,7 +584,8 @@ def int8_dynamic_linear_onednn(x, qweight, scale, bias, d):
     """W8A8 as ``int8_dynamic_linear`` (the reference's per-token codes, exact int32 dot, float32
     rescale, STE dX) with oneDNN's u8 x s8 GEMM on the prepacked copy ``d``
     (:func:`derived_int8_onednn`): the codes shifted by 128 into uint8, zero point 128. The fastest
-    CPU int8 GEMM at every M where :func:`onednn_int8` holds (bench/RESULTS.md)."""
+    CPU int8 GEMM for weights beyond L2 above M = 4, where :func:`onednn_int8` holds
+    (bench/RESULTS.md)."""
     _check(x, qweight.shape[1])
     s32 = scale.float().contiguous()
 

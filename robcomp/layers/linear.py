@@ -674,7 +674,7 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         """The numba GEMV up to :attr:`gemv_up_to_m` rows, then oneDNN for large weights, else
         ``torch._int_mm`` (bench/RESULTS.md, CPU section; ``robcomp.tune`` measures instead)."""
         paths = self.paths(device, dtype)
-        if device.type != "cpu":
+        if torch.device(device).type != "cpu":
             return paths[0]
         if m <= self.gemv_up_to_m and "numba_int8" in paths:
             return "numba_int8"
