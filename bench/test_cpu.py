@@ -356,8 +356,9 @@ def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, t
 
 @CPU_ONLY
 def test_per_call_overhead_of_a_small_layer(benchmark, results):
-    """Python cost of one compressed layer call (dispatch, checks, autograd.Function entry) at
-    256x256, M=1, next to dense F.linear and the raw kernel."""
+    """Python cost of one compressed layer call at 256x256, M=1, no gradient (``layer(x)``: the
+    eager plan and the prepared kernel, kernels/cpu_prepared.py), next to dense F.linear and
+    nn.Linear, each format's generic launcher (``run_path``) and the raw kernel."""
     torch.set_num_threads(1)
     linear = nn.Linear(256, 256, bias=False)
     linear.weight.data = _weight(256, 256)
@@ -368,6 +369,7 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
     from robcomp.inputs import check_float_input
 
     fns = {"dense_fp32": lambda: F.linear(x, linear.weight),
+           "dense_fp32:nn.Linear": lambda: linear(x),  # a module call, like the compressed layers'
            "int8_dynamic:layer": lambda: layer(x),
            "sparse24:layer": lambda: sp(x),
            "sparse24:raw_kernel": lambda: CPU.sp24_fwd(x, raw_v, raw_m),
@@ -390,7 +392,11 @@ def test_per_call_overhead_of_a_small_layer(benchmark, results):
         return
 
     def many(fn):
-        return lambda: [fn() for _ in range(200)]
+        def run():
+            with torch.no_grad():  # inference: no autograd graph for either the dense or the compressed call
+                for _ in range(200):
+                    fn()
+        return run
     ms = _round_robin({kk: many(f) for kk, f in fns.items()}, 3.0)
     results.add([{"K": 256, "N": 256, "M": 1, "threads": 1, "direction": "overhead", "impl": kk,
                   "us_per_call": round(v * 1e3 / 200, 2)} for kk, v in ms.items()])

@@ -22,9 +22,10 @@ int8 dynamic       per-token int8 quantisation, exact int32 dot,   as int8 weigh
                    (``int8_dynamic_linear_onednn``), else
                    ``torch._int_mm`` (it reorders the weight on
                    every call)
-fp8 dynamic        per-token e4m3; codes decoded by bit           numba at M=1, else BLAS on
-                   arithmetic (numba GEMV at M=1, else BLAS on    the decoded weight
-                   the decoded weight), float32 accumulation      (straight-through)
+fp8 dynamic        per-token e4m3 (one numba pass, bit-exact      numba at M=1, else BLAS on
+                   against torch's cast); codes decoded by bit    the decoded weight
+                   arithmetic (numba GEMV at M=1, else BLAS on    (straight-through)
+                   the decoded weight), float32 accumulation
 2:4                numba on kept values + metadata, float32:      numba, from the packed
                    M=1 x-selecting GEMV, M>1 blocked kernels       weight (M=1 and blocked);
                                                                   from 128 rows BLAS on exact
@@ -263,6 +264,16 @@ def _quantize_rows_into(x2: torch.Tensor, dtype, offset: int) -> tuple[torch.Ten
     return torch.from_numpy(q), torch.from_numpy(scale)
 
 
+def _quantize_fp8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``reference.quantize_rows_fp8`` in one numba pass, the e4m3 codes as their float32 values
+    (what the kernels multiply with; the same values as the reference's cast, bit for bit)."""
+    xf = _f32(x2).contiguous()
+    q = np.empty(tuple(xf.shape), np.float32)
+    scale = np.empty(xf.shape[0], np.float32)
+    NB.kernel("fp8_quantize_rows")(xf.detach().numpy(), q, scale)
+    return torch.from_numpy(q), torch.from_numpy(scale)
+
+
 def _quantize_int8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``reference.quantize_rows_int8`` (same scale and round-half-away codes) in one numba pass."""
     return _quantize_rows_into(x2, np.int8, 0)
@@ -368,6 +379,9 @@ int8_gemv_i32 = _op("int8_gemv_i32", _int8_gemv_i32_op,
 quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
                          lambda x2: (torch.empty_like(x2, dtype=torch.int8),
                                      x2.new_empty((x2.shape[0],), dtype=torch.float32)))
+quantize_fp8_rows = _op("quantize_fp8_rows", _quantize_fp8_rows,
+                        lambda x2: (torch.empty_like(x2, dtype=torch.float32),
+                                    x2.new_empty((x2.shape[0],), dtype=torch.float32)))
 quantize_uint8_rows = _op("quantize_uint8_rows", _quantize_uint8_rows,
                           lambda x2: (torch.empty_like(x2, dtype=torch.uint8),
                                       x2.new_empty((x2.shape[0],), dtype=torch.float32)))
@@ -621,15 +635,15 @@ def fp8_dynamic_linear(x, qweight, scale, bias, nan_codes: bool = True):
     codes, s32 = qweight.view(torch.uint8), scale.float()
     if nan_codes:
         def fwd(x2):
-            xq, xs = ref.quantize_rows_fp8(x2)
-            return lut8_fwd(xq.to(torch.float32), codes, lut_fp8()) * xs[:, None] * s32[None, :]
+            xq, xs = quantize_fp8_rows(x2)
+            return lut8_fwd(xq, codes, lut_fp8()) * xs[:, None] * s32[None, :]
 
         def bwd(g2):
             return lut8_bwd(g2 * s32, codes, lut_fp8())
     else:
         def fwd(x2):
-            xq, xs = ref.quantize_rows_fp8(x2)
-            return fp8_fwd(xq.to(torch.float32), codes, s32) * xs[:, None]
+            xq, xs = quantize_fp8_rows(x2)
+            return fp8_fwd(xq, codes, s32) * xs[:, None]
 
         def bwd(g2):
             return fp8_bwd(g2 * s32, codes)

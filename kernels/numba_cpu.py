@@ -205,6 +205,31 @@ def _int8_quantize_rows(x, q, scale, offset):
             q[i, j] = np.int32(min(max(r, np.float32(-127.0)), np.float32(127.0))) + offset
 
 
+def _fp8_quantize_rows(x, q, scale):
+    # reference.quantize_rows_fp8: s = max(|x|, 1e-12) / 448, q = e4m3(clamp(x / s, +-448)), the
+    # e4m3 value stored as float32: round to nearest even on 3 mantissa bits (on the float32 bits)
+    # for normals, on the 2**-9 grid below 2**-6 (subnormals); exact against torch's cast
+    m, k = x.shape
+    for i in range(m):
+        amax = np.float32(0.0)
+        for j in range(k):
+            a = abs(x[i, j])
+            if a > amax or a != a:  # a NaN sticks, as in torch's amax: the row's output is NaN
+                amax = a
+        s = (amax if not amax < np.float32(1e-12) else np.float32(1e-12)) / np.float32(448.0)
+        scale[i] = s
+        for j in range(k):
+            v = x[i, j] / s
+            a = min(abs(v), np.float32(448.0))
+            if a < np.float32(2.0 ** -6):
+                r = np.float32(np.rint(a * np.float32(512.0)) / np.float32(512.0))
+            else:
+                b = np.float32(a).view(np.uint32)
+                b = (b + np.uint32(0x7FFFF) + ((b >> np.uint32(20)) & np.uint32(1))) & np.uint32(0xFFF00000)
+                r = np.uint32(b).view(np.float32)
+            q[i, j] = (-r if v < 0 else r) if v == v else v
+
+
 def _lut8_fwd1(x, codes, lut, out):
     # byte codes (int8 bits or fp8 e4m3 bits) decoded through a 256-entry float32 table
     n, k = codes.shape

@@ -30,6 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from robcomp.layers import plans
 from robcomp.layers.backend import resolve_backend, triton_available, validate_backend
 from robcomp.layers.dispatch import m_bucket
 from robcomp.inputs import check_float_input
@@ -132,6 +133,7 @@ class CompressedLinear(nn.Module, abc.ABC):
         """``fn`` moves and converts every tensor; the :attr:`fp32_buffers` follow the device
         only (moved from the float32 originals, so nothing is rounded on the way)."""
         keep = {n: self._buffers[n] for n in self.fp32_buffers if self._buffers.get(n) is not None}
+        self.forget_plans()
         super()._apply(fn, recurse)
         for name, original in keep.items():
             self._buffers[name] = original.to(device=self._buffers[name].device, dtype=torch.float32)
@@ -146,18 +148,71 @@ class CompressedLinear(nn.Module, abc.ABC):
     #: per-process run-time state kept in ``__dict__`` (paths, tuned choices, derived weights):
     #: never saved by ``robcomp.save``, rebuilt on use
     transient_attrs: ClassVar[frozenset[str]] = frozenset(
-        {"last_path", "_paths_run", "_tuned_paths", "_paths_memo", "_derived", "_bnb_cache"})
+        {"last_path", "_paths_run", "_tuned_paths", "_paths_memo", "_derived", "_bnb_cache", "_plans"})
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if type(x) is torch.Tensor and not torch.compiler.is_compiling():
+            key = plans.signature(x, self._parameters["bias"])
+            plan = self.__dict__.get("_plans", _NO_PLANS).get(key)
+            if plan is None or not plan.current():
+                plan = self._plan(x, key)
+            d = self.__dict__  # plain attributes (nn.Module.__setattr__ is slow)
+            d["last_path"] = plan.ran
+            d["_paths_run"][plan.run_key] = plan.path
+            return plan.run(self, x)
+        self._check_input(x)
+        path = self.select_path(x)
+        if not torch.compiler.is_compiling():
+            self.paths_run[_run_key(x.dtype, x.numel() // max(x.shape[-1], 1))] = path
+        return self.run_path(path, x)
+
+    def _check_input(self, x: torch.Tensor) -> None:
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():  # the message only on failure
             check_float_input(x, f"{type(self).__name__}.forward")
         if x.shape[-1] != self.in_features:
             raise ValueError(f"input's last dimension is {x.shape[-1]}, expected in_features={self.in_features}")
+
+    def _plan(self, x: torch.Tensor, key: tuple) -> plans.Plan:
+        """Check ``x``, choose its path as the unplanned ``forward`` does and keep the decision
+        (``robcomp.layers.plans``)."""
+        self._check_input(x)
         path = self.select_path(x)
-        if not torch.compiler.is_compiling():
-            self.__dict__["last_path"] = path  # plain attribute (nn.Module.__setattr__ is slow)
-            self.paths_run[_run_key(x.dtype, x.numel() // max(x.shape[-1], 1))] = path
-        return self.run_path(path, x)
+        ran = self._effective_path(path, x)
+        run, tensors = self._eager_runner(ran, x)
+        plan = plans.Plan(path, ran, _run_key(x.dtype, x.numel() // max(x.shape[-1], 1)), run, tensors)
+        plans.store(self.__dict__.setdefault("_plans", {}), key, plan)
+        self.__dict__.setdefault("_paths_run", {})
+        return plan
+
+    def _eager_runner(self, path: str, x: torch.Tensor):
+        """``(run(layer, x), buffers it holds views of)``: the prepared batch-1 kernel where the
+        format has one for ``path`` and no gradient is recorded, else the path's usual launcher."""
+        bias = self._parameters["bias"]
+        if (x.device.type == "cpu" and x.numel() > 0 and x.dtype in (torch.float32, torch.bfloat16)
+                and not (torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad)))):
+            from robcomp.kernels import cpu
+
+            fn = self.prepared(path, x.numel() // self.in_features) if cpu.available() else None
+            if fn is not None:
+                return (lambda layer, xi: fn(xi, layer._parameters["bias"])), tuple(self._buffers.values())
+        return (lambda layer, xi: layer._run(path, xi)), ()
+
+    def prepared(self, path: str, m: int):
+        """``fn(x, bias)``: the forward of ``path`` for ``m``-row CPU inputs without a gradient,
+        prepared once (``kernels/cpu_prepared.py``), or None where the format has none."""
+        return None
+
+    def forget_plans(self) -> None:
+        """Drop the eager call plans (after anything they depend on changed)."""
+        self.__dict__.pop("_plans", None)
+
+    def __setattr__(self, name, value):
+        self.__dict__.pop("_plans", None)
+        super().__setattr__(name, value)
+
+    def register_buffer(self, name, tensor, persistent=True):
+        self.__dict__.pop("_plans", None)
+        super().register_buffer(name, tensor, persistent)
 
     @property
     def paths_run(self) -> dict[str, str]:
@@ -227,11 +282,19 @@ class CompressedLinear(nn.Module, abc.ABC):
         return True
 
     def run_path(self, path: str, x: torch.Tensor) -> torch.Tensor:
-        """Run ``path`` (one of :data:`robcomp.layers.dispatch.PATHS`) on ``x``."""
+        """Run ``path`` (one of :data:`robcomp.layers.dispatch.PATHS`) on ``x``, or its fallback
+        where the path is inference-only and ``x`` needs a gradient."""
+        ran = self._effective_path(path, x)
+        if not torch.compiler.is_compiling():
+            self.__dict__["last_path"] = ran
+        return self._run(ran, x)
+
+    def _effective_path(self, path: str, x: torch.Tensor) -> str:
         if path in self.inference_only and torch.is_grad_enabled() and x.requires_grad:
-            path = self.fallback_path(x.device)
-            if not torch.compiler.is_compiling():
-                self.__dict__["last_path"] = path
+            return self.fallback_path(x.device)
+        return path
+
+    def _run(self, path: str, x: torch.Tensor) -> torch.Tensor:
         if path == "reference":
             return self.forward_reference(x)
         if path == "triton":
@@ -319,6 +382,7 @@ class CompressedLinear(nn.Module, abc.ABC):
         prepacked weight is an opaque tensor that can be neither copied nor pickled)."""
         state = self.__dict__.copy()
         state.pop("_derived", None)
+        state.pop("_plans", None)
         return state
 
     def derived_bytes(self) -> int:
@@ -375,6 +439,9 @@ def _run_key(dtype: torch.dtype, m: int) -> str:
     return f"{str(dtype).replace('torch.', '')}|M{m_bucket(m)}"
 
 
+_NO_PLANS: dict = {}
+
+
 def _storage_bytes(t: torch.Tensor) -> int:
     """Bytes of a tensor, including a semi-structured sparse one (its packed parts)."""
     parts = [getattr(t, a, None) for a in ("packed", "meta")] if not type(t) is torch.Tensor else []
@@ -416,6 +483,13 @@ class Sparse24Linear(CompressedLinear):
         from robcomp.kernels import cpu
 
         return cpu.sparse24_linear(x, self.values, self.meta, self.bias)
+
+    def prepared(self, path, m):
+        if path != "native" or m != 1:
+            return None
+        from robcomp.kernels import cpu_prepared
+
+        return cpu_prepared.sparse24(self.values, self.meta, self.bias)
 
     def forward_semi_structured(self, x):
         """torch semi-structured sparse (cuSPARSELt/CUTLASS, fp16/bf16 CUDA, inference only) on a
@@ -508,6 +582,15 @@ class Int8WeightOnlyLinear(CompressedLinear):
             raise ValueError(f"path 'numba_fp32' runs robcomp's CPU kernels; the input is on {x.device}")
         return cpu.int8_weight_linear_fp32(x, self.qweight, self.scale, self.bias)
 
+    def prepared(self, path, m):
+        from robcomp.kernels import cpu, cpu_prepared
+
+        if path == "numba_fp32" and m == 1:
+            return cpu_prepared.int8_weight(self.qweight, self.scale, self.bias)
+        if path == "native" and self.can_run("native", torch.device("cpu")):
+            return cpu_prepared.int8_pack(self.qweight, self.derived("cpu_int8", lambda: cpu.derived_int8(self.scale)))
+        return None
+
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
 
@@ -579,6 +662,14 @@ class Int4WeightOnlyLinear(CompressedLinear):
         if d is None:
             return self.forward_reference(x)
         return cpu.int4_linear(x, self.qweight, self.scales, self.zeros, self.group_size, self.bias, d)
+
+    def prepared(self, path, m):
+        if path != "native":
+            return None
+        from robcomp.kernels import cpu, cpu_prepared
+
+        d = self.derived("cpu_int4", lambda: cpu.derived_int4(self.qweight, self.scales, self.zeros, self.group_size))
+        return None if d is None else cpu_prepared.int4_tinygemm(d, self.group_size, self.out_features, self.in_features)
 
     def ready_for(self, path, device):
         return path != "native" or self.has_derived("cpu_int4")
@@ -688,6 +779,13 @@ class Int8DynamicLinear(_DynamicActivationLinear):
             raise ValueError(f"path 'numba_int8' runs robcomp's CPU kernels; the input is on {x.device}")
         return cpu.int8_dynamic_linear_gemv(x, self.qweight, self.scale, self.bias)
 
+    def prepared(self, path, m):
+        if path != "numba_int8" or m != 1:
+            return None
+        from robcomp.kernels import cpu_prepared
+
+        return cpu_prepared.int8_dynamic(self.qweight, self.scale, self.bias)
+
     def forward_int_mm(self, x):
         """``torch._int_mm`` (cuBLASLt int8) on the reference's per-token int8 activations; STE."""
         return self._vendor_matmul(x, ref.quantize_rows_int8, lambda xq, wt, xs, s, _dtype:
@@ -736,6 +834,13 @@ class FP8DynamicLinear(_DynamicActivationLinear):
 
         return cpu.fp8_dynamic_linear(x, self.qweight, self.scale, self.bias, nan_codes=self._nan_codes())
 
+    def prepared(self, path, m):
+        if path != "native" or m != 1 or self._nan_codes():
+            return None
+        from robcomp.kernels import cpu_prepared
+
+        return cpu_prepared.fp8_dynamic(self.qweight_bits, self.scale, self.bias)
+
     def run_bf16_tiles(self, tiles, x):
         if self._nan_codes():  # the tile decoder does not map NaN codes
             return self.forward_cpu(x)
@@ -783,6 +888,13 @@ class Sparse24Int4Linear(CompressedLinear):
         from robcomp.kernels import cpu
 
         return cpu.sparse24_int4_linear(x, self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
+
+    def prepared(self, path, m):
+        if path != "native" or m != 1:
+            return None
+        from robcomp.kernels import cpu_prepared
+
+        return cpu_prepared.sparse24_int4(self.qvalues, self.scales, self.zeros, self.meta, self.group_size, self.bias)
 
     cpu_paths = ("native", "dense", "bf16_tiles")
     bf16_tiles_from_m = 4

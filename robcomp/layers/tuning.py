@@ -100,5 +100,6 @@ def tune(model: nn.Module, example_inputs, *, batch_sizes: Sequence[int] | None 
                 entry["choice"] = preferred
             entry["candidates"] = list(candidates)
             layer.tuned_paths[(device.type, dtype, dispatch.m_bucket(m))] = entry["choice"]
+            layer.forget_plans()
             rows[label] = entry
     return table

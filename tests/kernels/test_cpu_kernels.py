@@ -16,6 +16,7 @@ from robcomp.kernels import reference as R
 from robcomp.layers.linear import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
                         Sparse24Int4Linear, Sparse24Linear, tensor_bytes)
 from robcomp.recipes import FP8Dynamic, Int4WeightOnly, Int8Dynamic, Int8WeightOnly, Sparse24, Sparse24Int4
+from numerics import PoisonedNumpy
 
 pytestmark = pytest.mark.skipif(not C.available(), reason="numba is a declared dependency; absent here")
 
@@ -90,24 +91,10 @@ def test_every_cpu_path_matches_the_stored_format(case, m, poisoned_buffers):
             assert _rel(y, y_exp) > 1e-5
 
 
-class _PoisonedNumpy:
-    """numpy, except that ``empty`` returns NaN (floats) or the most negative integer: a kernel
-    that leaves part of its output unwritten fails the comparison."""
-
-    def __getattr__(self, name):
-        return getattr(np, name)
-
-    @staticmethod
-    def empty(shape, dtype=float):
-        dtype = np.dtype(dtype)
-        fill = np.nan if dtype.kind == "f" else np.iinfo(dtype).min if dtype.kind == "i" else np.iinfo(dtype).max
-        return np.full(shape, fill, dtype)
-
-
 @pytest.fixture
 def poisoned_buffers(monkeypatch):
-    monkeypatch.setattr(C, "np", _PoisonedNumpy())
-    monkeypatch.setattr(T, "np", _PoisonedNumpy())
+    monkeypatch.setattr(C, "np", PoisonedNumpy())
+    monkeypatch.setattr(T, "np", PoisonedNumpy())
 
 
 @pytest.mark.parametrize("m", sorted({1, 2, 5, 33} | {w + d for w in NB.BLOCK_WIDTHS for d in (-1, 1)}))
