@@ -51,11 +51,11 @@ def _int4_tile(qw, scales, zeros, group, r0, r1, out32):
             s = scales[r, gi]
             zs = zeros[r, gi] * s
             src, dst = qw[r, gi * hg:(gi + 1) * hg], out32[r - r0, gi * hg:(gi + 1) * hg]
-            for b in range(hg):
-                byte = np.uint32(src[b])
-                lo = _rne_j(np.float32(byte & np.uint32(15)) * s - zs)
-                hi = _rne_j(np.float32(byte >> np.uint32(4)) * s - zs)
-                dst[b] = np.uint32(lo | (hi << np.uint32(16)))
+            for b in range(hg):  # int32 steps, truncated back: 16 lanes (see numba_cpu._bf16_bits)
+                byte = np.int32(src[b])
+                lo = np.int32(_rne_j(np.float32(np.int32(byte & np.int32(15))) * s - zs))
+                hi = np.int32(_rne_j(np.float32(np.int32(byte >> np.int32(4))) * s - zs))
+                dst[b] = np.uint32(np.int32(lo | np.int32(hi << np.int32(16))))
 
 def _expand(nib, b0, b1):
     # a 2:4 group's kept pair (lanes i0 < i1 in the meta nibble) -> four bf16 lanes in a uint64
@@ -111,14 +111,14 @@ def _s24i4_tile(qv, scales, zeros, meta, half_group, r0, r1, out64):
             dst = out64[r - r0, gi * gps:(gi + 1) * gps]
             for j in range(m.shape[0]):
                 mb = np.uint32(m[j])
-                c0 = np.uint32(q[2 * j])
-                c1 = np.uint32(q[2 * j + 1])
+                c0 = np.int32(q[2 * j])
+                c1 = np.int32(q[2 * j + 1])
                 dst[2 * j] = _expand_j(mb & np.uint32(15),
-                                       np.uint64(_rne_j(np.float32(c0 & np.uint32(15)) * s - zs)),
-                                       np.uint64(_rne_j(np.float32(c0 >> np.uint32(4)) * s - zs)))
+                                       np.uint64(_rne_j(np.float32(np.int32(c0 & np.int32(15))) * s - zs)),
+                                       np.uint64(_rne_j(np.float32(np.int32(c0 >> np.int32(4))) * s - zs)))
                 dst[2 * j + 1] = _expand_j(mb >> np.uint32(4),
-                                           np.uint64(_rne_j(np.float32(c1 & np.uint32(15)) * s - zs)),
-                                           np.uint64(_rne_j(np.float32(c1 >> np.uint32(4)) * s - zs)))
+                                           np.uint64(_rne_j(np.float32(np.int32(c1 & np.int32(15))) * s - zs)),
+                                           np.uint64(_rne_j(np.float32(np.int32(c1 >> np.int32(4))) * s - zs)))
 
 
 _rne_j = NB._bf16_bits_j  # float32 -> bf16 bits, round to nearest even

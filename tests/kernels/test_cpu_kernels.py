@@ -97,6 +97,18 @@ def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(T, "np", PoisonedNumpy())
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9])
+def test_batch1_2to4_kernel_takes_any_row_count(n, poisoned_buffers):
+    """The batch-1 2:4 kernel walks four rows a quarter of the weight apart per pass: row counts
+    below four and not divisible by four must still give every output once, exactly."""
+    k = 64
+    w = torch.randn(n, k)
+    values, meta = R.sparse24_pack(w)
+    x = torch.randn(1, k)
+    y = C.sparse24_linear(x, values, meta, None)
+    assert _rel(y, x.double() @ R.sparse24_unpack(values, meta, k).double().T) < F32_TOL
+
+
 @pytest.mark.parametrize("m", sorted({1, 2, 5, 33} | {w + d for w in NB.BLOCK_WIDTHS for d in (-1, 1)}))
 @pytest.mark.parametrize("group", [4, 8, 32])
 def test_blocked_2to4_kernels_match_float64_at_every_block_width(m, group, poisoned_buffers):
