@@ -215,17 +215,23 @@ def _int8_bwd1(g, q, dx):
             dx[j] += np.float32(q[r, j]) * gr
 
 
+def _row_scale(row, qmax):
+    # the reference's per-token scale max(|row|, 1e-12) / qmax; a NaN sticks, as in torch's amax
+    # (the row's output is then NaN)
+    amax = np.float32(0.0)
+    for j in range(row.shape[0]):
+        a = abs(row[j])
+        if a > amax or a != a:
+            amax = a
+    return (amax if not amax < np.float32(1e-12) else np.float32(1e-12)) / qmax
+
+
 def _int8_quantize_rows(x, q, scale, offset):
     # reference.quantize_rows_int8: s = max(|x|, 1e-12) / 127, q = round half away (x / s);
     # stored as q + offset (0 into int8, 128 into uint8 for oneDNN's u8 x s8 GEMM)
     m, k = x.shape
     for i in range(m):
-        amax = np.float32(0.0)
-        for j in range(k):
-            a = abs(x[i, j])
-            if a > amax or a != a:  # a NaN sticks, as in torch's amax: the row's output is NaN
-                amax = a
-        s = (amax if not amax < np.float32(1e-12) else np.float32(1e-12)) / np.float32(127.0)
+        s = _row_scale_j(x[i], np.float32(127.0))
         scale[i] = s
         for j in range(k):
             v = x[i, j] / s
@@ -239,12 +245,7 @@ def _fp8_quantize_rows(x, q, scale):
     # for normals, on the 2**-9 grid below 2**-6 (subnormals); exact against torch's cast
     m, k = x.shape
     for i in range(m):
-        amax = np.float32(0.0)
-        for j in range(k):
-            a = abs(x[i, j])
-            if a > amax or a != a:  # a NaN sticks, as in torch's amax: the row's output is NaN
-                amax = a
-        s = (amax if not amax < np.float32(1e-12) else np.float32(1e-12)) / np.float32(448.0)
+        s = _row_scale_j(x[i], np.float32(448.0))
         scale[i] = s
         for j in range(k):
             v = x[i, j] / s
@@ -543,6 +544,7 @@ if numba is not None:
     _acc_lanes_j = njit(inline="always", cache=True)(_acc_lanes)
     _kept_lanes_j = njit(inline="always", cache=True)(_kept_lanes)
     _sp24_terms_j = njit(inline="always", cache=True)(_sp24_terms)
+    _row_scale_j = njit(inline="always", cache=True)(_row_scale)
 
 
 def kernel(name: str, parallel: bool = False, half_group: int | None = None):
