@@ -44,8 +44,10 @@ class Plan:
 
 def signature(x: torch.Tensor, bias: torch.Tensor | None) -> tuple:
     """What a plan is keyed on (see the module docstring)."""
-    grad = torch.is_grad_enabled() and (x.requires_grad or (bias is not None and bias.requires_grad))
-    return (x.shape, x.dtype, x.device, grad, torch.get_num_threads(), os.environ.get(ENV_VAR))
+    # x's own flag apart: an inference-only path falls back only where x needs a gradient
+    grad = torch.is_grad_enabled()
+    return (x.shape, x.dtype, x.device, grad and x.requires_grad, grad and bias is not None and bias.requires_grad,
+            torch.get_num_threads(), os.environ.get(ENV_VAR))
 
 
 def store(plans: dict, key: tuple, plan: Plan) -> None:

@@ -220,3 +220,17 @@ def test_numba_fp8_quantiser_is_bit_exact_against_the_reference():
     wq, ws = R.quantize_rows_fp8(x)
     torch.testing.assert_close(q, wq.float(), rtol=0, atol=0, equal_nan=True)
     torch.testing.assert_close(s, ws, rtol=0, atol=0, equal_nan=True)
+
+
+def test_an_inference_only_path_falls_back_once_x_needs_a_gradient():
+    """The bias always needs a gradient; whether x does must still change the plan."""
+    layer = _layer(Int8WeightOnlyLinear, Int8WeightOnly(), 52, 208)
+    layer.inference_only = frozenset({"numba_fp32"})
+    x = torch.randn(1, 208)
+    layer(x)  # grad mode, the bias requires grad, x does not: the inference-only path runs
+    assert layer.last_path == "numba_fp32"
+    xr = x.clone().requires_grad_()
+    (gx,) = torch.autograd.grad(layer(xr).sum(), xr)
+    assert layer.last_path == layer.fallback_path(x.device)
+    want = layer.dequantize().double().sum(0)
+    assert ((gx.double() - want).norm() / want.norm()).item() < 1e-5
