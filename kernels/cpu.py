@@ -15,11 +15,10 @@ int4 weight-only   ``torch._weight_int4pack_mm_for_cpu``           as int8, from
                    (tinygemm) on a converted copy (N % 16 == 0);
                    **bf16** activations, output cast back
 int8 dynamic       per-token int8 quantisation, exact int32 dot,   as int8 weight-only
-                   float32 rescale: up to M = 4 a numba int8 GEMV  (straight-through,
-                   (``int8_dynamic_linear_gemv``); above, oneDNN's ``dY @ dequant(W)``)
-                   u8 x s8 GEMM on a prepacked copy for large
-                   weights on VNNI CPUs
-                   (``int8_dynamic_linear_onednn``), else
+                   float32 rescale: fbgemm's or oneDNN's u8 x s8  (straight-through,
+                   GEMM on a prepacked copy where exact (VNNI;    ``dY @ dequant(W)``)
+                   ``kernels/cpu_int8_gemm.py``), a numba int8
+                   GEMV (``int8_dynamic_linear_gemv``), or
                    ``torch._int_mm`` (it reorders the weight on
                    every call)
 fp8 dynamic        per-token e4m3 (one numba pass, bit-exact      numba at M=1, else BLAS on
@@ -39,7 +38,7 @@ products accumulated in float32, output rounded to bf16): tests hold them to 1e-
 Frobenius error; the float32 paths to 1e-5.
 
 Derived weights (the tinygemm copy of an int4 weight with ``zp = (8 - z) * s`` scales/zeros, bf16
-scales for int8, oneDNN's prepacked int8 codes for int8 dynamic) are built once per layer by
+scales for int8, fbgemm's and oneDNN's prepacked int8 codes for int8 dynamic) are built once per layer by
 :func:`derived` and counted in the layer's bytes.
 The tinygemm conversion is exact: robcomp's ``(q - z) * s`` equals tinygemm's ``(q - 8) * s + zp``.
 
@@ -64,7 +63,7 @@ from robcomp.kernels import reference as ref
 __all__ = ["available", "native_dtypes", "derived_int8", "derived_int4", "int8_weight_linear", "int8_weight_linear_fp32",
            "int4_linear",
            "int8_dynamic_linear", "int8_dynamic_linear_gemv",
-           "onednn_int8", "derived_int8_onednn", "int8_dynamic_linear_onednn", "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
+           "fp8_dynamic_linear", "sparse24_linear", "sparse24_int4_linear",
            "dense_weight", "lut_int8", "lut_fp8"]
 
 #: activation dtypes the native CPU paths accept (others use the reference path)
@@ -279,6 +278,13 @@ def _quantize_int8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _quantize_rows_into(x2, np.int8, 0)
 
 
+def _quantize_int8_rows_f32(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of ``_quantize_int8_rows`` as float32 values (fbgemm's float-input int8 GEMM;
+    converted by torch: numba's int -> float32 stores do not vectorise, 4x slower)."""
+    q, scale = _quantize_rows_into(x2, np.int8, 0)
+    return q.float(), scale
+
+
 def _quantize_uint8_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The codes of ``_quantize_int8_rows`` plus 128, as uint8 (oneDNN's u8 x s8 GEMM, zero point 128)."""
     return _quantize_rows_into(x2, np.uint8, 128)
@@ -382,6 +388,9 @@ quantize_int8_rows = _op("quantize_int8_rows", _quantize_int8_rows,
 quantize_fp8_rows = _op("quantize_fp8_rows", _quantize_fp8_rows,
                         lambda x2: (torch.empty_like(x2, dtype=torch.float32),
                                     x2.new_empty((x2.shape[0],), dtype=torch.float32)))
+quantize_int8_rows_f32 = _op("quantize_int8_rows_f32", _quantize_int8_rows_f32,
+                             lambda x2: (torch.empty_like(x2, dtype=torch.float32),
+                                         x2.new_empty((x2.shape[0],), dtype=torch.float32)))
 quantize_uint8_rows = _op("quantize_uint8_rows", _quantize_uint8_rows,
                           lambda x2: (torch.empty_like(x2, dtype=torch.uint8),
                                       x2.new_empty((x2.shape[0],), dtype=torch.float32)))
@@ -552,62 +561,6 @@ def int8_dynamic_linear(x, qweight, scale, bias):
 
     bwd = _int8_grad(qweight, s32)
     return _Linear.apply(x, bias, fwd, bwd, qweight.shape[0])
-
-
-@functools.lru_cache(maxsize=None)
-def onednn_int8() -> bool:
-    """Whether oneDNN's u8 x s8 GEMM (PyTorch's x86 int8 inference kernel) runs here and sums
-    exactly in int32. It does with VNNI dot products; without them u8 x s8 pair sums saturate in
-    int16, so the worst-case product (codes +-127 against +-127) is checked once."""
-    try:
-        n, k = 16, 64
-        w = torch.full((n, k), 127, dtype=torch.int8)
-        w[1::2] = -127
-        xu = torch.full((2, k), 255, dtype=torch.uint8)
-        xu[1] = 1
-        d = derived_int8_onednn(w)
-        got = _onednn_mm(xu, d, torch.ones(n))
-    except (RuntimeError, AttributeError, NotImplementedError):
-        return False
-    want = (xu.to(torch.int64) - 128) @ w.to(torch.int64).t()
-    return torch.equal(got, want.to(torch.float32))
-
-
-def derived_int8_onednn(qweight) -> dict[str, torch.Tensor]:
-    """oneDNN's prepacked (blocked) copy of the int8 codes, and its per-channel zero points (0)."""
-    return {"weight": torch.ops.onednn.qlinear_prepack(qweight.contiguous(), None),
-            "zero_points": torch.zeros(qweight.shape[0], dtype=torch.int64)}
-
-
-def _onednn_mm_op(xu: torch.Tensor, weight: torch.Tensor, s32: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
-    return torch.ops.onednn.qlinear_pointwise(xu, 1.0, 128, weight, s32, zero_points, None,
-                                              1.0, 0, torch.float32, "none", [], "")
-
-
-# an op of robcomp's own: inductor lowers onednn.qlinear_pointwise only on frozen constant weights
-_onednn_mm_lib = _op("onednn_int8_mm", _onednn_mm_op,
-                     lambda xu, w, s32, zp: xu.new_empty((xu.shape[0], s32.shape[0]), dtype=torch.float32))
-
-
-def _onednn_mm(xu, d, s32):
-    """``(xu - 128) @ codes.T * s32`` in float32: int32 sums (exact), one rounding per scale."""
-    return _onednn_mm_lib(xu, d["weight"], s32, d["zero_points"])
-
-
-def int8_dynamic_linear_onednn(x, qweight, scale, bias, d):
-    """W8A8 as ``int8_dynamic_linear`` (the reference's per-token codes, exact int32 dot, float32
-    rescale, STE dX) with oneDNN's u8 x s8 GEMM on the prepacked copy ``d``
-    (:func:`derived_int8_onednn`): the codes shifted by 128 into uint8, zero point 128. The fastest
-    CPU int8 GEMM for weights beyond L2 above M = 4, where :func:`onednn_int8` holds
-    (bench/RESULTS.md)."""
-    _check(x, qweight.shape[1])
-    s32 = scale.float().contiguous()
-
-    def fwd(x2):
-        xu, xs = quantize_uint8_rows(x2)
-        return _onednn_mm(xu, d, s32) * xs[:, None]
-
-    return _Linear.apply(x, bias, fwd, _int8_grad(qweight, s32), qweight.shape[0])
 
 
 def int8_dynamic_linear_gemv(x, qweight, scale, bias):

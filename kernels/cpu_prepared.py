@@ -6,8 +6,9 @@ that on every call. A :class:`Batch1` does that work once: it holds the compiled
 weights' numpy views (views share memory with the buffers, so in-place edits are seen; the layer
 rebuilds it when a buffer is replaced or a converted copy goes stale) and the bias, and a call is
 ``x -> numpy -> kernel -> + bias -> tensor``. The native PyTorch kernels (tinygemm int4, int8
-weight-only) get the same treatment at any M: their derived copies and the dtype conversions are
-resolved once (:func:`int4_tinygemm`, :func:`int8_pack`).
+weight-only, fbgemm's and oneDNN's int8 GEMMs of int8 dynamic) get the same treatment at any M:
+their derived copies and the dtype conversions are resolved once (:func:`int4_tinygemm`,
+:func:`int8_pack`, :func:`int8_engine`).
 
 Results equal the generic launchers' (same kernels, same float32 order of operations); the bias is
 added into the kernel's float32 output before the cast to the activation dtype, as
@@ -22,7 +23,8 @@ import torch
 from robcomp.kernels import cpu
 from robcomp.kernels import numba_cpu as NB
 
-__all__ = ["Batch1", "int8_weight", "int8_dynamic", "fp8_dynamic", "sparse24", "sparse24_int4", "int4_tinygemm", "int8_pack"]
+__all__ = ["Batch1", "int8_weight", "int8_dynamic", "fp8_dynamic", "sparse24", "sparse24_int4", "int4_tinygemm", "int8_pack",
+           "int8_engine"]
 
 
 class Batch1:
@@ -158,3 +160,19 @@ def int8_pack(qweight, d):
     n, k = qweight.shape
     scale = d["scale_bf16"]
     return _native(lambda xb: torch._weight_int8pack_mm(xb, qweight, scale), n, k)
+
+
+def int8_engine(parts, n, k):
+    """Int8 dynamic through fbgemm or oneDNN (``kernels/cpu_int8_gemm.py``'s ``parts``, a
+    ``(quantize, mm)`` pair) as its launcher runs it: ``mm(codes) * x_scale``, then the bias in
+    float32, then the cast; in place on the GEMM's fresh output."""
+    quantize, mm = parts
+
+    def run(x, bias):
+        codes, xs = quantize(x.reshape(-1, k))
+        y = mm(codes)
+        y.mul_(xs[:, None])
+        if bias is not None:
+            y.add_(bias.to(torch.float32))
+        return y.to(x.dtype).reshape(*x.shape[:-1], n)
+    return run

@@ -47,7 +47,7 @@ __all__ = ["m_bucket", "decide", "DispatchCache", "choose", "device_key", "dispa
 
 #: every path name a layer may run (CompressedLinear.paths lists those of one layer and device)
 PATHS = ("native", "dense", "reference", "triton", "semi_structured", "int_mm", "scaled_mm", "bitsandbytes",
-         "numba_fp32", "numba_int8", "bf16_tiles", "onednn")
+         "numba_fp32", "numba_int8", "bf16_tiles", "onednn", "fbgemm")
 CACHE_FILE = "dispatch.json"
 
 

@@ -238,8 +238,12 @@ class CompressedLinear(nn.Module, abc.ABC):
         if path is None:
             path = self.default_path(x.device, x.dtype, m)
         if torch.compiler.is_compiling() and not self.ready_for(path, x.device):
-            return "reference"  # no derived weight may be built while tracing
+            return self.traced_fallback(path)  # no derived weight may be built while tracing
         return path
+
+    def traced_fallback(self, path: str) -> str:
+        """The path a traced graph runs where ``path`` is not ready (:meth:`ready_for`)."""
+        return "reference"
 
     @property
     def tuned_paths(self) -> dict:
@@ -399,6 +403,8 @@ class CompressedLinear(nn.Module, abc.ABC):
             for t in tensors:
                 if isinstance(t, torch.Tensor):
                     total += _storage_bytes(t)
+            if isinstance(value, dict):  # what an opaque object in it (fbgemm's packed params) holds
+                total += int(value.get("opaque_bytes", 0))
         return total
 
     def forward_bitsandbytes(self, x: torch.Tensor) -> torch.Tensor:
@@ -726,24 +732,32 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         return lowbit.int8_dynamic_linear(x, self.qweight, self.scale.float().contiguous(), self.bias)
 
     # "dense" would drop the activation rounding, so it is no path of this format
-    # "onednn": the same int8 x int8 -> int32 product by oneDNN's u8 x s8 GEMM on a prepacked
-    #   copy (counted in the layer's bytes), where it is exact (VNNI); "native": torch._int_mm;
-    # "numba_int8": a numba GEMV, one row of x per pass over the weight
-    cpu_paths = ("onednn", "native", "numba_int8")
+    # "fbgemm" / "onednn": the same int8 x int8 -> int32 product by fbgemm's or oneDNN's u8 x s8
+    #   GEMM on a prepacked copy (counted in the layer's bytes), where exact (VNNI);
+    # "native": torch._int_mm; "numba_int8": a numba GEMV, one row of x per pass over the weight
+    cpu_paths = ("onednn", "fbgemm", "native", "numba_int8")
     cuda_paths = ("triton", "int_mm")
-    #: rows up to which the numba GEMV is the default: oneDNN streams a cold weight slowly at
-    #: small M (4096x4096: 1.7 ms at M = 1 and 3.2 ms at M = 4, the GEMV 0.75 / 2.3 ms)
-    gemv_up_to_m: ClassVar[int] = 4
+    #: rows up to which the numba GEMV is the default (it streams a weight beyond the cache
+    #: fastest at one row: 14336x4096 2.1 ms against fbgemm's 3.0 and oneDNN's 4.3)
+    gemv_up_to_m: ClassVar[int] = 1
+    #: rows up to which fbgemm is the default above that, for weights of at least
+    #: :attr:`fbgemm_from_weights`: its kernel wins at few rows (4096x4096, M = 4: 0.64 ms
+    #: against oneDNN's 1.0 and the GEMV's 2.2); from 16 rows the two are level and oneDNN's
+    #: blocked GEMM wins from a few dozen, so a layer run at every M does not hold both copies
+    fbgemm_up_to_m: ClassVar[int] = 8
+    fbgemm_from_weights: ClassVar[int] = 1 << 20
     #: weights (N x K) from which oneDNN is the default above that: below, the weight is cache
     #: resident and oneDNN's fixed cost per call (~0.1-0.3 ms) loses to torch._int_mm
     onednn_from_weights: ClassVar[int] = 1 << 22
 
     def can_run(self, path, device):
-        if path != "onednn":
-            return True
-        from robcomp.kernels import cpu
+        from robcomp.kernels import cpu_int8_gemm
 
-        return cpu.onednn_int8()
+        if path == "onednn":
+            return cpu_int8_gemm.onednn_int8()
+        if path == "fbgemm":
+            return cpu_int8_gemm.fbgemm_int8()
+        return True
 
     def forward_cpu(self, x):
         from robcomp.kernels import cpu
@@ -751,26 +765,45 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         return cpu.int8_dynamic_linear(x, self.qweight, self.scale, self.bias)
 
     def forward_onednn(self, x):
-        from robcomp.kernels import cpu
+        from robcomp.kernels import cpu_int8_gemm
 
         if x.device.type != "cpu":
             raise ValueError(f"path 'onednn' runs oneDNN's CPU int8 GEMM; the input is on {x.device}")
-        d = self.derived("cpu_onednn_int8", lambda: cpu.derived_int8_onednn(self.qweight))
-        return cpu.int8_dynamic_linear_onednn(x, self.qweight, self.scale, self.bias, d)
+        d = self.derived("cpu_onednn_int8", lambda: cpu_int8_gemm.derived_int8_onednn(self.qweight))
+        return cpu_int8_gemm.int8_dynamic_linear_onednn(x, self.qweight, self.scale, self.bias, d)
+
+    def forward_fbgemm(self, x):
+        from robcomp.kernels import cpu_int8_gemm
+
+        if x.device.type != "cpu":
+            raise ValueError(f"path 'fbgemm' runs fbgemm's CPU int8 GEMM; the input is on {x.device}")
+        d = self.derived("cpu_fbgemm_int8", lambda: cpu_int8_gemm.derived_int8_fbgemm(self.qweight, self.scale))
+        return cpu_int8_gemm.int8_dynamic_linear_fbgemm(x, self.qweight, self.scale, self.bias, d)
 
     def ready_for(self, path, device):
+        if path == "fbgemm":  # its packed params are a TorchScript object, which the tracer does not take
+            return not torch.compiler.is_compiling() and self.has_derived("cpu_fbgemm_int8")
         return path != "onednn" or self.has_derived("cpu_onednn_int8")
 
+    def traced_fallback(self, path):
+        # torch._int_mm: the same exact product, traceable, with no derived weight
+        return "native" if path in ("fbgemm", "onednn") else "reference"
+
     def default_path(self, device, dtype, m):
-        """The numba GEMV up to :attr:`gemv_up_to_m` rows, then oneDNN for large weights, else
+        """The numba GEMV up to :attr:`gemv_up_to_m` rows, fbgemm up to :attr:`fbgemm_up_to_m`
+        for weights from :attr:`fbgemm_from_weights`, then oneDNN for large weights, else
         ``torch._int_mm`` (bench/RESULTS.md, CPU section; ``robcomp.tune`` measures instead)."""
         paths = self.paths(device, dtype)
         if torch.device(device).type != "cpu":
             return paths[0]
+        weights = self.in_features * self.out_features
         if m <= self.gemv_up_to_m and "numba_int8" in paths:
             return "numba_int8"
-        large = self.in_features * self.out_features >= self.onednn_from_weights
-        return "onednn" if large and "onednn" in paths else next(p for p in paths if p != "onednn")
+        if m <= self.fbgemm_up_to_m and weights >= self.fbgemm_from_weights and "fbgemm" in paths:
+            return "fbgemm"
+        if weights >= self.onednn_from_weights and "onednn" in paths:
+            return "onednn"
+        return next(p for p in paths if p not in ("onednn", "fbgemm"))
 
     def forward_numba_int8(self, x):
         from robcomp.kernels import cpu
@@ -780,10 +813,17 @@ class Int8DynamicLinear(_DynamicActivationLinear):
         return cpu.int8_dynamic_linear_gemv(x, self.qweight, self.scale, self.bias)
 
     def prepared(self, path, m):
+        from robcomp.kernels import cpu_int8_gemm, cpu_prepared
+
+        n, k = self.out_features, self.in_features
+        if path == "fbgemm" and self.can_run(path, torch.device("cpu")):
+            d = self.derived("cpu_fbgemm_int8", lambda: cpu_int8_gemm.derived_int8_fbgemm(self.qweight, self.scale))
+            return cpu_prepared.int8_engine(cpu_int8_gemm.fbgemm_parts(d), n, k)
+        if path == "onednn" and self.can_run(path, torch.device("cpu")):
+            d = self.derived("cpu_onednn_int8", lambda: cpu_int8_gemm.derived_int8_onednn(self.qweight))
+            return cpu_prepared.int8_engine(cpu_int8_gemm.onednn_parts(d, self.scale), n, k)
         if path != "numba_int8" or m != 1:
             return None
-        from robcomp.kernels import cpu_prepared
-
         return cpu_prepared.int8_dynamic(self.qweight, self.scale, self.bias)
 
     def forward_int_mm(self, x):

@@ -11,6 +11,7 @@ import torch.nn as nn
 
 from robcomp.kernels import bf16_tiles as T
 from robcomp.kernels import cpu as C
+from robcomp.kernels import cpu_int8_gemm as G
 from robcomp.kernels import numba_cpu as NB
 from robcomp.kernels import reference as R
 from robcomp.layers.linear import (FP8DynamicLinear, Int4WeightOnlyLinear, Int8DynamicLinear, Int8WeightOnlyLinear,
@@ -155,9 +156,12 @@ def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
     cpu = torch.device("cpu")
     tiles = "bf16_tiles" if fast_bf16 else "native"
     assert i8.default_path(cpu, torch.float32, 1) == "numba_fp32" and i8.default_path(cpu, torch.float32, 16) == tiles
-    assert dyn.default_path(cpu, torch.float32, 4) == "numba_int8" and dyn.default_path(cpu, torch.float32, 16) == "native"
+    assert dyn.default_path(cpu, torch.float32, 1) == "numba_int8" and dyn.default_path(cpu, torch.float32, 4) == "native"
     big = _layer(Int8DynamicLinear, Int8Dynamic(), 2048, 2048, bias=False)  # 4 MB of codes: beyond L2
-    assert big.default_path(cpu, torch.float32, 16) == ("onednn" if C.onednn_int8() else "native")
+    assert big.default_path(cpu, torch.float32, 1) == "numba_int8"
+    assert big.default_path(cpu, torch.float32, 8) == ("fbgemm" if G.fbgemm_int8() else
+                                                       "onednn" if G.onednn_int8() else "native")
+    assert big.default_path(cpu, torch.float32, 16) == ("onednn" if G.onednn_int8() else "native")
     assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
     assert sp.default_path(cpu, torch.float32, 16) == "native"
     # float32 2:4 keeps float32 on every path; stored in bf16 it takes the tiles
@@ -220,7 +224,7 @@ def test_derived_weights_are_counted_in_bytes():
     assert layer.derived_bytes() == 0
 
 
-ONEDNN = pytest.mark.skipif(not C.onednn_int8(), reason="oneDNN's u8 x s8 GEMM is not exact on this CPU "
+ONEDNN = pytest.mark.skipif(not G.onednn_int8(), reason="oneDNN's u8 x s8 GEMM is not exact on this CPU "
                             "(no VNNI dot products): the 'onednn' path is not offered")
 
 
@@ -249,8 +253,65 @@ def test_onednn_int8_probe_rejects_a_saturating_gemm(monkeypatch):
         acc = pairs.clamp(-32768, 32767).sum(-1) - 128 * w.sum(1)
         return acc.to(torch.float32) * s32
 
-    monkeypatch.setattr(C, "_onednn_mm", saturating)
-    assert C.onednn_int8.__wrapped__() is False
+    monkeypatch.setattr(G, "_onednn_mm", saturating)
+    assert G.onednn_int8.__wrapped__() is False
+    monkeypatch.setattr(G, "_fbgemm_mm", lambda codes, d: saturating((codes + 128).to(torch.uint8), d, torch.ones(16)))
+    assert G.fbgemm_int8.__wrapped__() is False
+
+
+FBGEMM = pytest.mark.skipif(not G.fbgemm_int8(), reason="fbgemm's u8 x s8 GEMM is not exact on this CPU "
+                            "(no VNNI dot products): the 'fbgemm' path is not offered")
+
+
+@FBGEMM
+@ONEDNN
+@pytest.mark.parametrize("m", [1, 3, 17])
+def test_fbgemm_and_onednn_give_the_same_exact_product(m):
+    """Same codes, exact int32 sums, the same two float32 roundings: bit-identical outputs."""
+    layer = _layer(Int8DynamicLinear, Int8Dynamic(), N_ODD, K_ODD)
+    x = torch.randn(m, K_ODD) * 3
+    with torch.no_grad():
+        y_fb, y_dn = layer.run_path("fbgemm", x), layer.run_path("onednn", x)
+        xq, xs = R.quantize_rows_int8(x)
+        acc = xq.to(torch.int64) @ layer.qweight.to(torch.int64).t()
+    torch.testing.assert_close(y_fb, y_dn, rtol=0, atol=0)
+    want = (acc.to(torch.float32) * layer.scale.float()) * xs[:, None] + layer.bias
+    torch.testing.assert_close(y_fb, want, rtol=0, atol=0)
+
+
+@FBGEMM
+def test_fbgemm_copy_is_counted_and_the_engine_restored():
+    layer = _layer(Int8DynamicLinear, Int8Dynamic(), 48, 96)
+    stored = tensor_bytes(layer)
+    engine = torch.backends.quantized.engine
+    layer.run_path("fbgemm", torch.randn(3, 96))
+    assert torch.backends.quantized.engine == engine
+    # fbgemm's quantized copy of the codes, its packed matrix, per-channel offsets/scales/zero points
+    assert layer.derived_bytes() == 2 * 48 * 96 + 12 * 48
+    assert tensor_bytes(layer) == stored + layer.derived_bytes()
+    x = torch.randn(2, 96)
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        assert clone.derived_bytes() == 0
+        torch.testing.assert_close(clone.run_path("fbgemm", x), layer.run_path("fbgemm", x), rtol=0, atol=0)
+    layer.scale.mul_(2)  # the scales are baked into the packed params: an edit rebuilds them
+    with torch.no_grad():
+        torch.testing.assert_close(layer.run_path("fbgemm", x), layer.run_path("onednn" if G.onednn_int8() else "native", x),
+                                   rtol=1e-6, atol=1e-6)
+
+
+@FBGEMM
+def test_torch_compile_runs_int_mm_where_fbgemm_was_chosen():
+    torch.manual_seed(0)
+    model = nn.Sequential(Int8DynamicLinear.from_linear(nn.Linear(64, 32)), nn.ReLU())
+    model[0].tuned_paths[("cpu", torch.float32, 8)] = "fbgemm"
+    x = torch.randn(5, 64, requires_grad=True)
+    expected = model(x)
+    assert model[0].last_path == "fbgemm"
+    y = torch.compile(model, fullgraph=True)(x)  # fbgemm's packed params cannot be traced
+    torch.testing.assert_close(y, expected, rtol=1e-6, atol=1e-6)
+    (gx,) = torch.autograd.grad(y.sum(), x)
+    (gx_ref,) = torch.autograd.grad(expected.sum(), x)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_backend_cpu_and_errors():

@@ -72,6 +72,30 @@ def test_planned_forward_equals_the_unplanned_path(case, shape, dtype, bias, poi
     assert err < (5e-2 if layer.gradient == "straight-through" or dtype == torch.bfloat16 else 2e-2)
 
 
+@pytest.mark.parametrize("path", ["fbgemm", "onednn"])
+@pytest.mark.parametrize("m", [1, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_planned_int8_engine_forward_equals_its_launcher(path, m, dtype, bias):
+    """fbgemm's and oneDNN's int8 GEMMs run prepared at any M, bit for bit as their launchers."""
+    layer = _layer(Int8DynamicLinear, Int8Dynamic(), 52, 200, bias)
+    if not layer.can_run(path, torch.device("cpu")):
+        pytest.skip(f"{path}'s u8 x s8 GEMM is not exact on this CPU (no VNNI); the path is not offered")
+    layer = layer.to(dtype)
+    layer.tuned_paths[("cpu", dtype, 1 if m == 1 else 8)] = path
+    x = torch.randn(m, 200).to(dtype) * 2
+    with torch.no_grad():
+        want = layer.run_path(path, x)
+        for _ in range(2):
+            got = layer(x)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+        assert layer.last_path == path and layer.prepared(path, m) is not None
+        ref = layer.forward_reference(x)
+    assert got.dtype == dtype
+    err = ((got.double() - ref.double()).norm() / ref.double().norm()).item()
+    assert err < (1e-2 if dtype == torch.bfloat16 else 1e-6)
+
+
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_the_batch1_forwards_are_prepared_where_they_exist(case):
     """The one-row numba kernels and tinygemm / int8pack run prepared: a plan holds them."""
