@@ -10,8 +10,10 @@ results' ``environment.peers_absent`` with the reason): torchao's CPU weight-onl
 own rounding), so their outputs are checked against the float64 product with a looser bound. robcomp: for each format every path the layer has on CPU
 (``native``, ``dense``, ``reference``) and ``dispatched``: the path ``robcomp.tune`` picks when fed
 this run's timings (same mechanism as a real tune; being the minimum of noisy medians it is
-slightly optimistic). Directions: ``forward`` and ``forward+grad`` (forward plus the input
-gradient ``dX``, what an attack step pays). Candidates are timed round-robin (one call of each per
+slightly optimistic). Directions: ``forward`` (inference under ``torch.no_grad``; each path
+timed as ``layer(x)`` on a copy tuned to it, so with the eager call plan and prepared kernel a
+model's forward runs) and ``forward+grad`` (``run_path`` plus the input gradient ``dX``, what an
+attack step pays). Candidates are timed round-robin (one call of each per
 round, median over rounds) because the machine is shared and noisy.
 
 Sizes: tiny by default (CI: ``pytest bench --benchmark-disable`` runs each case once and checks
@@ -272,7 +274,7 @@ def _case_fns(layers, linear, x, g, grad):
         for fmt, layer in layers.items():
             for p in layer.paths(x.device, x.dtype):
                 out[f"{fmt}:{p}"] = fwd_bwd(lambda t, layer=layer, p=p: layer.run_path(p, t), x)
-    else:
+    else:  # inference: no gradient recorded, each format's path run as a model's forward runs it
         qd = _quantize_dynamic(linear)
         out["dense_fp32"] = lambda: F.linear(x, w32)
         out["dense_bf16"] = lambda: F.linear(xb, wbf)
@@ -281,8 +283,32 @@ def _case_fns(layers, linear, x, g, grad):
             out[name] = lambda module=module: module(x)
         for fmt, layer in layers.items():
             for p in layer.paths(x.device, x.dtype):
-                out[f"{fmt}:{p}"] = lambda layer=layer, p=p: layer.run_path(p, x)
+                out[f"{fmt}:{p}"] = _pinned(layer, p, x)
+        out = {name: _no_grad(fn) for name, fn in out.items()}
     return out
+
+
+def _no_grad(fn):
+    def run():
+        with torch.no_grad():
+            return fn()
+    run.layer = getattr(fn, "layer", None)
+    return run
+
+
+def _pinned(layer, path, x):
+    """``layer(x)`` on a copy whose tuned path for x's shape is ``path``: the eager call plan and
+    the prepared kernel where the path has one (kernels/cpu_prepared.py), as a tuned model runs."""
+    pinned = copy.deepcopy(layer)
+    pinned.tuned_paths[(x.device.type, x.dtype, robcomp.layers.dispatch.m_bucket(x.shape[0]))] = path
+    with torch.no_grad():
+        pinned(x)  # builds the plan and any derived copy outside the timing
+    assert pinned.last_path == path, (path, pinned.last_path)
+
+    def run():
+        return pinned(x)
+    run.layer = pinned  # what it holds, derived copies included (the dispatched row's bytes)
+    return run
 
 
 def _check_outputs(layers, x, linear=None):
@@ -339,8 +365,9 @@ def test_cpu_formats_vs_peers(benchmark, results, k, n, m, threads, direction, t
                                  measure=lambda fn, fmt=fmt: ms[f"{fmt}:{fn.args[0]}"])
             choice = table["0"][f"float32|M{robcomp.layers.dispatch.m_bucket(m)}"]["choice"]
             t = ms[f"{fmt}:{choice}"]
+            ran = getattr(fns[f"{fmt}:{choice}"], "layer", None) or layer
             row = {**common, "impl": f"{fmt}:dispatched", "path": choice, "ms": round(t, 4),
-                   "speedup_vs_dense_fp32": round(base / t, 3), "weight_bytes": tensor_bytes(layer),
+                   "speedup_vs_dense_fp32": round(base / t, 3), "weight_bytes": tensor_bytes(ran),
                    "dense_fp32_weight_bytes": 4 * n * k}
             if best_peer is not None:
                 row.update(best_peer=best_peer[0], speedup_vs_best_peer=round(best_peer[1] / t, 3))

@@ -140,6 +140,9 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
         out = np.empty(n, np.float32)
         NB.kernel("sp24_fwd1", par)(_by_meta_byte(x2[0]), *weights, out)
         return torch.from_numpy(out.reshape(1, n))  # no view: the caller need not copy it
+    if few_rows(m, x2.shape[1]) and (name == "fp8" or (name == "sp24" and x2.shape[1] % 8 == 0)
+                                     or (name == "s24i4" and _s24i4_fwd1_ok(weights))):
+        return _few_rows_fwd(name, x2, n, par, weights)
     if m == 1 and name not in ("sp24", "s24i4"):
         out = np.empty(n, np.float32)
         NB.kernel(name + "_fwd1", par)(_np(x2[0]), *weights, out)
@@ -149,6 +152,38 @@ def _run_fwd(name: str, x2: torch.Tensor, n: int, *weights) -> torch.Tensor:
     NB.kernel(f"{name}_fwdb{width}", par)(_blocked(x2, width), *weights, out)
     # a fresh [M, N] tensor, never a view: compiled graphs replay outputs with the fake's strides
     return torch.from_numpy(out)[:, :m].t().contiguous()
+
+
+def few_rows(m: int, k: int) -> bool:
+    """Whether an ``m``-row product with ``k`` inputs takes the few-rows GEMVs (2:4, 2:4+int4 and
+    fp8 forwards; the 2:4 ones also need their layout conditions)."""
+    return 1 < m <= NB.FEW_ROWS_UP_TO and min(m, 4) * k <= NB.FEW_ROWS_MAX_MK
+
+
+def _few_rows_fwd(name, x2, n, par, weights) -> torch.Tensor:
+    """2 to ``NB.FEW_ROWS_UP_TO`` rows: the 2:4 (x-selecting) and fp8 GEMVs over up to 4 rows of
+    x per pass over the weight (x in L1), so the decode is shared by those rows."""
+    m = x2.shape[0]
+    out = np.empty((m, n), np.float32)
+    if name != "fp8":  # by meta byte, half and lane: xq[i, h, t, j] = x[i, 8 j + 4 h + t]
+        xq = np.ascontiguousarray(_np(x2).reshape(m, -1, 2, 4).transpose(0, 2, 3, 1))
+    for i in range(0, m, 4):
+        rows = min(4, m - i)
+        if name == "fp8":  # x rows as they are: the kernel reduces over k
+            xr = _np(x2[i:i + rows])
+            NB.kernel("fp8_fwd1" if rows == 1 else f"fp8_fwdm{rows}", par)(
+                xr[0] if rows == 1 else xr, *weights, out[i] if rows == 1 else out[i:i + rows])
+            continue
+        xi, oi = xq[i:i + rows], out[i:i + rows]
+        if rows == 1:
+            xi, oi = xi[0], oi[0]
+        if name == "sp24":
+            NB.kernel("sp24_fwd1" if rows == 1 else f"sp24_fwdm{rows}", par)(xi, *weights, oi)
+        else:
+            qv, scales, zeros, meta, hg = weights
+            NB.kernel("s24i4_fwd1" if rows == 1 else f"s24i4_fwdm{rows}", par, hg)(
+                xi, qv.view(np.uint16), scales, zeros, meta, oi)
+    return torch.from_numpy(out)
 
 
 def _s24i4_fwd1_ok(weights) -> bool:
@@ -229,9 +264,11 @@ def _lut8_bwd(g2, codes, lut):
 
 
 def _fp8_fwd(x2, codes, scale):
-    """``x2 @ (e4m3(codes) * scale).T``: the bit-decoding GEMV at M = 1, else BLAS on the weight
-    decoded once per call (float32, scale folded in)."""
-    if x2.shape[0] == 1:
+    """``x2 @ (e4m3(codes) * scale).T``: the bit-decoding GEMV at M = 1 and over up to 4 rows per
+    weight pass up to ``NB.FEW_ROWS_UP_TO`` rows (x in L1), else BLAS on the weight decoded once
+    per call (float32, scale folded in)."""
+    m, k = x2.shape
+    if m == 1 or few_rows(m, k):
         return _run_fwd("fp8", x2, codes.shape[0], _np(codes)) * scale[None, :]
     return x2 @ _unpack_f32("fp8", tuple(codes.shape), _np(codes), _np(scale)).t()
 

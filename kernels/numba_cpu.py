@@ -407,6 +407,77 @@ def _i8i8_source(width: int) -> str:
             + "".join(f"            out[b * {width} + {j}, r] = a{j}\n" for j in lanes))
 
 
+# ------------------------------------------------------- 2 to 4 rows: the x-selecting GEMV
+#: largest rows-per-pass x K (float32 values of x) for which the 2:4 and fp8 forwards take the
+#: few-rows kernels: x
+#: stays in L1 (32-48 KB on current x86 cores) while the weight streams past; beyond it x is
+#: re-read from L2 for every weight row and the blocked kernel is as fast (measured, Zen 4)
+FEW_ROWS_MAX_MK = 12288
+#: rows of x up to which the 2:4 forwards take the few-rows kernels (4 rows per weight pass):
+#: the blocked kernels vectorise over rows and pay the decode once per row block of 4-64, which
+#: wins from about 8 rows; below, their lanes are mostly idle (measured, Zen 4)
+FEW_ROWS_UP_TO = 8
+
+
+def _few_rows_source(kind: str, m: int) -> str:
+    # sp24_fwd1's / s24i4_fwd1's x-selecting loop with ``m`` rows of x: each meta byte's kept
+    # lanes (and, for 2:4+int4, values) are decoded once and select among the m rows' x values,
+    # loaded up front (a select among loaded values vectorises; a conditional load does not).
+    # 2:4 takes two weight rows per pass for m = 2 (memory streams), one above (accumulators and
+    # x values would spill). xq[i, h, t, j] = x[i, 8 j + 4 h + t]
+    streams = 2 if m == 2 and kind == "sp24" else 1
+    weights = "values, meta" if kind == "sp24" else "qv16, scales, zeros, meta"
+    lines = [f"def {kind}_fwdm{m}(xq, {weights}, out):",
+             f"    n = {'values' if kind == 'sp24' else 'qv16'}.shape[0]",
+             f"    step = (n + {streams - 1}) // {streams}",
+             "    for r in prange(step):"]
+    for s in range(streams):
+        lines += [f"        r{s} = min(r + {s} * step, n - 1)", f"        m{s} = meta[r{s}]"]
+        lines += [f"        v{s} = values[r{s}]" if kind == "sp24" else f"        q{s} = qv16[r{s}]"]
+        lines += [f"        a{s}_{i} = np.float32(0.0)\n        b{s}_{i} = np.float32(0.0)" for i in range(m)]
+    lines += ["        for j in range(m0.shape[0]):"]
+    if kind != "sp24":  # the scale group's scale and zero, the two groups' codes in int32
+        lines += ["            gi = j // NBYTES", "            sc = scales[r0, gi]", "            zs = zeros[r0, gi] * sc",
+                  "            cw = np.int32(q0[j])"]
+    lines += ["            for h in range(2):"]
+    lines += [f"                x{i}_0, x{i}_1, x{i}_2, x{i}_3 = xq[{i}, h, 0, j], xq[{i}, h, 1, j], "
+              f"xq[{i}, h, 2, j], xq[{i}, h, 3, j]" for i in range(m)]
+    for s in range(streams):
+        lines += [f"                i0, i1 = kept(m{s}[j], h)"]
+        if kind == "sp24":
+            lines += [f"                w0 = v{s}[4 * j + 2 * h]", f"                w1 = v{s}[4 * j + 2 * h + 1]"]
+        else:  # as s24i4_fwd1: int32 steps (numba's 64-bit integers halve the lanes)
+            lines += ["                code = np.int32(cw >> np.int32(8 * h))",
+                      "                w0 = np.float32(np.int32(code & np.int32(15))) * sc - zs",
+                      "                w1 = np.float32(np.int32(np.int32(code >> np.int32(4)) & np.int32(15))) * sc - zs"]
+        for i in range(m):
+            lines += [f"                a{s}_{i} += w0 * (x{i}_0 if i0 == U0 else (x{i}_1 if i0 == U1 else x{i}_2))",
+                      f"                b{s}_{i} += w1 * (x{i}_3 if i1 == U3 else (x{i}_2 if i1 == U2 else x{i}_1))"]
+    lines += [f"        out[{i}, r{s}] = a{s}_{i} + b{s}_{i}" for s in range(streams) for i in range(m)]
+    return "\n".join(lines) + "\n"
+
+
+def _fp8_few_rows_source(m: int) -> str:
+    # fp8_fwd1 with ``m`` rows of x [m, K]: each code decoded once for the m rows, one float
+    # reduction over k per row (vectorised by the loop vectoriser, reassociation allowed)
+    lines = [f"def fp8_fwdm{m}(x, codes, out):", "    n, k = codes.shape", "    for r in prange(n):"]
+    lines += [f"        a{i} = np.float32(0.0)" for i in range(m)]
+    lines += ["        for j in range(k):", "            w = fp8_value(codes[r, j])"]
+    lines += [f"            a{i} += w * x[{i}, j]" for i in range(m)]
+    lines += [f"        out[{i}, r] = a{i} * np.float32(2.0 ** 120)" for i in range(m)]
+    return "\n".join(lines) + "\n"
+
+
+def _compile_few_rows(kind: str, m: int, parallel: bool, half_group: int | None):
+    namespace = {"np": np, "prange": prange, "kept": _kept_lanes_j, "U0": _U8_0, "U1": _U8_1, "U2": _U8_2, "U3": _U8_3,
+                 "NBYTES": (half_group or 4) // 4}
+    namespace["fp8_value"] = _fp8_value_j
+    source = _fp8_few_rows_source(m) if kind == "fp8" else _few_rows_source(kind, m)
+    exec(source, namespace)  # noqa: S102 - generated from the templates above
+    return njit(parallel=parallel, fastmath=_FM, nogil=True, error_model="numpy",
+                boundscheck=False)(namespace[f"{kind}_fwdm{m}"])
+
+
 def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
     namespace = {"np": np, "prange": prange}
     if kind == "int8":
@@ -553,12 +624,16 @@ def kernel(name: str, parallel: bool = False, half_group: int | None = None):
     row-parallel (forward, unpack) kernels only; gradient kernels scatter into a shared dX."""
     if numba is None:
         raise RuntimeError("numba is not installed; use robcomp.kernels.reference")
-    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1" or "_fwdb" in name or "_bwdb" in name)
+    parallel = bool(parallel) and (name in _PARALLEL_OK or name == "s24i4_fwd1" or "_fwdb" in name or "_bwdb" in name
+                                   or "_fwdm" in name)
     key = (name, parallel, half_group)
     fn = _COMPILED.get(key)
     if fn is None:
         blocked = re.fullmatch(r"(sp24|s24i4|int8|i8i8)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
-        if blocked:
+        few = re.fullmatch(r"(sp24|s24i4|fp8)_fwdm(\d)", name)  # e.g. "sp24_fwdm3"
+        if few:  # s24i4 specialised per group size, as s24i4_fwd1
+            fn = _compile_few_rows(few[1], int(few[2]), bool(parallel), half_group)
+        elif blocked:
             fn = _compile_blocked(blocked[1], blocked[2], int(blocked[3]), bool(parallel))
         elif name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)
             fn = njit(parallel=parallel, cache=False, fastmath=_FM, nogil=True)(_s24i4_fwd1_for(half_group))

@@ -345,10 +345,20 @@ class CompressedLinear(nn.Module, abc.ABC):
     def run_bf16_tiles(self, tiles, x: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"{type(self).__name__} has no 'bf16_tiles' path")
 
+    #: whether "native" has the few-rows GEMVs (kernels/cpu.py ``few_rows``): up to
+    #: ``FEW_ROWS_UP_TO`` rows, with x in L1, they beat the bf16 tiles' per-call decode
+    few_rows_native: ClassVar[bool] = False
+
     def _cpu_default(self, paths: tuple[str, ...], m: int) -> str | None:
-        """"bf16_tiles" where this format's threshold and the CPU's bf16 speed say so, else None."""
+        """"bf16_tiles" where this format's threshold and the CPU's bf16 speed say so (not where
+        the native few-rows GEMVs take these rows), else None."""
         if self.bf16_tiles_from_m is None or m < self.bf16_tiles_from_m or "bf16_tiles" not in paths:
             return None
+        if self.few_rows_native:
+            from robcomp.kernels import cpu
+
+            if cpu.few_rows(m, self.in_features):
+                return None
         from robcomp.kernels import bf16_tiles
 
         return "bf16_tiles" if bf16_tiles.fast_bf16() else None
@@ -507,6 +517,7 @@ class Sparse24Linear(CompressedLinear):
 
     cpu_paths = ("native", "dense", "bf16_tiles")
     bf16_tiles_from_m = 64
+    few_rows_native = True
 
     def can_run(self, path, device):
         # bf16 tiles round the kept values: only offered where they are stored in bf16 already,
@@ -863,6 +874,7 @@ class FP8DynamicLinear(_DynamicActivationLinear):
     cpu_paths = ("native", "bf16_tiles")
     cuda_paths = ("triton", "scaled_mm")
     bf16_tiles_from_m = 2
+    few_rows_native = True
 
     def _nan_codes(self) -> bool:
         from robcomp.kernels import bf16_tiles
@@ -938,6 +950,7 @@ class Sparse24Int4Linear(CompressedLinear):
 
     cpu_paths = ("native", "dense", "bf16_tiles")
     bf16_tiles_from_m = 4
+    few_rows_native = True
     default_path = Sparse24Linear.default_path
 
     def run_bf16_tiles(self, tiles, x):

@@ -98,15 +98,56 @@ def poisoned_buffers(monkeypatch):
     monkeypatch.setattr(T, "np", PoisonedNumpy())
 
 
+def _recording_kernels(monkeypatch) -> list:
+    ran = []
+    compiled = NB.kernel
+    monkeypatch.setattr(NB, "kernel", lambda name, *a: ran.append(name) or compiled(name, *a))
+    return ran
+
+
+def _few_rows_names(kind, m):
+    # 4 rows of x per weight pass, the rest in one more (one row: the batch-1 GEMV)
+    return [f"{kind}_fwd1" if r == 1 else f"{kind}_fwdm{r}" for r in [min(4, m - i) for i in range(0, m, 4)]]
+
+
+@pytest.mark.parametrize("kind", ["sp24", "s24i4", "fp8"])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 7, 9])
-def test_batch1_2to4_kernel_takes_any_row_count(n, poisoned_buffers):
-    """The batch-1 2:4 kernel walks four rows a quarter of the weight apart per pass: row counts
-    below four and not divisible by four must still give every output once, exactly."""
-    k = 64
+def test_few_rows_2to4_kernels_take_any_weight_row_count(kind, n, m, poisoned_buffers, monkeypatch):
+    """The 2:4, 2:4+int4 and fp8 GEMVs for 1 to 8 rows of x (up to 4 per pass over the weight,
+    2:4 over several weight rows a fixed distance apart): weight row counts below that and not
+    divisible by it must still give every output once, exactly; and those kernels (not the
+    blocked ones, not BLAS on a decoded weight) must be what ran."""
+    k, group = 64, 32
     w = torch.randn(n, k)
-    values, meta = R.sparse24_pack(w)
-    x = torch.randn(1, k)
+    x = torch.randn(m, k)
+    ran = _recording_kernels(monkeypatch)
+    if kind == "sp24":
+        values, meta = R.sparse24_pack(w)
+        y, dense = C.sparse24_linear(x, values, meta, None), R.sparse24_unpack(values, meta, k)
+    elif kind == "fp8":
+        codes, scale = R.fp8_dynamic_pack(w)
+        codes = codes.view(torch.uint8)
+        y, dense = C.fp8_fwd(x, codes, scale.float()), R.fp8_dynamic_unpack(codes.view(torch.float8_e4m3fn), scale)
+    else:
+        q, s, z, qm = R.sparse24_int4_pack(w, group)
+        y, dense = C.sparse24_int4_linear(x, q, s, z, qm, group, None), R.sparse24_int4_unpack(q, s, z, qm, group)
+    assert ran == _few_rows_names(kind, m)
+    assert y.shape == (m, n)
+    assert _rel(y, x.double() @ dense.double().T) < F32_TOL
+
+
+def test_2to4_takes_the_blocked_kernel_where_x_outgrows_l1(monkeypatch):
+    k = 8 * (NB.FEW_ROWS_MAX_MK // 16 + 1)  # two rows of x just beyond the bound
+    values, meta = R.sparse24_pack(torch.randn(12, k))
+    ran = _recording_kernels(monkeypatch)
+    x = torch.randn(2, k)
     y = C.sparse24_linear(x, values, meta, None)
+    assert ran == ["sp24_fwdb4"]
+    x9 = torch.randn(NB.FEW_ROWS_UP_TO + 1, 64)  # more rows than the few-rows kernels take
+    v9, m9 = R.sparse24_pack(torch.randn(12, 64))
+    C.sparse24_linear(x9, v9, m9, None)
+    assert ran[-1] == "sp24_fwdb16"
     assert _rel(y, x.double() @ R.sparse24_unpack(values, meta, k).double().T) < F32_TOL
 
 
@@ -163,6 +204,9 @@ def test_default_paths_by_batch_and_bf16_speed(fast_bf16, monkeypatch):
                                                        "onednn" if G.onednn_int8() else "native")
     assert big.default_path(cpu, torch.float32, 16) == ("onednn" if G.onednn_int8() else "native")
     assert fp8.default_path(cpu, torch.float32, 1) == "native" and fp8.default_path(cpu, torch.float32, 16) == tiles
+    assert fp8.default_path(cpu, torch.float32, 8) == "native"  # the few-rows GEMV: x in L1
+    wide = _layer(FP8DynamicLinear, FP8Dynamic(), 16, 8 * C.NB.FEW_ROWS_MAX_MK // 16)
+    assert wide.default_path(cpu, torch.float32, 4) == tiles  # x beyond L1: the few-rows GEMV is off
     assert sp.default_path(cpu, torch.float32, 16) == "native"
     # float32 2:4 keeps float32 on every path; stored in bf16 it takes the tiles
     assert "bf16_tiles" not in sp.paths(cpu, torch.float32) and sp.default_path(cpu, torch.float32, 256) == "dense"
