@@ -23,11 +23,12 @@ int8 dynamic       per-token int8 quantisation, exact int32 dot,   as int8 weigh
                    every call)
 fp8 dynamic        per-token e4m3 (one numba pass, bit-exact      numba at M=1, else BLAS on
                    against torch's cast); codes decoded by bit    the decoded weight
-                   arithmetic (numba GEMV at M=1, else BLAS on    (straight-through)
-                   the decoded weight), float32 accumulation
+                   arithmetic (numba GEMV at M=1, the few-rows    (straight-through)
+                   GEMV at 2-8 rows, else BLAS on the decoded
+                   weight), float32 accumulation
 2:4                numba on kept values + metadata, float32:      numba, from the packed
-                   M=1 x-selecting GEMV, M>1 blocked kernels       weight (M=1 and blocked);
-                                                                  from 128 rows BLAS on exact
+                   M=1 x-selecting GEMV, 2-8 rows the few-rows     weight (M=1 and blocked);
+                   GEMV (:func:`few_rows`), else blocked kernels  from 128 rows BLAS on exact
                                                                   float32 tiles
 2:4 + int4         numba on nibbles + metadata, float32            as 2:4
 =================  =============================================  ===========================
