@@ -187,6 +187,30 @@ def _few_rows_fwd(name, x2, n, par, weights) -> torch.Tensor:
     return torch.from_numpy(out)
 
 
+def _few_rows_bwd(name, g2, k, weights) -> torch.Tensor:
+    """dX for 2 to ``NB.FEW_ROWS_UP_TO`` rows of dY: up to 4 rows per pass over the weight, dX of
+    those rows in L1, in the one-row kernels' layouts."""
+    m = g2.shape[0]
+    gn = _np(g2)
+    if name == "fp8":
+        dx = np.zeros((m, k), np.float32)
+    else:  # by meta byte, half and lane: dxq[i, h, t, j] = dX[i, 8 j + 4 h + t]
+        dx = np.zeros((m, 2, 4, k // 8), np.float32)
+    for i in range(0, m, 4):
+        rows = min(4, m - i)
+        gi, di = gn[i:i + rows], dx[i:i + rows]
+        if rows == 1:  # the one-row kernels take 1-D dY and their own dX layout
+            NB.kernel(f"{name}_bwd1")(gi[0], *weights, di[0])
+        elif name == "s24i4":
+            qv, scales, zeros, meta, hg = weights
+            NB.kernel(f"s24i4_bwdm{rows}", False, hg)(gi, qv, scales, zeros, meta, di)
+        else:
+            NB.kernel(f"{name}_bwdm{rows}")(gi, *weights, di)
+    if name == "fp8":
+        return torch.from_numpy(dx)
+    return torch.from_numpy(np.ascontiguousarray(dx.transpose(0, 3, 1, 2)).reshape(m, k))
+
+
 def _s24i4_fwd1_ok(weights) -> bool:
     # the batch-1 kernel reads two groups' codes as one uint16 and a scale group as whole meta bytes
     qv, hg = weights[0], weights[-1]
@@ -201,8 +225,9 @@ def _unpack_f32(name: str, shape: tuple[int, int], *weights) -> torch.Tensor:
 
 def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
     """``dY [M, N] float32 -> dX [M, K] float32``: the numba kernel at M = 1 (reads the packed
-    weight once; the 2:4 lane kernels where K % 8 == 0); for M > 1 the 2:4 formats' blocked
-    kernels, the others BLAS on the weight unpacked by numba into float32."""
+    weight once; the 2:4 lane kernels where K % 8 == 0), the few-rows kernels (2:4, 2:4+int4,
+    fp8) up to ``NB.FEW_ROWS_UP_TO`` rows; above, the 2:4 formats' blocked kernels, the others
+    BLAS on the weight unpacked by numba into float32."""
     if g2.shape[0] == 1 and name in ("sp24", "s24i4") and k % 8 == 0:
         # dX by meta byte, half and lane (dxq[h, t, j] = dX[8 j + 4 h + t]), as the forward's x
         dxq = np.zeros((2, 4, k // 8), np.float32)
@@ -216,6 +241,8 @@ def _run_bwd(name: str, g2: torch.Tensor, k: int, *weights) -> torch.Tensor:
         dx = np.zeros(k, np.float32)
         NB.kernel(name + "_bwd1")(_np(g2[0]), *weights, dx)
         return torch.from_numpy(dx).reshape(1, k)
+    if few_rows(g2.shape[0], k) and (name == "fp8" or (name in ("sp24", "s24i4") and k % 8 == 0)):
+        return _few_rows_bwd(name, g2, k, weights)
     if name in ("sp24", "s24i4"):  # blocked over rows of dY, straight from the packed weight
         width = NB.block_width(g2.shape[0])
         gb = _blocked(g2, width)
@@ -276,7 +303,8 @@ def _fp8_fwd(x2, codes, scale):
 
 def _fp8_bwd(g2, codes):
     """``dY @ e4m3(codes)`` (the caller folds the per-channel scale into dY)."""
-    if g2.shape[0] == 1:  # the kernel's decoded values are 2**-120 of the codes' (see numba_cpu)
+    if g2.shape[0] == 1 or few_rows(*g2.shape[:1], codes.shape[1]):
+        # the kernels' decoded values are 2**-120 of the codes' (see numba_cpu)
         return _run_bwd("fp8", g2 * 2.0 ** 120, codes.shape[1], _np(codes))
     return g2 @ _unpack_f32("fp8", tuple(codes.shape), _np(codes), np.ones(codes.shape[0], np.float32))
 

@@ -468,14 +468,57 @@ def _fp8_few_rows_source(m: int) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _compile_few_rows(kind: str, m: int, parallel: bool, half_group: int | None):
+def _few_rows_bwd_source(kind: str, m: int) -> str:
+    # dX = dY W for ``m`` rows of dY, one pass over the weight (as the one-row dX kernels, whose
+    # layouts they keep): 2:4 formats scatter each kept pair into its four lanes with selects,
+    # dxq[i, h, t, j] = dX[i, 8 j + 4 h + t] (2:4+int4 decodes the row's kept values into a row
+    # buffer first, as s24i4_bwd1); fp8 decodes each code once, dx[i, j]. Rows of the weight run
+    # in sequence (they all add into dX)
+    if kind == "fp8":
+        lines = [f"def fp8_bwdm{m}(g, codes, dx):", "    n, k = codes.shape", "    for r in range(n):"]
+        lines += [f"        g{i} = g[{i}, r]" for i in range(m)]
+        lines += ["        for j in range(k):", "            w = fp8_value(codes[r, j])"]
+        lines += [f"            dx[{i}, j] += w * g{i}" for i in range(m)]
+        return "\n".join(lines) + "\n"
+    weights = "values, meta" if kind == "sp24" else "qv, scales, zeros, meta"
+    lines = [f"def {kind}_bwdm{m}(g, {weights}, dxq):", f"    n = meta.shape[0]"]
+    if kind != "sp24":
+        lines += ["    vrow = np.empty(qv.shape[1] * 2, np.float32)", "    hb = HALF_GROUP // 2"]
+    lines += ["    for r in range(n):"]
+    if kind == "sp24":
+        lines += ["        v = values[r]"]
+    else:
+        lines += ["        v = vrow",
+                  "        for gi in range(scales.shape[1]):",
+                  "            sc = scales[r, gi]",
+                  "            zs = zeros[r, gi] * sc",
+                  "            q, dst = qv[r, gi * hb:(gi + 1) * hb], vrow[gi * HALF_GROUP:(gi + 1) * HALF_GROUP]",
+                  "            for b in range(hb):",
+                  "                c = np.uint32(q[b])",
+                  "                dst[2 * b] = np.float32(c & np.uint32(15)) * sc - zs",
+                  "                dst[2 * b + 1] = np.float32(c >> np.uint32(4)) * sc - zs"]
+    # per row of dY in turn, with the weight row (and its decoded values) still in L1: one loop
+    # over meta bytes per row as in sp24_bwd1 (all rows in one loop body did not vectorise: 3x
+    # slower than the blocked kernel)
+    lines += ["        mr = meta[r]"]
+    for i in range(m):
+        lines += [f"        d = dxq[{i}]", f"        gi = g[{i}, r]",
+                  "        for j in range(mr.shape[0]):", "            for h in range(2):",
+                  "                acc_lanes(d, h, j, mr[j], v[4 * j + 2 * h] * gi, v[4 * j + 2 * h + 1] * gi)"]
+    return "\n".join(lines) + "\n"
+
+
+def _compile_few_rows(kind: str, direction: str, m: int, parallel: bool, half_group: int | None):
     namespace = {"np": np, "prange": prange, "kept": _kept_lanes_j, "U0": _U8_0, "U1": _U8_1, "U2": _U8_2, "U3": _U8_3,
-                 "NBYTES": (half_group or 4) // 4}
-    namespace["fp8_value"] = _fp8_value_j
-    source = _fp8_few_rows_source(m) if kind == "fp8" else _few_rows_source(kind, m)
+                 "NBYTES": (half_group or 4) // 4, "HALF_GROUP": half_group or 0, "fp8_value": _fp8_value_j,
+                 "acc_lanes": _acc_lanes_j}
+    if direction == "bwd":  # scatters into dX: never parallel
+        source, parallel = _few_rows_bwd_source(kind, m), False
+    else:
+        source = _fp8_few_rows_source(m) if kind == "fp8" else _few_rows_source(kind, m)
     exec(source, namespace)  # noqa: S102 - generated from the templates above
     return njit(parallel=parallel, fastmath=_FM, nogil=True, error_model="numpy",
-                boundscheck=False)(namespace[f"{kind}_fwdm{m}"])
+                boundscheck=False)(namespace[f"{kind}_{direction}m{m}"])
 
 
 def _compile_blocked(kind: str, direction: str, width: int, parallel: bool):
@@ -630,9 +673,9 @@ def kernel(name: str, parallel: bool = False, half_group: int | None = None):
     fn = _COMPILED.get(key)
     if fn is None:
         blocked = re.fullmatch(r"(sp24|s24i4|int8|i8i8)_(fwd|bwd)b(\d+)", name)  # e.g. "sp24_fwdb16"
-        few = re.fullmatch(r"(sp24|s24i4|fp8)_fwdm(\d)", name)  # e.g. "sp24_fwdm3"
+        few = re.fullmatch(r"(sp24|s24i4|fp8)_(fwd|bwd)m(\d)", name)  # e.g. "sp24_fwdm3"
         if few:  # s24i4 specialised per group size, as s24i4_fwd1
-            fn = _compile_few_rows(few[1], int(few[2]), bool(parallel), half_group)
+            fn = _compile_few_rows(few[1], few[2], int(few[3]), bool(parallel), half_group)
         elif blocked:
             fn = _compile_blocked(blocked[1], blocked[2], int(blocked[3]), bool(parallel))
         elif name == "s24i4_fwd1":  # specialised per group size (a closure: not cached on disk)

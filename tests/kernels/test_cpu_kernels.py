@@ -137,6 +137,31 @@ def test_few_rows_2to4_kernels_take_any_weight_row_count(kind, n, m, poisoned_bu
     assert _rel(y, x.double() @ dense.double().T) < F32_TOL
 
 
+@pytest.mark.parametrize("kind", ["sp24", "s24i4", "fp8"])
+@pytest.mark.parametrize("m", [2, 3, 4, 5, 8])
+@pytest.mark.parametrize("n", [1, 3, 9])
+def test_few_rows_input_gradient_kernels(kind, m, n, poisoned_buffers, monkeypatch):
+    """dX = dY W for 2 to 8 rows of dY through the few-rows dX kernels (4 rows per weight pass;
+    a single leftover row through the one-row kernel), against float64 of the stored weight."""
+    k, group = 64, 32
+    w = torch.randn(n, k)
+    dy = torch.randn(m, n)
+    ran = _recording_kernels(monkeypatch)
+    if kind == "sp24":
+        values, meta = R.sparse24_pack(w)
+        gx, dense = C.sp24_bwd(dy, values, meta), R.sparse24_unpack(values, meta, k)
+    elif kind == "s24i4":
+        q, s, z, qm = R.sparse24_int4_pack(w, group)
+        gx, dense = C.s24i4_bwd(dy, q, s, z, qm, group), R.sparse24_int4_unpack(q, s, z, qm, group)
+    else:
+        codes, scale = R.fp8_dynamic_pack(w)
+        gx = C.fp8_bwd(dy * scale.float(), codes.view(torch.uint8))
+        dense = R.fp8_dynamic_unpack(codes, scale)
+    assert ran == [f"{kind}_bwd1" if r == 1 else f"{kind}_bwdm{r}" for r in [min(4, m - i) for i in range(0, m, 4)]]
+    assert gx.shape == (m, k)
+    assert _rel(gx, dy.double() @ dense.double()) < F32_TOL
+
+
 def test_2to4_takes_the_blocked_kernel_where_x_outgrows_l1(monkeypatch):
     k = 8 * (NB.FEW_ROWS_MAX_MK // 16 + 1)  # two rows of x just beyond the bound
     values, meta = R.sparse24_pack(torch.randn(12, k))
