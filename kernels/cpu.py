@@ -303,7 +303,7 @@ def _fp8_fwd(x2, codes, scale):
 
 def _fp8_bwd(g2, codes):
     """``dY @ e4m3(codes)`` (the caller folds the per-channel scale into dY)."""
-    if g2.shape[0] == 1 or few_rows(*g2.shape[:1], codes.shape[1]):
+    if g2.shape[0] == 1 or few_rows(g2.shape[0], codes.shape[1]):
         # the kernels' decoded values are 2**-120 of the codes' (see numba_cpu)
         return _run_bwd("fp8", g2 * 2.0 ** 120, codes.shape[1], _np(codes))
     return g2 @ _unpack_f32("fp8", tuple(codes.shape), _np(codes), np.ones(codes.shape[0], np.float32))
