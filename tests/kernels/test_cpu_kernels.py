@@ -105,9 +105,27 @@ def _recording_kernels(monkeypatch) -> list:
     return ran
 
 
-def _few_rows_names(kind, m):
-    # 4 rows of x per weight pass, the rest in one more (one row: the batch-1 GEMV)
-    return [f"{kind}_fwd1" if r == 1 else f"{kind}_fwdm{r}" for r in [min(4, m - i) for i in range(0, m, 4)]]
+def _few_rows_case(kind, w, group=32):
+    """``(forward x -> y, dX dY -> dX, dense weight)`` of ``w`` packed as ``kind``, through the
+    CPU launchers (fp8's per-channel scale folded as its callers fold it)."""
+    k = w.shape[1]
+    if kind == "sp24":
+        values, meta = R.sparse24_pack(w)
+        return (lambda x: C.sparse24_linear(x, values, meta, None), lambda dy: C.sp24_bwd(dy, values, meta),
+                R.sparse24_unpack(values, meta, k))
+    if kind == "fp8":
+        codes, scale = R.fp8_dynamic_pack(w)
+        bits, s32 = codes.view(torch.uint8), scale.float()
+        return (lambda x: C.fp8_fwd(x, bits, s32), lambda dy: C.fp8_bwd(dy * s32, bits),
+                R.fp8_dynamic_unpack(codes, scale))
+    q, s, z, qm = R.sparse24_int4_pack(w, group)
+    return (lambda x: C.sparse24_int4_linear(x, q, s, z, qm, group, None), lambda dy: C.s24i4_bwd(dy, q, s, z, qm, group),
+            R.sparse24_int4_unpack(q, s, z, qm, group))
+
+
+def _few_rows_names(kind, m, direction="fwd"):
+    # 4 rows per weight pass, the rest in one more (one row: the one-row kernel)
+    return [f"{kind}_{direction}1" if r == 1 else f"{kind}_{direction}m{r}" for r in [min(4, m - i) for i in range(0, m, 4)]]
 
 
 @pytest.mark.parametrize("kind", ["sp24", "s24i4", "fp8"])
@@ -118,20 +136,10 @@ def test_few_rows_2to4_kernels_take_any_weight_row_count(kind, n, m, poisoned_bu
     2:4 over several weight rows a fixed distance apart): weight row counts below that and not
     divisible by it must still give every output once, exactly; and those kernels (not the
     blocked ones, not BLAS on a decoded weight) must be what ran."""
-    k, group = 64, 32
-    w = torch.randn(n, k)
-    x = torch.randn(m, k)
+    fwd, _, dense = _few_rows_case(kind, torch.randn(n, 64))
+    x = torch.randn(m, 64)
     ran = _recording_kernels(monkeypatch)
-    if kind == "sp24":
-        values, meta = R.sparse24_pack(w)
-        y, dense = C.sparse24_linear(x, values, meta, None), R.sparse24_unpack(values, meta, k)
-    elif kind == "fp8":
-        codes, scale = R.fp8_dynamic_pack(w)
-        codes = codes.view(torch.uint8)
-        y, dense = C.fp8_fwd(x, codes, scale.float()), R.fp8_dynamic_unpack(codes.view(torch.float8_e4m3fn), scale)
-    else:
-        q, s, z, qm = R.sparse24_int4_pack(w, group)
-        y, dense = C.sparse24_int4_linear(x, q, s, z, qm, group, None), R.sparse24_int4_unpack(q, s, z, qm, group)
+    y = fwd(x)
     assert ran == _few_rows_names(kind, m)
     assert y.shape == (m, n)
     assert _rel(y, x.double() @ dense.double().T) < F32_TOL
@@ -143,22 +151,12 @@ def test_few_rows_2to4_kernels_take_any_weight_row_count(kind, n, m, poisoned_bu
 def test_few_rows_input_gradient_kernels(kind, m, n, poisoned_buffers, monkeypatch):
     """dX = dY W for 2 to 8 rows of dY through the few-rows dX kernels (4 rows per weight pass;
     a single leftover row through the one-row kernel), against float64 of the stored weight."""
-    k, group = 64, 32
-    w = torch.randn(n, k)
+    _, bwd, dense = _few_rows_case(kind, torch.randn(n, 64))
     dy = torch.randn(m, n)
     ran = _recording_kernels(monkeypatch)
-    if kind == "sp24":
-        values, meta = R.sparse24_pack(w)
-        gx, dense = C.sp24_bwd(dy, values, meta), R.sparse24_unpack(values, meta, k)
-    elif kind == "s24i4":
-        q, s, z, qm = R.sparse24_int4_pack(w, group)
-        gx, dense = C.s24i4_bwd(dy, q, s, z, qm, group), R.sparse24_int4_unpack(q, s, z, qm, group)
-    else:
-        codes, scale = R.fp8_dynamic_pack(w)
-        gx = C.fp8_bwd(dy * scale.float(), codes.view(torch.uint8))
-        dense = R.fp8_dynamic_unpack(codes, scale)
-    assert ran == [f"{kind}_bwd1" if r == 1 else f"{kind}_bwdm{r}" for r in [min(4, m - i) for i in range(0, m, 4)]]
-    assert gx.shape == (m, k)
+    gx = bwd(dy)
+    assert ran == _few_rows_names(kind, m, "bwd")
+    assert gx.shape == (m, 64)
     assert _rel(gx, dy.double() @ dense.double()) < F32_TOL
 
 
